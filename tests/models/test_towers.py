@@ -1,0 +1,122 @@
+"""Model tests: shapes, logical annotations on every parameter, named sizes, dtype and remat knobs."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from clus_jax.models import sizes
+from clus_jax.models.towers import build_model
+
+
+def model_config(**overrides):
+    cfg = ml_collections.ConfigDict(
+        dict(
+            image=dict(size="mu", image_size=16, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0),
+            text=dict(size="mu", context_length=8, vocab_size=50, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0),
+            embed_dim=32, logit_scale_init=2.0, logit_bias_init=None, max_logit_scale=100.0, num_prototypes=None,
+            dtype="float32", remat=False,
+        )
+    )
+    cfg.update_from_flattened_dict(overrides) if overrides else None
+    return cfg
+
+
+def inputs(b=3, size=16, length=8):
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8))
+    text = np.zeros((b, length), np.int32)
+    text[:, :5] = rng.integers(1, 50, (b, 5))
+    return images, jnp.asarray(text)
+
+
+@pytest.mark.parametrize("pooling", ["cls", "gap", "map"])
+def test_outputs_are_normalised_embeddings(pooling):
+    model = build_model(model_config(**{"image.pooling": pooling}))
+    images, text = inputs()
+    variables = model.init(jax.random.key(0), images, text)
+    out = model.apply(variables, images, text)
+    assert out["image_emb"].shape == (3, 32) and out["text_emb"].shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(out["image_emb"], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(out["text_emb"], axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["logit_scale"], np.exp(2.0), rtol=1e-6)
+
+
+def test_every_parameter_carries_logical_axes():
+    model = build_model(model_config(**{"image.pooling": "map", "num_prototypes": [7, 9], "logit_bias_init": -10.0}))
+    images, text = inputs()
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text))["params"]
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    unannotated = [leaf for leaf in leaves if not isinstance(leaf, nn.LogicallyPartitioned) and leaf.ndim > 0]
+    assert not unannotated, unannotated
+    for leaf in leaves:
+        if isinstance(leaf, nn.LogicallyPartitioned):
+            assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
+    protos = nn.meta.unbox(boxed)["prototypes"]
+    assert protos["bank_0"].shape == (7, 32) and protos["bank_1"].shape == (9, 32)
+
+
+def test_prototype_rows_start_on_the_sphere():
+    model = build_model(model_config(num_prototypes=5))
+    images, text = inputs()
+    params = model.init(jax.random.key(0), images, text)["params"]
+    bank = nn.meta.unbox(params)["prototypes"]["bank_0"]
+    np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_text_padding_does_not_change_the_embedding():
+    """Extra padding after the end token must not change a causal or bidirectional text embedding."""
+    for causal in (True, False):
+        cfg = model_config(**{"text.causal": causal, "text.context_length": 12})
+        model = build_model(cfg)
+        images, text = inputs(length=8)
+        longer = jnp.concatenate([text, jnp.zeros((3, 4), jnp.int32)], axis=1)
+        variables = model.init(jax.random.key(0), images, longer)
+        a = model.apply(variables, text, method="encode_text")
+        b = model.apply(variables, longer, method="encode_text")
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_causal_text_ignores_future_tokens_before_pooling():
+    model = build_model(model_config(**{"text.pooling": "eot"}))
+    images, text = inputs()
+    variables = model.init(jax.random.key(0), images, text)
+    base = model.apply(variables, text, method="encode_text")
+    changed = text.at[:, 4].set(7)  # the last (pooled) token itself changes -> embedding changes
+    assert not np.allclose(base, model.apply(variables, changed, method="encode_text"))
+
+
+def test_remat_and_bfloat16_knobs():
+    images, text = inputs()
+    ref_model = build_model(model_config())
+    variables = ref_model.init(jax.random.key(0), images, text)
+    ref = ref_model.apply(variables, images, text)
+    remat = build_model(model_config(remat=True)).apply(variables, images, text)
+    np.testing.assert_allclose(ref["image_emb"], remat["image_emb"], atol=1e-6)
+    bf16 = build_model(model_config(dtype="bfloat16")).apply(variables, images, text)
+    assert bf16["image_emb"].dtype == jnp.float32  # embeddings come back in float32 for the losses
+    np.testing.assert_allclose(ref["image_emb"], bf16["image_emb"], atol=0.05)
+    grads = jax.grad(lambda p: build_model(model_config(remat=True)).apply(p, images, text)["image_emb"].sum())(variables)
+    assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_named_sizes():
+    b16 = sizes.vit_size("B/16")
+    assert (b16.width, b16.depth, b16.heads, b16.mlp_dim, b16.patch_size) == (768, 12, 12, 3072, 16)
+    l14 = sizes.vit_size("L/14")
+    assert (l14.width, l14.depth, l14.heads, l14.patch_size) == (1024, 24, 16, 14)
+    assert sizes.text_size("base").width == 512 and sizes.text_size("base").depth == 12
+    with pytest.raises(KeyError, match="unknown image size"):
+        sizes.vit_size("Q/16")
+
+
+def test_vit_b16_with_12_layer_512_text_tower_is_a_config_line():
+    """ViT-B/16 + 12-layer 512-wide text tower: shapes only (no memory), from config values alone."""
+    cfg = model_config(**{"image.size": "B/16", "image.patch_size": 0, "image.image_size": 224, "text.size": "base",
+                          "text.context_length": 77, "text.vocab_size": 49408, "embed_dim": 512})
+    model = build_model(cfg)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3), jnp.uint8), jnp.ones((1, 77), jnp.int32)))
+    n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+    # CLIP ViT-B/16 has about 149.6M parameters (86M image + 63M text + projections).
+    assert 145e6 < n_params < 155e6, n_params
