@@ -1,0 +1,111 @@
+"""The seam every method plugs into: objectives registered by name and summed by weight.
+
+An objective owns its knobs (``config.<name>``), any state that is not a parameter (queues, EMA teachers),
+and optional hooks around the optimizer step. The train step calls these hooks for every objective in
+``config.objectives`` and never asks which method is running.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+from jax.sharding import Mesh
+
+PyTree = Any
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before anything compiles, naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LossContext:
+    """Everything an objective may read inside the jitted step.
+
+    outputs: model outputs for the global batch ('image_emb', 'text_emb' [B, D] L2-normalised float32,
+        'logit_scale', optional 'logit_bias').
+    params: current parameters (after ``prepare_params``), e.g. ``params['prototypes']``.
+    state: this objective's own state (from ``init_state``).
+    batch: the global batch ('image', 'text'), for objectives that run a teacher.
+    apply_model: ``apply_model(params, batch) -> outputs`` runs the two towers (teachers reuse it).
+    mesh / batch_axes: for shard_map islands; the batch is split over ``batch_axes``.
+    """
+
+    outputs: dict[str, jax.Array]
+    params: PyTree
+    state: PyTree
+    step: jax.Array
+    rng: jax.Array
+    batch: dict[str, jax.Array]
+    apply_model: Callable[[PyTree, dict[str, jax.Array]], dict[str, jax.Array]]
+    mesh: Mesh
+    batch_axes: tuple[str, ...]
+    config: ml_collections.ConfigDict
+
+
+class Objective:
+    """Base class: subclasses set ``name`` and implement ``loss``; hooks default to no-ops."""
+
+    name: str = ""
+    #: Default knobs, merged under ``config.<name>`` by configs/common.py.
+    defaults: dict[str, Any] = {}
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        """Raises ConfigError naming the key when ``config`` cannot work with this objective."""
+
+    def init_state(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+        """Non-parameter state. Leaves may be ``nn.LogicallyPartitioned`` boxes to choose their sharding."""
+        return {}
+
+    def freeze_rules(self, config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
+        """(param-path regex, until_step) pairs: matching params are frozen by optimizer masking."""
+        return []
+
+    def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+        """Rewrites parameters at the start of each step (e.g. re-normalising prototype rows)."""
+        return params
+
+    def loss(self, ctx: LossContext) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
+        """Returns (scalar loss, metrics, new state)."""
+        raise NotImplementedError
+
+    def after_update(self, params: PyTree, state: PyTree, step: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
+        """Updates state from the new parameters after the optimizer step (e.g. an EMA teacher)."""
+        return state
+
+
+_REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective_cls: type[Objective]) -> type[Objective]:
+    """Class decorator: makes an objective available as ``config.objectives[name]``."""
+    instance = objective_cls()
+    if not instance.name:
+        raise ValueError(f"{objective_cls.__name__} has no name")
+    _REGISTRY[instance.name] = instance
+    return objective_cls
+
+
+def get(name: str) -> Objective:
+    _load_builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"config.objectives: unknown objective {name!r}; known: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their objectives; kept lazy to avoid import cycles.
+    import importlib
+
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
+BUILTIN_MODULES = ["clus_jax.objectives.contrastive"]
