@@ -1,0 +1,228 @@
+"""Evaluation metrics on embeddings: zero-shot classification, retrieval recall, linear probe, k-NN.
+
+Pure functions on NumPy arrays (float32 or float64; JAX arrays are accepted and converted). Accuracies and
+recalls are fractions in [0, 1].
+
+Ties are broken deterministically by index: when several candidates (classes, captions, images, neighbours)
+have exactly the same score, the one with the lower index ranks first, i.e. rankings are those of a stable
+sort by descending score. Work is done in chunks of queries so memory stays ``O(chunk * candidates)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+_CHUNK = 1024
+DEFAULT_L2_GRID = tuple(2.0 ** p for p in range(-10, 11, 2))
+_BIAS_CONSTANT = 100.0  # constant feature standing in for a bias; large, so barely regularised
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """``x / ||x||`` along ``axis``; all-zero vectors stay zero."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), eps)
+
+
+def _ranks_of(scores: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """0-based rank of column ``target[i]`` in row ``i`` under a stable descending sort of ``scores[i]``."""
+    true = np.take_along_axis(scores, target[:, None], axis=1)
+    cols = np.arange(scores.shape[1])[None, :]
+    ahead = (scores > true) | ((scores == true) & (cols < target[:, None]))
+    return ahead.sum(axis=1)
+
+
+def zeroshot_classifier(class_text_embs) -> np.ndarray:
+    """Zero-shot head ``[C, D]`` from per-template text embeddings ``[C, T, D]``.
+
+    CLIP style: each template embedding is normalised, averaged over templates, and the mean normalised again.
+    """
+    e = np.asarray(class_text_embs)
+    if e.ndim != 3:
+        raise ValueError(f"class_text_embs must be [classes, templates, dim], got shape {e.shape}")
+    return l2_normalize(l2_normalize(e).mean(axis=1))
+
+
+def zeroshot_accuracy(image_embs, labels, classifier, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy of ``argmax(image @ classifier.T)``: ``{'top1': ..., 'top5': ...}``.
+
+    k larger than the number of classes counts every prediction as correct.
+    """
+    x = l2_normalize(image_embs)
+    w = np.asarray(classifier)
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"{x.shape[0]} image embeddings but {y.shape[0]} labels")
+    ranks = np.concatenate([_ranks_of(x[i:i + _CHUNK] @ w.T, y[i:i + _CHUNK])
+                            for i in range(0, len(y), _CHUNK)] or [np.zeros(0, np.int64)])
+    return {f"top{k}": float(np.mean(ranks < k)) if len(y) else float("nan") for k in ks}
+
+
+def retrieval_recall(image_embs, text_embs, caption_to_image,
+                     ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@k for image->text and text->image retrieval by cosine similarity.
+
+    ``caption_to_image[m]`` is the image of caption ``m``. An image query is correct at k when any of its
+    captions ranks in the top k; images without captions are left out of image->text. A caption query is
+    correct at k when its image ranks in the top k. Keys: ``i2t_r{k}`` and ``t2i_r{k}``.
+    """
+    img = l2_normalize(image_embs)
+    txt = l2_normalize(text_embs)
+    c2i = np.asarray(caption_to_image).astype(np.int64).reshape(-1)
+    n, m = img.shape[0], txt.shape[0]
+    if c2i.shape[0] != m:
+        raise ValueError(f"{m} text embeddings but caption_to_image has {c2i.shape[0]} entries")
+    if m and (c2i.min() < 0 or c2i.max() >= n):
+        raise ValueError(f"caption_to_image must index {n} images, got range [{c2i.min()}, {c2i.max()}]")
+
+    t2i_ranks = [_ranks_of(txt[i:i + _CHUNK] @ img.T, c2i[i:i + _CHUNK]) for i in range(0, m, _CHUNK)]
+    t2i_ranks = np.concatenate(t2i_ranks) if t2i_ranks else np.zeros(0, np.int64)
+
+    # For each image, its best caption: highest score, lowest index among equals (its best possible rank).
+    has_caption = np.bincount(c2i, minlength=n) > 0
+    i2t_ranks = []
+    for i in range(0, n, _CHUNK):
+        s = img[i:i + _CHUNK] @ txt.T
+        own = c2i[None, :] == np.arange(i, i + s.shape[0])[:, None]
+        best = np.argmax(np.where(own, s, -np.inf), axis=1)
+        i2t_ranks.append(_ranks_of(s, best))
+    i2t_ranks = np.concatenate(i2t_ranks)[has_caption] if n else np.zeros(0, np.int64)
+
+    out = {}
+    for name, ranks in (("i2t", i2t_ranks), ("t2i", t2i_ranks)):
+        for k in ks:
+            out[f"{name}_r{k}"] = float(np.mean(ranks < k)) if len(ranks) else float("nan")
+    return out
+
+
+def _whiten_with_bias(train_x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    """Standardises features with train statistics and appends a constant bias feature."""
+    mean = train_x.mean(axis=0, keepdims=True)
+    std = train_x.std(axis=0, keepdims=True) + 1e-5
+    return [np.pad((x - mean) / std, ((0, 0), (0, 1)), constant_values=_BIAS_CONSTANT)
+            for x in (train_x, *others)]
+
+
+class _RidgeSolver:
+    """Ridge regression onto {-1, +1} one-hot targets for many l2 values from one eigendecomposition."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, num_classes: int):
+        t = 2.0 * np.eye(num_classes)[y] - 1.0
+        if x.shape[0] >= x.shape[1]:  # (x^T x + l2 I)^-1 x^T t
+            eigs, q = np.linalg.eigh(x.T @ x)
+            self.lhs, self.rhs = q, q.T @ (x.T @ t)
+        else:  # x^T (x x^T + l2 I)^-1 t
+            eigs, q = np.linalg.eigh(x @ x.T)
+            self.lhs, self.rhs = x.T @ q, q.T @ t
+        self.eigs = np.maximum(eigs, 0.0)
+
+    def weights(self, l2_reg: float) -> np.ndarray:
+        return (self.lhs / (self.eigs + l2_reg)[None, :]) @ self.rhs
+
+
+def linear_probe_accuracy(train_x, train_y, test_x, test_y, num_classes: int,
+                          l2_reg: float | Sequence[float] | None = None, *,
+                          val_fraction: float = 0.2, seed: int = 0) -> float:
+    """Top-1 accuracy of a closed-form L2-regularised least-squares probe (big_vision ``fewshot_lsr`` style).
+
+    Features are standardised with train statistics and get a constant bias feature; targets are one-hot in
+    {-1, +1}. ``l2_reg`` may be one value, or a grid (``None`` = ``DEFAULT_L2_GRID``) from which the value
+    with the best accuracy on a held-out ``val_fraction`` of the train split (fixed ``seed``; the smallest
+    value wins ties) is picked before refitting on the whole train split. Computed in float64.
+    """
+    xtr = np.asarray(train_x, np.float64)
+    xte = np.asarray(test_x, np.float64)
+    ytr = np.asarray(train_y).astype(np.int64).reshape(-1)
+    yte = np.asarray(test_y).astype(np.int64).reshape(-1)
+    if len(yte) == 0:
+        return float("nan")
+    grid = DEFAULT_L2_GRID if l2_reg is None else (
+        (float(l2_reg),) if np.isscalar(l2_reg) else tuple(sorted(float(v) for v in l2_reg)))
+    if len(grid) > 1:
+        order = np.random.default_rng(seed).permutation(len(ytr))
+        n_val = int(round(val_fraction * len(ytr)))
+        if 0 < n_val < len(ytr):
+            fit, val = order[n_val:], order[:n_val]
+            xf, xv = _whiten_with_bias(xtr[fit], xtr[val])
+            solver = _RidgeSolver(xf, ytr[fit], num_classes)
+            accs = [np.mean(np.argmax(xv @ solver.weights(l2), axis=1) == ytr[val]) for l2 in grid]
+            grid = (grid[int(np.argmax(accs))],)
+        else:
+            grid = (grid[len(grid) // 2],)
+    xf, xt = _whiten_with_bias(xtr, xte)
+    w = _RidgeSolver(xf, ytr, num_classes).weights(grid[0])
+    return float(np.mean(np.argmax(xt @ w, axis=1) == yte))
+
+
+def logistic_probe_accuracy(train_x, train_y, test_x, test_y, num_classes: int, l2_reg: float = 1e-4, *,
+                            steps: int = 500) -> float:
+    """Top-1 accuracy of a multinomial logistic-regression probe trained full-batch in JAX.
+
+    Standardised features plus bias; minimises mean cross-entropy + ``l2_reg/2 * ||W||^2`` (bias unregularised)
+    by Nesterov-accelerated gradient descent with step ``1/L`` from the smoothness bound, so it is
+    deterministic and needs no learning-rate tuning.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    xtr = np.asarray(train_x, np.float32)
+    xte = np.asarray(test_x, np.float32)
+    ytr = np.asarray(train_y).astype(np.int32).reshape(-1)
+    yte = np.asarray(test_y).astype(np.int64).reshape(-1)
+    mean, std = xtr.mean(0, keepdims=True), xtr.std(0, keepdims=True) + 1e-5
+    xtr, xte = (xtr - mean) / std, (xte - mean) / std
+    top_eig = float(np.linalg.eigvalsh(xtr.T.astype(np.float64) @ xtr).max()) if len(ytr) else 0.0
+    lipschitz = 0.5 * top_eig / max(len(ytr), 1) + 0.5 + l2_reg  # 0.5 for the bias column
+    lr = 1.0 / lipschitz
+
+    def loss(p, x, y):
+        logits = x @ p["w"] + p["b"]
+        ce = jnp.mean(jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0])
+        return ce + 0.5 * l2_reg * jnp.sum(p["w"] ** 2)
+
+    @jax.jit
+    def fit(x, y):
+        grad = jax.grad(loss)
+        p0 = {"w": jnp.zeros((x.shape[1], num_classes)), "b": jnp.zeros((num_classes,))}
+
+        def body(t, carry):
+            p, prev = carry
+            mom = (t - 1.0) / (t + 2.0)
+            look = jax.tree.map(lambda a, b: a + mom * (a - b), p, prev)
+            new = jax.tree.map(lambda a, g: a - lr * g, look, grad(look, x, y))
+            return new, p
+
+        return jax.lax.fori_loop(0, steps, body, (p0, p0))[0]
+
+    p = fit(jnp.asarray(xtr), jnp.asarray(ytr))
+    pred = np.argmax(np.asarray(xte @ np.asarray(p["w"]) + np.asarray(p["b"])), axis=1)
+    return float(np.mean(pred == yte)) if len(yte) else float("nan")
+
+
+def knn_accuracy(train_x, train_y, test_x, test_y, k: int = 20, temperature: float = 0.07,
+                 num_classes: int | None = None) -> float:
+    """Top-1 accuracy of a weighted k-NN classifier on cosine similarity (DINO style).
+
+    Each of the k most similar train points (ties: lower train index first) votes for its label with weight
+    ``exp(sim / temperature)``; the class with the largest total wins (ties: lower class index).
+    """
+    tr = l2_normalize(train_x)
+    te = l2_normalize(test_x)
+    ytr = np.asarray(train_y).astype(np.int64).reshape(-1)
+    yte = np.asarray(test_y).astype(np.int64).reshape(-1)
+    if len(yte) == 0:
+        return float("nan")
+    c = int(num_classes) if num_classes is not None else int(max(ytr.max(), yte.max())) + 1
+    k = min(int(k), len(ytr))
+    correct = 0
+    for i in range(0, len(yte), _CHUNK):
+        s = te[i:i + _CHUNK] @ tr.T
+        nn = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        sims = np.take_along_axis(s, nn, axis=1).astype(np.float64)
+        weights = np.exp((sims - 1.0) / temperature)  # shifted by the max possible cosine: same argmax, no overflow
+        votes = np.zeros((s.shape[0], c))
+        np.add.at(votes, (np.arange(s.shape[0])[:, None], ytr[nn]), weights)
+        correct += int(np.sum(np.argmax(votes, axis=1) == yte[i:i + _CHUNK]))
+    return correct / len(yte)

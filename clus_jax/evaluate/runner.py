@@ -1,0 +1,108 @@
+"""Runs evaluation sets through two encoders and returns flat, stable metric names.
+
+``evaluate(sets, encode_images, encode_texts)`` accepts any mix of ``ClassificationSet``, ``RetrievalSet`` and
+``ProbeSet`` (see ``datasets.py``) and returns ``{name: float}`` with these names (values are fractions in
+[0, 1]; ``<set>`` is the set's ``name``):
+
+- ``zeroshot/<set>/top1``, ``zeroshot/<set>/top5``: zero-shot classification with the class-name prompts
+  (one text per class and template, templates averaged CLIP style);
+- ``retrieval/<set>/i2t_r1``, ``i2t_r5``, ``i2t_r10``: image->text recall@k (an image is correct when any
+  of its captions is in the top k);
+- ``retrieval/<set>/t2i_r1``, ``t2i_r5``, ``t2i_r10``: text->image recall@k;
+- ``probe/<set>/linear_top1``: closed-form ridge linear probe on frozen image embeddings;
+- ``probe/<set>/knn_top1``: weighted cosine k-NN (``knn_k`` neighbours, temperature 0.07).
+
+The encoders belong to the caller, which handles tokenisation, batching, padding and multi-host: each is
+called once per array or list with the whole of it. ``encode_images`` gets uint8 ``[n, H, W, 3]``,
+``encode_texts`` a ``list[str]``; both return ``[n, D]``. Outputs are L2-normalised again here.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from absl import logging
+
+from clus_jax.evaluate import metrics
+from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
+
+EvalSet = ClassificationSet | RetrievalSet | ProbeSet
+ImageEncoder = Callable[[np.ndarray], np.ndarray]
+TextEncoder = Callable[[list[str]], np.ndarray]
+
+RETRIEVAL_KS = (1, 5, 10)
+ZEROSHOT_KS = (1, 5)
+
+
+def metric_names(sets: Sequence[EvalSet]) -> list[str]:
+    """The keys ``evaluate`` returns for ``sets``, in the same order."""
+    names = []
+    for s in sets:
+        if isinstance(s, ClassificationSet):
+            names += [f"zeroshot/{s.name}/top{k}" for k in ZEROSHOT_KS]
+        elif isinstance(s, RetrievalSet):
+            names += [f"retrieval/{s.name}/{d}_r{k}" for d in ("i2t", "t2i") for k in RETRIEVAL_KS]
+        elif isinstance(s, ProbeSet):
+            names += [f"probe/{s.name}/linear_top1", f"probe/{s.name}/knn_top1"]
+        else:
+            raise TypeError(f"unsupported evaluation set type {type(s).__name__}")
+    return names
+
+
+def _embed(fn: Callable, inputs, what: str) -> np.ndarray:
+    out = np.asarray(fn(inputs))
+    if out.ndim != 2 or out.shape[0] != len(inputs):
+        raise ValueError(f"{what} encoder returned shape {out.shape} for {len(inputs)} inputs; expected [n, D]")
+    return metrics.l2_normalize(out.astype(np.float32, copy=False))
+
+
+def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: TextEncoder) -> dict[str, float]:
+    bad = [t for t in s.templates if "{}" not in t]
+    if bad or not s.templates:
+        raise ValueError(f"set {s.name!r}: every template needs a '{{}}' for the class name; got {bad or 'none'}")
+    texts = [t.replace("{}", c) for c in s.classnames for t in s.templates]
+    text_embs = _embed(encode_texts, texts, "text")
+    classifier = metrics.zeroshot_classifier(text_embs.reshape(len(s.classnames), len(s.templates), -1))
+    image_embs = _embed(encode_images, s.images, "image")
+    acc = metrics.zeroshot_accuracy(image_embs, s.labels, classifier, ks=ZEROSHOT_KS)
+    return {f"zeroshot/{s.name}/top{k}": acc[f"top{k}"] for k in ZEROSHOT_KS}
+
+
+def _retrieval(s: RetrievalSet, encode_images: ImageEncoder, encode_texts: TextEncoder) -> dict[str, float]:
+    image_embs = _embed(encode_images, s.images, "image")
+    text_embs = _embed(encode_texts, list(s.captions), "text")
+    rec = metrics.retrieval_recall(image_embs, text_embs, s.caption_to_image, ks=RETRIEVAL_KS)
+    return {f"retrieval/{s.name}/{key}": value for key, value in rec.items()}
+
+
+def _probe(s: ProbeSet, encode_images: ImageEncoder, knn_k: int) -> dict[str, float]:
+    train = _embed(encode_images, s.train_images, "image")
+    test = _embed(encode_images, s.test_images, "image")
+    return {
+        f"probe/{s.name}/linear_top1": metrics.linear_probe_accuracy(
+            train, s.train_labels, test, s.test_labels, s.num_classes),
+        f"probe/{s.name}/knn_top1": metrics.knn_accuracy(
+            train, s.train_labels, test, s.test_labels, k=knn_k, num_classes=s.num_classes),
+    }
+
+
+def evaluate(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
+             knn_k: int = 20) -> dict[str, float]:
+    """Evaluates every set and returns the flat metrics named in the module docstring."""
+    names = metric_names(sets)
+    if len(set(names)) != len(names):
+        raise ValueError(f"two evaluation sets of the same kind share a name: {[s.name for s in sets]}")
+    results: dict[str, float] = {}
+    for s in sets:
+        start = time.perf_counter()
+        if isinstance(s, ClassificationSet):
+            out = _zeroshot(s, encode_images, encode_texts)
+        elif isinstance(s, RetrievalSet):
+            out = _retrieval(s, encode_images, encode_texts)
+        else:
+            out = _probe(s, encode_images, knn_k)
+        logging.info("eval %s (%.1fs): %s", s.name, time.perf_counter() - start,
+                     ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.4f}" for k, v in out.items()))
+        results.update(out)
+    return {k: float(results[k]) for k in names}

@@ -1,0 +1,181 @@
+"""Metrics on hand-built embeddings whose answers are known analytically."""
+import numpy as np
+import pytest
+
+from clus_jax.evaluate import metrics as M
+
+
+def embed_scores(scores: np.ndarray):
+    """Image and text embeddings whose cosine similarity matrix is ``scores / R`` for one constant R.
+
+    Images are one-hot; each text carries its column of ``scores`` plus one padding coordinate that gives all
+    texts the same norm R, so scores stay comparable across texts (needed for image->text ranking).
+    """
+    n, m = scores.shape
+    norms = np.linalg.norm(scores, axis=0)
+    r = norms.max() + 1.0
+    img = np.concatenate([np.eye(n), np.zeros((n, 1))], axis=1)
+    txt = np.concatenate([scores.T, np.sqrt(r ** 2 - norms ** 2)[:, None]], axis=1)
+    return img, txt
+
+
+# ----------------------------------------------------------------------------------------------- zero-shot
+
+
+def test_zeroshot_classifier_normalises_each_template_then_the_mean():
+    embs = np.array([[[3.0, 0.0], [0.0, 1.0]],      # class 0: two templates of very different norms
+                     [[0.0, -2.0], [0.0, -5.0]]])   # class 1
+    w = M.zeroshot_classifier(embs)
+    np.testing.assert_allclose(w, [[np.sqrt(0.5), np.sqrt(0.5)], [0.0, -1.0]], atol=1e-7)
+    with pytest.raises(ValueError, match="templates"):
+        M.zeroshot_classifier(embs[0])
+
+
+def test_zeroshot_identity_and_permutation():
+    eye = np.eye(10, dtype=np.float32)
+    assert M.zeroshot_accuracy(eye, np.arange(10), eye) == {"top1": 1.0, "top5": 1.0}
+    acc = M.zeroshot_accuracy(eye[[0, 1, 3, 2]][:, :4], np.arange(4), eye[:4, :4], ks=(1, 2, 5))
+    assert acc == {"top1": 0.5, "top2": 0.5, "top5": 1.0}  # swapped ones rank 1 (tie at 0, lower index first)
+
+
+def test_zeroshot_rank_exactly_k():
+    classifier = np.eye(6)
+    image = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.1]] * 3)  # class j has rank j
+    acc = M.zeroshot_accuracy(image, np.array([4, 0, 5]), classifier, ks=(1, 4, 5, 6))
+    assert acc == {"top1": 1 / 3, "top4": 1 / 3, "top5": 2 / 3, "top6": 1.0}
+
+
+def test_zeroshot_ties_break_by_class_index():
+    images = np.zeros((2, 3))  # every class scores 0: rank = class index
+    acc = M.zeroshot_accuracy(images, np.array([0, 2]), np.eye(3), ks=(1, 2, 3))
+    assert acc == {"top1": 0.5, "top2": 0.5, "top3": 1.0}
+
+
+# ----------------------------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_identity():
+    eye = np.eye(12, dtype=np.float32)
+    out = M.retrieval_recall(eye, eye, np.arange(12))
+    assert out == {f"{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+
+
+def test_text_to_image_rank_boundaries():
+    rng = np.random.default_rng(0)
+    ranks = np.array([0, 1, 4, 5, 9, 10, 0, 3, 11, 2, 6, 7])
+    n = len(ranks)
+    scores = np.zeros((n, n))
+    for m, r in enumerate(ranks):  # caption m belongs to image m, which is placed at rank r
+        order = [j for j in rng.permutation(n) if j != m]
+        order.insert(r, m)
+        scores[order, m] = np.linspace(1.0, 0.1, n)
+    img, txt = embed_scores(scores)
+    out = M.retrieval_recall(img, txt, np.arange(n), ks=(1, 4, 5, 10, 11))
+    for k in (1, 4, 5, 10, 11):
+        assert out[f"t2i_r{k}"] == pytest.approx(np.mean(ranks < k)), k
+
+
+def test_image_to_text_any_caption_counts_and_captionless_images_are_skipped():
+    scores = np.array([
+        [0.1, 0.5, 0.9, 0.8, 0.7],   # image 0 owns captions 0, 1: best (0.5) has rank 3
+        [0.9, 0.1, 0.2, 0.3, 0.05],  # image 1 owns captions 2, 3, 4: best (0.3) has rank 1
+        [0.0, 0.6, 0.0, 0.0, 0.9],   # image 2 owns no caption
+    ])
+    img, txt = embed_scores(scores)
+    out = M.retrieval_recall(img, txt, np.array([0, 0, 1, 1, 1]), ks=(1, 2, 3, 4))
+    assert [out[f"i2t_r{k}"] for k in (1, 2, 3, 4)] == [0.0, 0.5, 0.5, 1.0]
+    # text->image: true-image ranks per caption are 1, 1, 1, 1, 2
+    assert [out[f"t2i_r{k}"] for k in (1, 2, 3, 4)] == [0.0, 0.8, 1.0, 1.0]
+
+
+def test_retrieval_ties_break_by_index():
+    same = np.ones((4, 3))
+    c2i = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    out = M.retrieval_recall(same, np.ones((8, 3)), c2i, ks=(1, 2, 5))
+    # t2i rank = index of the true image; i2t rank = index of the image's first caption (0..3)
+    assert out == {"i2t_r1": 0.25, "i2t_r2": 0.5, "i2t_r5": 1.0, "t2i_r1": 0.25, "t2i_r2": 0.5, "t2i_r5": 1.0}
+
+
+def test_retrieval_chunking_matches(monkeypatch):
+    rng = np.random.default_rng(1)
+    img, txt = rng.normal(size=(37, 8)), rng.normal(size=(70, 8))
+    c2i = rng.integers(0, 37, size=70)
+    full = M.retrieval_recall(img, txt, c2i)
+    monkeypatch.setattr(M, "_CHUNK", 5)
+    assert M.retrieval_recall(img, txt, c2i) == full
+
+
+def test_retrieval_rejects_bad_mapping():
+    with pytest.raises(ValueError, match="index"):
+        M.retrieval_recall(np.eye(2), np.eye(2), np.array([0, 2]))
+    with pytest.raises(ValueError, match="entries"):
+        M.retrieval_recall(np.eye(2), np.eye(2), np.array([0]))
+
+
+# ------------------------------------------------------------------------------------------------- probes
+
+
+def _clusters(rng, n_per, centers, noise):
+    x = np.concatenate([c + noise * rng.normal(size=(n_per, centers.shape[1])) for c in centers])
+    y = np.repeat(np.arange(len(centers)), n_per)
+    return x.astype(np.float32), y
+
+
+def test_linear_probe_separable_clusters():
+    rng = np.random.default_rng(0)
+    centers = 3.0 * rng.normal(size=(4, 16))
+    trx, try_ = _clusters(rng, 50, centers, 0.5)
+    tex, tey = _clusters(rng, 25, centers, 0.5)
+    assert M.linear_probe_accuracy(trx, try_, tex, tey, 4) == 1.0
+    assert M.linear_probe_accuracy(trx, try_, tex, tey, 4, l2_reg=1e-3) == 1.0
+
+
+def test_linear_probe_random_labels_is_near_chance():
+    rng = np.random.default_rng(0)
+    trx, tex = rng.normal(size=(1000, 8)), rng.normal(size=(2000, 8))
+    acc = M.linear_probe_accuracy(trx, rng.integers(0, 5, 1000), tex, rng.integers(0, 5, 2000), 5)
+    assert abs(acc - 0.2) < 0.04
+
+
+@pytest.mark.parametrize("n", [40, 6])  # n >= dim uses x^T x, n < dim uses x x^T
+def test_ridge_solver_matches_direct_solve(n):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, 10)), rng.integers(0, 3, n)
+    t = 2.0 * np.eye(3)[y] - 1.0
+    direct = np.linalg.solve(x.T @ x + 0.5 * np.eye(10), x.T @ t)
+    np.testing.assert_allclose(M._RidgeSolver(x, y, 3).weights(0.5), direct, atol=1e-8)
+
+
+def test_logistic_probe_separable_clusters():
+    rng = np.random.default_rng(0)
+    centers = 3.0 * rng.normal(size=(3, 8))
+    trx, try_ = _clusters(rng, 30, centers, 0.5)
+    tex, tey = _clusters(rng, 20, centers, 0.5)
+    assert M.logistic_probe_accuracy(trx, try_, tex, tey, 3, steps=200) == 1.0
+
+
+def test_knn_hand_example():
+    train = np.array([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    labels = np.array([0, 1, 1, 0])
+    query = np.array([[0.96, 0.28]])  # cosines .96 (label 0), .936 (1), .8 (1), .28 (0)
+    assert M.knn_accuracy(train, labels, query, [0], k=1) == 1.0
+    # sharp weights: e^(.96/.07) > e^(.936/.07) + e^(.8/.07), so the single nearest label-0 point wins
+    assert M.knn_accuracy(train, labels, query, [0], k=3, temperature=0.07) == 1.0
+    # flat weights: two label-1 votes beat one label-0 vote
+    assert M.knn_accuracy(train, labels, query, [1], k=3, temperature=10.0) == 1.0
+
+
+def test_knn_ties():
+    train = np.array([[1.0, 0.0], [1.0, 0.0]])
+    # equal neighbours: k=1 takes the lower train index (label 1); k=2 splits the vote, lower class (0) wins
+    assert M.knn_accuracy(train, [1, 0], [[1.0, 0.0]], [1], k=1) == 1.0
+    assert M.knn_accuracy(train, [1, 0], [[1.0, 0.0]], [0], k=2) == 1.0
+    assert M.knn_accuracy(train, [1, 0], [[1.0, 0.0]], [0], k=50) == 1.0  # k capped at the train size
+
+
+def test_knn_separable_clusters():
+    rng = np.random.default_rng(0)
+    centers = 3.0 * rng.normal(size=(5, 16))
+    trx, try_ = _clusters(rng, 20, centers, 0.3)
+    tex, tey = _clusters(rng, 10, centers, 0.3)
+    assert M.knn_accuracy(trx, try_, tex, tey, k=20) == 1.0

@@ -1,0 +1,135 @@
+"""The evaluation runner with toy encoders: images embed as their mean colour, texts through a dict."""
+import numpy as np
+import pytest
+
+from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
+from clus_jax.evaluate.runner import evaluate, metric_names
+
+RED, GREEN, BLUE, GRAY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
+ONEHOT = {"red": [1.0, 0, 0], "green": [0, 1.0, 0], "blue": [0, 0, 1.0]}
+
+
+def solid(colors, jitter=0, seed=0):
+    """uint8 [n, 4, 4, 3] images of solid colours, optionally with per-image colour jitter."""
+    rng = np.random.default_rng(seed)
+    base = np.array(colors, np.int64) + rng.integers(-jitter, jitter + 1, size=(len(colors), 3))
+    return np.broadcast_to(np.clip(base, 0, 255)[:, None, None, :], (len(colors), 4, 4, 3)).astype(np.uint8)
+
+
+class Encoders:
+    """Records every call; embeddings are deliberately not normalised (the runner must normalise)."""
+
+    def __init__(self, texts):
+        self.texts = texts
+        self.image_calls, self.text_calls = [], []
+
+    def images(self, x):
+        assert x.dtype == np.uint8 and x.ndim == 4
+        self.image_calls.append(len(x))
+        return 7.0 * x.reshape(len(x), -1, 3).mean(axis=1)
+
+    def text(self, strings):
+        assert isinstance(strings, list)
+        self.text_calls.append(list(strings))
+        return 3.0 * np.array([self.texts[s] for s in strings])
+
+
+def zeroshot_set():
+    return ClassificationSet(
+        name="colors",
+        images=solid([RED, RED, GREEN, BLUE, BLUE, GREEN]),
+        labels=np.array([0, 0, 1, 2, 1, 2]),  # the last two are labelled wrongly
+        classnames=["red", "green", "blue"],
+        templates=["a photo of {}", "a {} thing"],
+    )
+
+
+def retrieval_set():
+    return RetrievalSet(
+        name="shapes",
+        images=solid([RED, GREEN, BLUE, GRAY]),
+        captions=["red", "crimson", "green", "blue", "grey"],
+        caption_to_image=np.array([0, 0, 1, 2, 3]),
+    )
+
+
+def probe_set():
+    colors = [RED, GREEN, BLUE]
+    return ProbeSet(
+        name="jitter",
+        train_images=solid(colors * 10, jitter=20, seed=1),
+        train_labels=np.tile(np.arange(3), 10),
+        test_images=solid(colors * 3, jitter=20, seed=2),
+        test_labels=np.array([0, 1, 2, 0, 1, 2, 1, 1, 2]),  # test image 6 is red but labelled 1
+        num_classes=3,
+    )
+
+
+TEXTS = {
+    **{f"a photo of {c}": v for c, v in ONEHOT.items()},
+    **{f"a {c} thing": v for c, v in ONEHOT.items()},
+    "red": [1.0, 0, 0], "crimson": [1.0, 0, 0], "green": [0, 1.0, 0], "blue": [0, 0, 1.0],
+    "grey": [0, 0, 1.0],  # points at the blue image
+}
+
+
+def test_known_numbers_and_exact_keys():
+    enc = Encoders(TEXTS)
+    sets = [zeroshot_set(), retrieval_set(), probe_set()]
+    out = evaluate(sets, enc.images, enc.text, knn_k=5)
+    assert list(out) == metric_names(sets) == [
+        "zeroshot/colors/top1", "zeroshot/colors/top5",
+        "retrieval/shapes/i2t_r1", "retrieval/shapes/i2t_r5", "retrieval/shapes/i2t_r10",
+        "retrieval/shapes/t2i_r1", "retrieval/shapes/t2i_r5", "retrieval/shapes/t2i_r10",
+        "probe/jitter/linear_top1", "probe/jitter/knn_top1",
+    ]
+    assert all(type(v) is float for v in out.values())
+    assert out["zeroshot/colors/top1"] == pytest.approx(4 / 6)
+    assert out["zeroshot/colors/top5"] == 1.0  # only 3 classes
+    # The grey caption's true image (gray) ranks second behind blue: t2i misses it at 1 only. The gray image
+    # scores all five captions equally, and its caption has the highest index: rank 4, a miss at 1 only.
+    assert out["retrieval/shapes/t2i_r1"] == pytest.approx(4 / 5)
+    assert out["retrieval/shapes/i2t_r1"] == pytest.approx(3 / 4)
+    for key in ("i2t_r5", "i2t_r10", "t2i_r5", "t2i_r10"):
+        assert out[f"retrieval/shapes/{key}"] == 1.0
+    assert out["probe/jitter/linear_top1"] == pytest.approx(8 / 9)
+    assert out["probe/jitter/knn_top1"] == pytest.approx(8 / 9)
+
+
+def test_encoders_called_once_per_array_with_all_of_it():
+    enc = Encoders(TEXTS)
+    evaluate([zeroshot_set(), retrieval_set(), probe_set()], enc.images, enc.text)
+    assert enc.image_calls == [6, 4, 30, 9]
+    assert enc.text_calls == [
+        ["a photo of red", "a red thing", "a photo of green", "a green thing", "a photo of blue", "a blue thing"],
+        ["red", "crimson", "green", "blue", "grey"],
+    ]
+
+
+def test_templates_are_averaged():
+    teal = ClassificationSet(name="teal", images=solid([(0, 240, 255), RED, BLUE]), labels=np.array([1, 0, 2]),
+                             classnames=["red", "green", "blue"], templates=["a photo of {}", "a {} thing"])
+    texts = dict(TEXTS)
+    # "a photo of green" alone loses the teal image to blue (0.686 < 0.728); with "a {} thing" = green-blue
+    # averaged in, green's classifier is (0, 0.924, 0.383), which scores 0.913 and wins.
+    texts["a green thing"] = [0, 1.0, 1.0]
+    enc = Encoders(texts)
+    assert evaluate([teal], enc.images, enc.text)["zeroshot/teal/top1"] == 1.0
+    texts["a green thing"] = [0, 1.0, 0]
+    enc = Encoders(texts)
+    assert evaluate([teal], enc.images, enc.text)["zeroshot/teal/top1"] == pytest.approx(2 / 3)
+
+
+def test_errors():
+    enc = Encoders(TEXTS)
+    with pytest.raises(ValueError, match="share a name"):
+        evaluate([retrieval_set(), retrieval_set()], enc.images, enc.text)
+    bad = zeroshot_set()
+    bad.templates = ["a photo"]
+    with pytest.raises(ValueError, match="template"):
+        evaluate([bad], enc.images, enc.text)
+    with pytest.raises(ValueError, match="encoder returned shape"):
+        evaluate([retrieval_set()], lambda x: np.ones((1, 3)), enc.text)
+    with pytest.raises(TypeError, match="unsupported"):
+        evaluate([object()], enc.images, enc.text)
+    assert evaluate([], enc.images, enc.text) == {}
