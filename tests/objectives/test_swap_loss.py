@@ -1,0 +1,184 @@
+"""Swapped-prediction loss against a float64 NumPy transcription of SwAV's two-view loss."""
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss
+
+
+def swav_sinkhorn_np(out, epsilon, num_iters):
+    Q = np.exp(np.asarray(out, np.float64) / epsilon).T
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= np.sum(Q)
+    for _ in range(num_iters):
+        Q /= np.sum(Q, axis=1, keepdims=True)
+        Q /= K
+        Q /= np.sum(Q, axis=0, keepdims=True)
+        Q /= B
+    Q *= B
+    return Q.T
+
+
+def log_softmax_np(x):
+    x = np.asarray(x, np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def swav_loss_np(scores_a, scores_b, temperature, epsilon, num_iters, codes_a=None, codes_b=None):
+    """SwAV ``main_swav.py`` with two crops, both used for assignment: mean over the two swapped CEs."""
+    q_a = swav_sinkhorn_np(scores_a, epsilon, num_iters) if codes_a is None else np.asarray(codes_a, np.float64)
+    q_b = swav_sinkhorn_np(scores_b, epsilon, num_iters) if codes_b is None else np.asarray(codes_b, np.float64)
+    loss = 0.0
+    for q, other in ((q_a, scores_b), (q_b, scores_a)):
+        loss -= np.mean(np.sum(q * log_softmax_np(np.asarray(other, np.float64) / temperature), axis=1))
+    return loss / 2, q_a, q_b
+
+
+def swav_loss_grad_np(scores_a, scores_b, temperature, q_a, q_b):
+    """d loss / d scores with codes held fixed: (softmax(s / tau) * sum_k q - q) / (2 tau B)."""
+    batch = scores_a.shape[0]
+
+    def grad(scores, q):
+        p = np.exp(log_softmax_np(np.asarray(scores, np.float64) / temperature))
+        return (p * q.sum(axis=1, keepdims=True) - q) / (2 * temperature * batch)
+
+    return grad(scores_a, q_b), grad(scores_b, q_a)
+
+
+def auto_mesh(shape, names):
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def paired_scores(rng, batch, protos, dim=16):
+    """Cosine scores of two noisy views of the same samples against shared unit prototypes."""
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    base = rng.normal(size=(batch, dim))
+    protos_w = unit(rng.normal(size=(protos, dim)))
+    z_a = unit(base + 0.5 * rng.normal(size=base.shape))
+    z_b = unit(base + 0.5 * rng.normal(size=base.shape))
+    return (z_a @ protos_w.T).astype(np.float32), (z_b @ protos_w.T).astype(np.float32)
+
+
+loss_and_grad = jax.jit(jax.value_and_grad(swapped_prediction_loss, argnums=(0, 1)),
+                        static_argnames=("temperature", "epsilon", "num_iters"))
+
+
+@pytest.mark.parametrize("batch,protos,temperature,epsilon,num_iters",
+                         [(16, 8, 0.1, 0.05, 3), (40, 30, 0.1, 0.05, 3), (24, 12, 0.2, 0.03, 5)])
+def test_loss_and_gradient_match_numpy_reference(batch, protos, temperature, epsilon, num_iters):
+    rng = np.random.default_rng(batch + protos)
+    s_a, s_b = paired_scores(rng, batch, protos)
+    loss, (g_a, g_b) = loss_and_grad(s_a, s_b, temperature=temperature, epsilon=epsilon, num_iters=num_iters)
+    want, q_a, q_b = swav_loss_np(s_a, s_b, temperature, epsilon, num_iters)
+    want_a, want_b = swav_loss_grad_np(s_a, s_b, temperature, q_a, q_b)
+    assert loss.dtype == jnp.float32 and loss.shape == ()
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_a), want_a, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(g_b), want_b, rtol=1e-4, atol=1e-7)
+
+
+def test_gradient_matches_finite_differences_with_fixed_codes():
+    rng = np.random.default_rng(11)
+    s_a, s_b = (x.astype(np.float64) for x in paired_scores(rng, 6, 5))
+    q_a, q_b = swav_sinkhorn_np(s_a, 0.05, 3), swav_sinkhorn_np(s_b, 0.05, 3)
+    g_a, _ = jax.grad(swapped_prediction_loss, argnums=(0, 1))(
+        jnp.asarray(s_a, jnp.float32), jnp.asarray(s_b, jnp.float32),
+        codes_a=jnp.asarray(q_a, jnp.float32), codes_b=jnp.asarray(q_b, jnp.float32))
+    h = 1e-5
+    fd = np.zeros_like(s_a)
+    for idx in np.ndindex(*s_a.shape):
+        plus, minus = s_a.copy(), s_a.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        fd[idx] = (swav_loss_np(plus, s_b, 0.1, 0.05, 3, q_a, q_b)[0]
+                   - swav_loss_np(minus, s_b, 0.1, 0.05, 3, q_a, q_b)[0]) / (2 * h)
+    np.testing.assert_allclose(np.asarray(g_a), fd, rtol=1e-3, atol=1e-6)
+
+
+def test_empty_axis_name_sequences_mean_unsharded():
+    rng = np.random.default_rng(16)
+    s_a, s_b = paired_scores(rng, 8, 6)
+    plain = swapped_prediction_loss(s_a, s_b)
+    empty = swapped_prediction_loss(s_a, s_b, batch_axis_name=(), proto_axis_name=[])
+    assert float(empty) == float(plain)
+
+
+def test_uniform_scores_give_log_k():
+    batch, protos = 8, 30
+    scores = jnp.full((batch, protos), 0.3, jnp.float32)
+    loss = swapped_prediction_loss(scores, scores)
+    assert float(loss) == pytest.approx(math.log(protos), rel=1e-6)
+
+
+def test_given_codes_are_used_and_receive_no_gradient():
+    rng = np.random.default_rng(12)
+    batch, protos, queue = 12, 10, 36
+    s_a, s_b = paired_scores(rng, batch, protos)
+    queue_a, queue_b = paired_scores(rng, queue, protos)
+    # Codes computed with queue rows prepended, then sliced to the current batch (SwAV's queue usage).
+    q_a = swav_sinkhorn_np(np.concatenate([queue_a, s_a]), 0.05, 3)[-batch:]
+    q_b = swav_sinkhorn_np(np.concatenate([queue_b, s_b]), 0.05, 3)[-batch:]
+    codes_a, codes_b = jnp.asarray(q_a, jnp.float32), jnp.asarray(q_b, jnp.float32)
+    loss = swapped_prediction_loss(s_a, s_b, codes_a=codes_a, codes_b=codes_b)
+    want, _, _ = swav_loss_np(s_a, s_b, 0.1, 0.05, 3, q_a, q_b)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert abs(float(loss) - float(swapped_prediction_loss(s_a, s_b))) > 1e-4
+
+    code_grad = jax.grad(lambda q: cross_entropy_with_codes(q, jnp.asarray(s_b), 0.1))(codes_a)
+    np.testing.assert_array_equal(np.asarray(code_grad), 0.0)
+
+
+def test_cross_entropy_with_codes_matches_numpy():
+    rng = np.random.default_rng(13)
+    scores = rng.normal(size=(10, 7)).astype(np.float32)
+    codes = rng.dirichlet(np.ones(7), size=10).astype(np.float32)
+    got = cross_entropy_with_codes(jnp.asarray(codes), jnp.asarray(scores), 0.2)
+    want = -np.mean(np.sum(codes * log_softmax_np(scores / 0.2), axis=1))
+    np.testing.assert_allclose(float(got), want, rtol=1e-6)
+
+
+def test_bfloat16_scores_are_computed_in_float32():
+    rng = np.random.default_rng(14)
+    s_a, s_b = (jnp.asarray(x, jnp.bfloat16) for x in paired_scores(rng, 16, 8))
+    loss, (g_a, _) = loss_and_grad(s_a, s_b)
+    assert loss.dtype == jnp.float32 and g_a.dtype == jnp.bfloat16
+    up_a, up_b = s_a.astype(jnp.float32), s_b.astype(jnp.float32)
+    np.testing.assert_allclose(float(loss), float(loss_and_grad(up_a, up_b)[0]), rtol=1e-6)
+    want, _, _ = swav_loss_np(np.asarray(up_a), np.asarray(up_b), 0.1, 0.05, 3)
+    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+SHARDED_CASES = [
+    ((8,), ("data",), "data", None),
+    ((2, 2, 2), ("data", "fsdp", "tensor"), ("data", "fsdp"), "tensor"),
+    ((4, 2), ("data", "tensor"), "data", "tensor"),
+]
+
+
+@pytest.mark.parametrize("shape,names,batch_axes,proto_axis", SHARDED_CASES)
+def test_sharded_loss_and_gradient_equal_single_device(shape, names, batch_axes, proto_axis):
+    rng = np.random.default_rng(15)
+    s_a, s_b = paired_scores(rng, 32, 24)
+    mesh = auto_mesh(shape, names)
+    spec = P(batch_axes, proto_axis)
+    # Axis names may also be given as a list (any sequence of mesh axis names).
+    names_arg = list(batch_axes) if isinstance(batch_axes, tuple) else batch_axes
+    sharded_loss = jax.shard_map(
+        partial(swapped_prediction_loss, batch_axis_name=names_arg, proto_axis_name=proto_axis),
+        mesh=mesh, in_specs=(spec, spec), out_specs=P())
+    placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (s_a, s_b)]
+    loss, (g_a, g_b) = jax.jit(jax.value_and_grad(sharded_loss, argnums=(0, 1)))(*placed)
+    want_loss, (want_a, want_b) = loss_and_grad(s_a, s_b)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    # Entries of (p - q) / (tau B) cancel; compare on the scale of the largest gradient entry.
+    for got, want in ((g_a, want_a), (g_b, want_b)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5,
+                                   atol=1e-5 * float(jnp.abs(want).max()))
+    assert g_a.sharding.is_equivalent_to(NamedSharding(mesh, spec), 2)
