@@ -1,0 +1,113 @@
+"""Shared defaults for every config: one place that lists every key the trainer reads.
+
+Config files under ``configs/`` start from ``base_config()`` and change what their method needs. They
+take one optional argument string, ``--config configs/clip.py:size=B/16,steps=1000``, parsed by
+``parse_arg``. ``load_config`` loads a config file by path the way the CLI does (for tests and sweeps).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import ml_collections
+
+from clus_jax.data.pipeline import default_data_config
+from clus_jax.objectives import registry
+from clus_jax.parallel.partitioning import DEFAULT_RULES
+
+
+def parse_arg(arg: str | None, **defaults):
+    """'a=1,b=x,flag' -> ConfigDict with typed values (types taken from the defaults)."""
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        default = defaults[key]
+        if isinstance(default, bool):
+            values[key] = value.lower() not in ("0", "false", "no") if value else True
+        elif default is not None:
+            values[key] = type(default)(value)
+        else:
+            values[key] = value
+    return ml_collections.ConfigDict(values)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 256  # global, over all processes and devices
+    c.total_steps = 600
+    c.log_every = 25
+    c.eval_every = 300  # 0 = only at the end
+    c.checkpoint_every = 300
+    c.keep_checkpoints = 2
+    c.max_consecutive_nonfinite = 10
+
+    c.objectives = {"clip": 1.0}
+    # Every registered objective's knobs live under config.<name>, so all of them show up (and can be
+    # overridden from the command line) whichever objectives a config turns on.
+    for name in registry.names():
+        defaults = registry.get(name).defaults
+        if defaults:
+            c[name] = ml_collections.ConfigDict(dict(defaults))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.image = ml_collections.ConfigDict(
+        dict(size="nano", image_size=32, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0)
+    )
+    c.model.text = ml_collections.ConfigDict(
+        dict(size="nano", context_length=24, vocab_size=49408, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0)
+    )
+    c.model.embed_dim = 128
+    c.model.logit_scale_init = math.log(1 / 0.07)
+    c.model.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
+    c.model.max_logit_scale = 100.0
+    c.model.num_prototypes = ml_collections.FieldReference(None, field_type=object)
+    c.model.dtype = "float32"
+    c.model.remat = False
+
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-3, warmup_steps=50, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,
+             weight_decay=0.1, grad_clip_norm=1.0)
+    )
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
+
+    c.data = default_data_config()
+    c.tokenizer = ml_collections.ConfigDict(dict(name="clip", path=""))
+
+    c.evals = ml_collections.ConfigDict(dict(sets="embedded", batch_size=256))
+    return c
+
+
+def apply_args(config: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
+    """Applies the shared config arguments (size, text_size, steps, batch, synthetic, image_size)."""
+    if a.get("size"):
+        config.model.image.size = a.size
+        if "/" in a.size:
+            config.model.image.patch_size = 0  # the name carries the patch size
+    if a.get("text_size"):
+        config.model.text.size = a.text_size
+    if a.get("image_size"):
+        config.model.image.image_size = a.image_size
+    if a.get("steps"):
+        config.total_steps = a.steps
+        config.eval_every = 0
+        config.checkpoint_every = max(a.steps // 2, 1)
+        config.optim.warmup_steps = min(config.optim.warmup_steps, max(a.steps // 10, 1))
+    if a.get("batch"):
+        config.batch_size = a.batch
+    if a.get("synthetic"):
+        config.data.source = "synthetic"
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """'configs/clip.py:steps=10' -> the ConfigDict that ``--config`` would give."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()

@@ -1,0 +1,188 @@
+"""The training loop: config -> mesh -> shapes -> sharded init or restore -> steps, logs, evals, checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from clus_jax import config_check
+from clus_jax.data.pipeline import create_train_iterator
+from clus_jax.data.tokenizers import create_tokenizer
+from clus_jax.evaluate.runner import evaluate
+from clus_jax.models.towers import build_model
+from clus_jax.objectives import registry
+from clus_jax.parallel import mesh as mesh_lib
+from clus_jax.parallel import multihost, partitioning
+from clus_jax.train.checkpoint import Checkpointer
+from clus_jax.train.eval_hook import make_encoders
+from clus_jax.train.metrics_writer import MetricWriter
+from clus_jax.train.optim import build_optimizer
+from clus_jax.train.state import create_train_state
+from clus_jax.train.step import build_train_step
+
+log = logging.getLogger("clus_jax")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def load_eval_sets(config: ml_collections.ConfigDict) -> list:
+    """Evaluation sets named by ``config.evals.sets``: 'embedded' or 'none'."""
+    if config.evals.sets == "none":
+        return []
+    if config.evals.sets == "embedded":
+        from clus_jax.data.embedded import load_eval_sets as load_embedded
+
+        return load_embedded(image_size=int(config.model.image.image_size), cache_dir=config.data.get("cache_dir") or None)
+    raise registry.ConfigError(f"config.evals.sets={config.evals.sets!r} must be 'embedded' or 'none'")
+
+
+def _format_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        try:
+            signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some test runners)
+            pass
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def build(config: ml_collections.ConfigDict, devices: list | None = None):
+    """Everything but the loop: used by the trainer, benchmarks, tests and the memory planner."""
+    devices = list(devices) if devices is not None else jax.devices()
+    config_check.validate(config, len(devices), jax.process_count())
+    mesh = mesh_lib.create_mesh(dict(config.mesh), devices)
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    objectives = {name: (registry.get(name), float(w)) for name, w in dict(config.objectives).items()}
+    model = build_model(config.model)
+    freeze = [rule for obj, _ in objectives.values() for rule in obj.freeze_rules(config)]
+    tx, schedule = build_optimizer(config.optim, int(config.total_steps), freeze)
+    return mesh, rules, objectives, model, tx, schedule
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
+    mesh, rules, objectives, model, tx, schedule = build(config)
+    obj_only = {name: obj for name, (obj, _) in objectives.items()}
+    abstract_state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules, materialize=False)
+
+    tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
+    pcount, pindex = jax.process_count(), jax.process_index()
+    data_iter = create_train_iterator(
+        config.data, tokenizer=tokenizer, image_size=int(config.model.image.image_size),
+        local_batch_size=int(config.batch_size) // pcount, seed=int(config.seed), process_index=pindex, process_count=pcount,
+    )
+
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
+    if ckpt.latest_step() is not None:
+        start_step, state = ckpt.restore(abstract_state, data_iter)
+        log.info("resumed from step %d", start_step)
+    else:
+        state, _ = create_train_state(config, model, tx, obj_only, mesh, rules)
+        start_step = 0
+    step_fn = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
+    writer = MetricWriter(workdir)
+    bind_encoders = make_encoders(model, mesh, rules, shardings["params"], tokenizer, int(config.evals.batch_size))
+    eval_sets = None
+
+    def run_evals(step: int, state) -> dict[str, float]:
+        nonlocal eval_sets
+        if eval_sets is None:
+            eval_sets = load_eval_sets(config)
+        if not eval_sets:
+            return {}
+        t0 = time.time()
+        results = evaluate(eval_sets, *bind_encoders(state["params"]))
+        results["eval/seconds"] = time.time() - t0
+        writer.write(step, results)
+        return results
+
+    def to_global(local):
+        return multihost.make_global_batch(local, lambda nd: partitioning.batch_sharding(mesh, rules, nd))
+
+    total = int(config.total_steps)
+    preemption = _Preemption()
+    pending = None  # (step, metrics) of the previous step: read one step late, never blocking the current one
+    window = {"t0": time.time(), "images": 0, "data_wait": 0.0, "steps": 0}
+    loss_sum, loss_count, skipped_total, consecutive_bad = 0.0, 0, 0, 0
+    final_metrics: dict[str, Any] = {}
+
+    def flush(pending_step, pending_metrics, force_log=False):
+        nonlocal loss_sum, loss_count, consecutive_bad
+        metrics = {k: float(v) for k, v in jax.device_get(pending_metrics).items()}
+        consecutive_bad = consecutive_bad + 1 if metrics["nonfinite"] else 0
+        if np.isfinite(metrics["loss"]):
+            loss_sum, loss_count = loss_sum + metrics["loss"], loss_count + 1
+        if consecutive_bad >= int(config.max_consecutive_nonfinite):
+            raise NonFiniteError(
+                f"{consecutive_bad} consecutive steps had a non-finite loss or gradient (last at step {pending_step}); "
+                "the last good state was kept"
+            )
+        if force_log or (config.log_every and pending_step % int(config.log_every) == 0):
+            elapsed = time.time() - window["t0"]
+            ips = window["images"] / max(elapsed, 1e-9)
+            record = {f"train/{k}": v for k, v in metrics.items()}
+            record["train/loss"] = loss_sum / max(loss_count, 1)
+            record.update({"train/images_per_sec": ips, "train/data_wait_fraction": window["data_wait"] / max(elapsed, 1e-9),
+                           "data/skipped": skipped_total})
+            writer.write(pending_step, record)
+            eta = (total - pending_step) * elapsed / max(window["steps"], 1)
+            if pindex == 0:
+                print(f"step {pending_step}/{total}  loss {record['train/loss']:.4f}  {ips:.0f} img/s  "
+                      f"data-wait {100 * record['train/data_wait_fraction']:.0f}%  eta {_format_eta(eta)}", flush=True)
+            final_metrics.update(record)
+            loss_sum, loss_count = 0.0, 0
+            window.update(t0=time.time(), images=0, data_wait=0.0, steps=0)
+
+    step = start_step
+    try:
+        while step < total:
+            t_data = time.time()
+            local = next(data_iter)
+            skipped_total += int(local.pop("skipped", 0))
+            batch = to_global(local)
+            window["data_wait"] += time.time() - t_data
+            state, metrics = step_fn(state, batch)
+            step += 1
+            window["images"] += int(config.batch_size)
+            window["steps"] += 1
+            if pending is not None:
+                flush(*pending)
+            pending = (step, metrics)
+            if config.checkpoint_every and step % int(config.checkpoint_every) == 0 and step < total:
+                ckpt.save(step, state, data_iter)
+            if config.eval_every and step % int(config.eval_every) == 0 and step < total:
+                final_metrics.update(run_evals(step, state))
+            if preemption.requested:
+                flush(*pending, force_log=True)
+                pending = None
+                ckpt.save(step, state, data_iter, force=True)
+                ckpt.wait()
+                log.warning("preempted: saved step %d", step)
+                return final_metrics
+        if pending is not None:
+            flush(*pending, force_log=True)
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, data_iter, force=True)
+        final_metrics.update(run_evals(step, state))
+    finally:
+        ckpt.close()
+        writer.close()
+    return final_metrics

@@ -1,0 +1,114 @@
+"""The one train step every objective shares: sum of weighted objective losses, AdamW, skip-if-non-finite."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from clus_jax.objectives.registry import LossContext, Objective
+from clus_jax.parallel import partitioning
+
+PyTree = Any
+
+
+def _keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def make_apply_model(model: nn.Module):
+    def apply_model(params: PyTree, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return model.apply({"params": params}, batch["image"], batch["text"])
+
+    return apply_model
+
+
+def build_train_step(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    objectives: Mapping[str, tuple[Objective, float]],
+    mesh: Mesh,
+    rules,
+    state_shardings: PyTree,
+):
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings and donation."""
+    batch_axes = partitioning.batch_axes(mesh, rules)
+    apply_model = make_apply_model(model)
+
+    def train_step(state: PyTree, batch: dict[str, jax.Array]):
+        step = state["step"]
+        rng = jax.random.fold_in(state["rng"], step)
+        params = state["params"]
+        for obj, _ in objectives.values():
+            params = obj.prepare_params(params, config)
+
+        def loss_fn(p):
+            outputs = apply_model(p, batch)
+            total = jnp.zeros([], jnp.float32)
+            metrics, new_states = {}, {}
+            for i, (name, (obj, weight)) in enumerate(objectives.items()):
+                ctx = LossContext(
+                    outputs=outputs, params=p, state=state["objective_states"][name], step=step,
+                    rng=jax.random.fold_in(rng, i), batch=batch, apply_model=apply_model,
+                    mesh=mesh, batch_axes=batch_axes, config=config,
+                )
+                value, obj_metrics, new_states[name] = obj.loss(ctx)
+                total = total + weight * value
+                metrics[f"{name}/loss"] = value
+                metrics.update({f"{name}/{k}": v for k, v in obj_metrics.items()})
+            metrics["logit_scale"] = outputs["logit_scale"]
+            if "logit_bias" in outputs:
+                metrics["logit_bias"] = outputs["logit_bias"]
+            return total, (metrics, new_states)
+
+        (loss, (metrics, new_states)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, new_opt = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        new_params = _keep_if(ok, new_params, state["params"])
+        new_opt = _keep_if(ok, new_opt, state["opt_state"])
+        new_states = _keep_if(ok, new_states, state["objective_states"])
+        for name, (obj, _) in objectives.items():
+            updated = obj.after_update(new_params, new_states[name], step, config)
+            new_states[name] = _keep_if(ok, updated, new_states[name])
+        metrics.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            param_norm=optax.global_norm(new_params),
+            learning_rate=schedule(step),
+            nonfinite=jnp.logical_not(ok).astype(jnp.int32),
+        )
+        new_state = {
+            "step": step + 1,
+            "params": new_params,
+            "opt_state": new_opt,
+            "objective_states": new_states,
+            "rng": state["rng"],
+        }
+        return new_state, metrics
+
+    batch_sharding = {
+        "image": partitioning.batch_sharding(mesh, rules, 4),
+        "text": partitioning.batch_sharding(mesh, rules, 2),
+    }
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+        donate_argnums=(0,),
+    )
+
+    def run(state, batch):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return jitted(state, batch)
+
+    run.jitted = jitted  # for AOT lowering (memory plans, benchmarks)
+    run.batch_sharding = batch_sharding
+    return run

@@ -1,0 +1,39 @@
+"""Shared test helpers: a tiny config and random batches (imported by the train tests)."""
+import numpy as np
+
+from clus_jax import config_base
+
+
+def tiny_config(objective: str = "clip", **overrides):
+    c = config_base.base_config()
+    c.objectives = {objective: 1.0}
+    c.batch_size = 16
+    c.total_steps = 10
+    c.model.image.update(dict(size="mu", image_size=16, patch_size=4))
+    c.model.text.update(dict(size="mu", context_length=8, vocab_size=64))
+    c.model.embed_dim = 32
+    c.optim.warmup_steps = 2
+    c.optim.lr = 3e-3
+    c.data.source = "synthetic"
+    c.evals.sets = "none"
+    if objective == "siglip":
+        c.model.logit_bias_init = -10.0
+        c.model.logit_scale_init = float(np.log(10.0))
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def random_batches(config, n, seed=0):
+    rng = np.random.default_rng(seed)
+    b, s, t = config.batch_size, config.model.image.image_size, config.model.text.context_length
+    out = []
+    for _ in range(n):
+        text = rng.integers(1, config.model.text.vocab_size, (b, t)).astype(np.int32)
+        text[:, rng.integers(3, t) :] = 0
+        out.append({"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), "text": text})
+    return out

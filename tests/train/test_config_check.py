@@ -1,0 +1,57 @@
+"""Bad config values fail before compilation with a message naming the key."""
+import importlib.util
+import os
+
+import pytest
+
+from clus_jax import config_check
+from clus_jax.objectives.registry import ConfigError
+
+_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({"batch_size": 12}, r"config\.batch_size=12 is not divisible by the data-parallel size 8"),
+        ({"batch_size": 0}, r"config\.batch_size=0 must be an integer > 0"),
+        ({"mesh.data": 16}, r"config\.mesh .* needs 16 devices but only 8"),
+        ({"mesh.data": 3, "mesh.fsdp": -1}, r"config\.mesh: fixed axes use 3 devices"),
+        ({"model.image.size": "XXL"}, r"config\.model\.image\.size: unknown image size"),
+        ({"model.text.size": "giant"}, r"config\.model\.text\.size: unknown text size"),
+        ({"model.image.image_size": 18}, r"config\.model\.image\.image_size=18 is not divisible by patch_size=4"),
+        ({"model.dtype": "float8"}, r"config\.model\.dtype='float8'"),
+        ({"optim.lr": 0.0}, r"config\.optim\.lr=0\.0 must be > 0"),
+        ({"total_steps": -1}, r"config\.total_steps=-1"),
+        ({"data.source": "s3"}, r"config\.data: data source must be one of"),
+        ({"evals.sets": "imagenet"}, r"config\.evals\.sets='imagenet'"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, pattern):
+    config = helpers.tiny_config("clip", **overrides)
+    with pytest.raises(ConfigError, match=pattern):
+        config_check.validate(config, num_devices=8)
+
+
+def test_unknown_objective_and_bad_weight():
+    config = helpers.tiny_config("clip")
+    config.objectives = {"clop": 1.0}
+    with pytest.raises(ConfigError, match=r"config\.objectives: unknown objective 'clop'"):
+        config_check.validate(config, num_devices=8)
+    config.objectives = {"clip": -1.0}
+    with pytest.raises(ConfigError, match=r"config\.objectives\.clip=-1\.0 must be a weight >= 0"):
+        config_check.validate(config, num_devices=8)
+
+
+def test_siglip_needs_a_bias():
+    config = helpers.tiny_config("clip")
+    config.objectives = {"siglip": 1.0}
+    with pytest.raises(ConfigError, match=r"config\.model\.logit_bias_init"):
+        config_check.validate(config, num_devices=8)
+
+
+def test_valid_config_resolves_the_mesh():
+    config = helpers.tiny_config("clip", **{"mesh.fsdp": 2})
+    assert config_check.validate(config, num_devices=8) == {"data": 4, "fsdp": 2, "tensor": 1}
