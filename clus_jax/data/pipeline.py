@@ -56,15 +56,19 @@ _MAX_CONSECUTIVE_INVALID = 10_000
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """All data config keys, with defaults suited to the embedded dataset."""
+    """All data config keys, with defaults suited to the embedded dataset.
+
+    Optional strings are typed references, so ``--config.data.path=...`` works from the command line.
+    """
+    optional_str = lambda: ml_collections.FieldReference(None, field_type=str)  # noqa: E731
     return ml_collections.ConfigDict({
         "source": "embedded",
-        "path": None,
+        "path": optional_str(),
         "split": "train",
-        "tfds_data_dir": None,
-        "image_key": None,
-        "caption_key": None,
-        "cache_dir": None,
+        "tfds_data_dir": optional_str(),
+        "image_key": optional_str(),
+        "caption_key": optional_str(),
+        "cache_dir": optional_str(),
         "num_workers": 0,
         "prefetch": 2,
         "min_crop_scale": 0.5,

@@ -13,7 +13,8 @@ def maybe_initialize() -> None:
     """Calls ``jax.distributed.initialize`` when the environment describes a multi-process job.
 
     Local runs set CLUS_JAX_COORDINATOR (host:port), CLUS_JAX_NUM_PROCESSES and CLUS_JAX_PROCESS_ID;
-    on CPU the collectives go through gloo. TPU pods and SLURM are detected by JAX itself when
+    on CPU the collectives go through gloo. CLUS_JAX_INIT_TIMEOUT and CLUS_JAX_HEARTBEAT_TIMEOUT (seconds)
+    bound how long a process waits for missing peers. TPU pods and SLURM are detected by JAX itself when
     CLUS_JAX_DISTRIBUTED=auto.
     """
     coordinator = os.environ.get("CLUS_JAX_COORDINATOR")
@@ -25,6 +26,9 @@ def maybe_initialize() -> None:
             num_processes=int(os.environ["CLUS_JAX_NUM_PROCESSES"]),
             process_id=int(os.environ["CLUS_JAX_PROCESS_ID"]),
             initialization_timeout=int(os.environ.get("CLUS_JAX_INIT_TIMEOUT", "120")),
+            # A dead peer is noticed through missed heartbeats; the survivors then stop with an error
+            # instead of waiting forever inside a collective.
+            heartbeat_timeout_seconds=int(os.environ.get("CLUS_JAX_HEARTBEAT_TIMEOUT", "60")),
         )
     elif os.environ.get("CLUS_JAX_DISTRIBUTED") == "auto":
         jax.distributed.initialize()

@@ -9,6 +9,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from clus_jax.objectives.registry import ConfigError
+from clus_jax.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :ARG).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard.")
@@ -23,13 +24,17 @@ def main(argv):
     from clus_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()
-    from clus_jax.train.loop import train_and_evaluate
+    from clus_jax.train.loop import NonFiniteError, train_and_evaluate
 
     try:
         final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (CheckpointError, FileNotFoundError, PermissionError, NonFiniteError) as e:
+        # Problems a user can fix get one readable line, not a stack trace from inside a library.
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
     summary = {k: round(v, 4) for k, v in final.items() if k.startswith(("zeroshot/", "retrieval/", "probe/"))}
     if summary:
         print("final evaluation:")

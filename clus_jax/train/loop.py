@@ -76,9 +76,22 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None):
     return mesh, rules, objectives, model, tx, schedule
 
 
+def check_workdir(workdir: str) -> None:
+    """Fails early, with the path in the message, when the workdir cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror or e})") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
     mesh, rules, objectives, model, tx, schedule = build(config)
+    check_workdir(workdir)
     obj_only = {name: obj for name, (obj, _) in objectives.items()}
     abstract_state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules, materialize=False)
 
@@ -89,7 +102,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         local_batch_size=int(config.batch_size) // pcount, seed=int(config.seed), process_index=pindex, process_count=pcount,
     )
 
-    os.makedirs(workdir, exist_ok=True)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
     if ckpt.latest_step() is not None:
         start_step, state = ckpt.restore(abstract_state, data_iter)
@@ -185,4 +197,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         ckpt.close()
         writer.close()
+        data_iter.close()
     return final_metrics

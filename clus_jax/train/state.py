@@ -59,10 +59,12 @@ def create_train_state(
     abstract_params = partitioning.unbox(boxed_params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, P())
+    # Per-group states of optax.multi_transform (used for freezing) hold MaskedNode where a parameter
+    # belongs to another group; those stay MaskedNode, everything else follows its parameter.
     opt_sh = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, abstract_opt, param_sh,
+        tx, lambda leaf, sharding: leaf if isinstance(leaf, optax.MaskedNode) else sharding, abstract_opt, param_sh,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        is_leaf=lambda x: isinstance(x, (NamedSharding, optax.MaskedNode)),
     )
     shardings = {
         "step": replicated,

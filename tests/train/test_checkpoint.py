@@ -1,0 +1,81 @@
+"""Checkpoints: exact round trip, restore on another mesh (topology change), damaged-latest fallback."""
+import glob
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from clus_jax.train.checkpoint import Checkpointer, CheckpointError
+from clus_jax.train.loop import build
+from clus_jax.train.state import create_train_state
+
+_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+
+
+def make_state(config, devices):
+    mesh, rules, objectives, model, tx, _ = build(config, devices)
+    objs = {k: o for k, (o, _) in objectives.items()}
+    state, _ = create_train_state(config, model, tx, objs, mesh, rules)
+    abstract, _ = create_train_state(config, model, tx, objs, mesh, rules, materialize=False)
+    return state, abstract
+
+
+def assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_restore_on_a_different_mesh(tmp_path):
+    config = helpers.tiny_config("clip", **{"mesh.data": 8})
+    state, _ = make_state(config, jax.devices())
+    ckpt = Checkpointer(str(tmp_path), keep=2)
+    ckpt.save(1, state, force=True)
+    ckpt.close()
+    # Restore on 4 devices with other axis sizes: the target shardings come from the new mesh.
+    config4 = helpers.tiny_config("clip", **{"mesh.data": 2, "mesh.fsdp": 2})
+    _, abstract4 = make_state(config4, jax.devices()[:4])
+    step, restored = Checkpointer(str(tmp_path)).restore(abstract4)
+    assert step == 1
+    assert_trees_equal(restored, state)
+    kernel = restored["params"]["image"]["encoder"]["block_0"]["mlp"]["fc1"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp") and len(kernel.sharding.device_set) == 4
+
+
+def test_damaged_latest_falls_back_to_previous_with_a_warning(tmp_path, caplog):
+    config = helpers.tiny_config("clip")
+    state, abstract = make_state(config, jax.devices())
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    ckpt.save(1, state, force=True)
+    ckpt.wait()
+    later = jax.tree.map(lambda x: x + 1 if x.dtype.kind == "f" else x, state)
+    ckpt.save(2, later, force=True)
+    ckpt.close()
+    # Truncate every data file of the newest checkpoint, as a crash during a copy would.
+    files = [f for f in glob.glob(os.path.join(tmp_path, "2", "state", "**", "*"), recursive=True)
+             if os.path.isfile(f) and os.path.getsize(f) > 0 and "d/" in f.replace(os.sep, "/")]
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(max(os.path.getsize(f) // 3, 1))
+    step, restored = Checkpointer(str(tmp_path)).restore(abstract)
+    assert step == 1
+    assert_trees_equal(restored, state)
+    assert any("checkpoint step 2" in r.message and "could not be restored" in r.message for r in caplog.records)
+
+
+def test_no_usable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    config = helpers.tiny_config("clip")
+    state, abstract = make_state(config, jax.devices())
+    ckpt = Checkpointer(str(tmp_path))
+    ckpt.save(3, state, force=True)
+    ckpt.close()
+    for f in glob.glob(os.path.join(tmp_path, "3", "state", "**", "*"), recursive=True):
+        if os.path.isfile(f):
+            with open(f, "wb"):
+                pass
+    with pytest.raises(CheckpointError, match="no checkpoint could be restored"):
+        Checkpointer(str(tmp_path)).restore(abstract)

@@ -1,0 +1,55 @@
+"""User mistakes give one readable error naming the problem, not a stack trace from inside a library."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from clus_jax.train import loop
+from clus_jax.train.checkpoint import CheckpointError
+
+_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_missing_data_path(tmp_path):
+    config = helpers.tiny_config("clip", **{"data.source": "array_record", "data.path": str(tmp_path / "nope-*.array_record")})
+    with pytest.raises(FileNotFoundError, match="nope-"):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_missing_vocabulary_file(tmp_path):
+    config = helpers.tiny_config("clip", **{"tokenizer.path": str(tmp_path / "missing_vocab.txt.gz")})
+    with pytest.raises(FileNotFoundError, match="missing_vocab.txt.gz"):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match="is not writable"):
+        loop.train_and_evaluate(helpers.tiny_config("clip"), str(blocker / "workdir"))
+
+
+def test_checkpoint_from_an_incompatible_config(tmp_path):
+    workdir = str(tmp_path / "w")
+    config = helpers.tiny_config("clip", total_steps=2, checkpoint_every=0)
+    loop.train_and_evaluate(config, workdir)
+    other = helpers.tiny_config("clip", total_steps=4, **{"model.embed_dim": 48})
+    with pytest.raises(CheckpointError, match="no checkpoint could be restored"):
+        loop.train_and_evaluate(other, workdir)
+
+
+@pytest.mark.slow
+def test_cli_prints_one_line_for_a_missing_path(tmp_path):
+    cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:steps=2,batch=8", "--workdir",
+           str(tmp_path / "w"), "--config.data.source=tar", f"--config.data.path={tmp_path}/missing-*.tar",
+           "--config.evals.sets=none"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: FileNotFoundError" in proc.stderr and "missing-" in proc.stderr
+    assert "Traceback" not in proc.stderr
