@@ -37,11 +37,11 @@ def parse_arg(arg: str | None, **defaults):
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.batch_size = 256  # global, over all processes and devices
-    c.total_steps = 600
+    c.batch_size = 128  # global, over all processes and devices
+    c.total_steps = 400
     c.log_every = 25
-    c.eval_every = 300  # 0 = only at the end
-    c.checkpoint_every = 300
+    c.eval_every = 0  # 0 = only at the end
+    c.checkpoint_every = 200
     c.keep_checkpoints = 2
     c.max_consecutive_nonfinite = 10
 
@@ -55,10 +55,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.image = ml_collections.ConfigDict(
-        dict(size="nano", image_size=32, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0)
+        dict(size="nano", image_size=32, patch_size=8, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0)
     )
     c.model.text = ml_collections.ConfigDict(
-        dict(size="nano", context_length=24, vocab_size=49408, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0)
+        dict(size="nano", context_length=16, vocab_size=49408, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0)
     )
     c.model.embed_dim = 128
     c.model.logit_scale_init = math.log(1 / 0.07)
@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.remat = False
 
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-3, warmup_steps=50, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,
+        dict(lr=1e-3, warmup_steps=40, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,
              weight_decay=0.1, grad_clip_norm=1.0)
     )
 
