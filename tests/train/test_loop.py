@@ -39,8 +39,7 @@ class PreemptAfter:
     def __init__(self, n):
         self.n, self.calls = n, 0
 
-    @property
-    def requested(self):
+    def requested(self, step):
         self.calls += 1
         return self.calls >= self.n
 
@@ -91,6 +90,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     config.model.logit_scale_init = float("nan")
     with pytest.raises(loop.NonFiniteError, match="2 consecutive steps had a non-finite loss"):
         loop.train_and_evaluate(config, str(tmp_path / "nan"))
+    # The run left a checkpoint of its last good state (here: the untouched initial parameters).
+    assert os.listdir(tmp_path / "nan" / "checkpoints")
 
 
 @pytest.mark.slow
