@@ -26,11 +26,16 @@ class Checkpointer:
         self.directory = directory if "://" in directory else os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self._last_saved: int | None = None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: PyTree, data_iterator: Any | None = None, *, force: bool = False) -> bool:
+        """Starts an asynchronous save of ``step``; a step already saved by this run is not saved again."""
+        if step == self._last_saved or step in self.manager.all_steps():
+            return False
+        self._last_saved = step
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)

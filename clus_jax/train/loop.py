@@ -19,6 +19,7 @@ from clus_jax.models.towers import build_model
 from clus_jax.objectives import registry
 from clus_jax.parallel import mesh as mesh_lib
 from clus_jax.parallel import multihost, partitioning
+from clus_jax.train import faults
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.train.eval_hook import make_encoders
 from clus_jax.train.metrics_writer import MetricWriter
@@ -197,8 +198,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     ckpt.wait()
                     raise
             pending = (step, metrics)
+            faults.maybe_inject("after_step", step)
             if config.checkpoint_every and step % int(config.checkpoint_every) == 0 and step < total:
                 ckpt.save(step, state, data_iter)
+                faults.maybe_inject("during_save", step)
             if config.eval_every and step % int(config.eval_every) == 0 and step < total:
                 final_metrics.update(run_evals(step, state))
             if preemption.requested(step):
@@ -210,8 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 return final_metrics
         if pending is not None:
             flush(*pending, force_log=True)
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state, data_iter, force=True)
+        ckpt.save(step, state, data_iter, force=True)
         final_metrics.update(run_evals(step, state))
     finally:
         ckpt.close()
