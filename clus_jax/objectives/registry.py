@@ -108,4 +108,4 @@ def _load_builtin() -> None:
         importlib.import_module(module)
 
 
-BUILTIN_MODULES = ["clus_jax.objectives.contrastive"]
+BUILTIN_MODULES = ["clus_jax.objectives.contrastive", "clus_jax.objectives.swap"]

@@ -1,0 +1,72 @@
+"""Prototype banks as the swap objective sees them: sizes, unit-row rewrite, scores, mesh placement.
+
+The banks are model parameters ``params['prototypes']['bank_<i>']`` of shape [K_i, D] with logical axes
+('prototypes', 'proj'). Several banks of different sizes are several clusterings trained side by side.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from clus_jax.parallel import partitioning
+
+PyTree = Any
+AxisSpec = str | tuple[str, ...] | None
+
+#: Parameter-path regex of every prototype bank (paths as ``clus_jax.train.optim.path_str`` writes them).
+PARAM_PATTERN = r"^prototypes/"
+LOGICAL_AXES = ("prototypes", "proj")
+
+
+def bank_sizes(model_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``config.model.num_prototypes`` (an int or a list of ints) as a tuple; empty when unset."""
+    value = model_config.get("num_prototypes")
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(value)
+
+
+def bank_names(num_banks: int) -> list[str]:
+    return [f"bank_{i}" for i in range(num_banks)]
+
+
+def normalize_rows(bank: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows scaled to unit L2 norm, computed in float32 and returned in the bank's dtype."""
+    x = bank.astype(jnp.float32)
+    return (x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)).astype(bank.dtype)
+
+
+def normalize_banks(params: PyTree) -> PyTree:
+    """``params`` with every prototype bank rewritten to unit rows (other entries untouched)."""
+    banks = params["prototypes"]
+    return {**params, "prototypes": {name: normalize_rows(bank) for name, bank in banks.items()}}
+
+
+def scores(embeddings: jax.Array, bank: jax.Array) -> jax.Array:
+    """Cosine scores [N, K] of unit embeddings [N, D] against unit prototype rows [K, D], in float32."""
+    return jnp.einsum("nd,kd->nk", embeddings, bank, preferred_element_type=jnp.float32)
+
+
+def mesh_axis(
+    num_prototypes: int, config: ml_collections.ConfigDict, mesh: Mesh, batch_axes: Sequence[str] = ()
+) -> AxisSpec:
+    """Mesh axis (or axes) a bank of ``num_prototypes`` rows is split over, or None.
+
+    Resolved exactly as the bank parameter itself is placed: the 'prototypes' logical rule of
+    ``config.logical_axis_rules`` on ``mesh``, keeping only axes of size > 1 whose product divides K.
+    Axes that also split the batch are dropped, since one shard_map dimension cannot reuse them.
+    """
+    rules = [tuple(r) for r in config.logical_axis_rules]
+    spec = partitioning.logical_to_spec(LOGICAL_AXES, (num_prototypes, int(config.model.embed_dim)), rules, mesh)
+    first = spec[0] if len(spec) else None
+    axes = (first,) if isinstance(first, str) else tuple(first or ())
+    axes = tuple(a for a in axes if a not in tuple(batch_axes))
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes

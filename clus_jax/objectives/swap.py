@@ -1,0 +1,326 @@
+"""Clus cross-modal clustering swap prediction (``config.objectives = {'clip': 1.0, 'swap': 0.5}``).
+
+What the Clus paper (Sun, Ngo, Sek, Meng; Sci Rep 14, 2024) confirms, from its abstract only (the full
+text and code are not public):
+  * an image-text clustering embedding space learned by *clustering swap prediction* between image and
+    text features, where "both text and image serve as ground truth";
+  * an "open number of clusters" for web-scale alt-text data;
+  * a *distillation learning* approach to train the two encoders efficiently.
+
+What is inferred here (a reconstruction, not the paper's published method):
+  * Swapped prediction follows SwAV (Caron et al. 2020): shared prototype banks C_i with unit rows,
+    cosine scores S = Z C^T, Sinkhorn-Knopp equipartition codes Q (epsilon, 3 iterations, no gradient),
+    predictions softmax(S / temperature). Across modalities, text codes supervise image predictions and
+    image codes supervise text predictions:
+        L_i = 1/2 [CE(Q^T, S^I) + CE(Q^I, S^T)] + w * 1/2 [CE(Q^I, S^I) + CE(Q^T, S^T)],
+    the second (within-modality) term off by default (w = ``within_modality_weight`` = 0).
+  * "Open number of clusters": K is a free size, several banks of different sizes train together and
+    their losses are averaged; an optional SwAV feature queue lets K exceed the batch.
+  * Distillation reads as CODIS (Duan et al. 2022): a momentum (EMA) teacher computes the codes and the
+    teacher of one modality guides the student of the other (``teacher='ema'``); the alternative reading,
+    a frozen pretrained teacher, is ``teacher='checkpoint'``. With ``teacher='none'`` the student's own
+    codes are used, as in SwAV.
+SwAV practice kept: prototype rows re-normalised at the start of every step by rewriting the parameters,
+prototypes frozen through optimizer masking for the first ``freeze_prototypes_steps``, queue rows
+re-scored with the current prototypes and used only once full, codes kept for the current batch only.
+
+Sharding: every bank's math runs in one ``shard_map`` island with rows split over the batch axes and
+the K prototypes split over the mesh axis that the 'prototypes' logical rule gives that bank (when it
+divides K), so a bank of a million rows is a config value. Scores are [B_local, K_local] per device.
+"""
+from __future__ import annotations
+
+import numbers
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from clus_jax.objectives import feature_queue, prototypes, registry, teachers
+from clus_jax.objectives.sinkhorn import AxisName, axis_size, global_sum, join_axis_names, sinkhorn_knopp
+from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss
+
+PyTree = Any
+TEACHERS = ("none", "ema", "checkpoint")
+
+
+def used_clusters(codes: jax.Array, *, batch_axis_name: AxisName = None, proto_axis_name: AxisName = None) -> jax.Array:
+    """Number of prototypes that are the arg-max code of at least one sample of the global batch.
+
+    Ties go to the lowest prototype index, also across prototype shards, so the count does not depend
+    on the mesh.
+    """
+    k_local = codes.shape[-1]
+    offset = 0 if proto_axis_name is None else lax.axis_index(proto_axis_name) * k_local
+    local_max = jnp.max(codes, axis=-1)
+    local_arg = jnp.argmax(codes, axis=-1).astype(jnp.int32) + offset
+    if proto_axis_name is None:
+        winner = local_arg
+    else:
+        global_max = lax.pmax(local_max, proto_axis_name)
+        candidate = jnp.where(local_max == global_max, local_arg, jnp.iinfo(jnp.int32).max)
+        winner = lax.pmin(candidate, proto_axis_name)
+    hits = jax.nn.one_hot(winner - offset, k_local, dtype=jnp.float32)  # zero rows for other shards' winners
+    counts = global_sum(hits, 0, batch_axis_name)
+    return global_sum((counts > 0).astype(jnp.float32), None, proto_axis_name).reshape(())
+
+
+def code_entropy(codes: jax.Array, *, batch_axis_name: AxisName = None, proto_axis_name: AxisName = None) -> jax.Array:
+    """Mean per-sample entropy (nats) of the codes: near log K when assignments are uninformative."""
+    q = codes.astype(jnp.float32)
+    plogp = jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
+    per_sample = global_sum(plogp, -1, proto_axis_name)
+    total = global_sum(per_sample, None, batch_axis_name)
+    return -total.reshape(()) / (codes.shape[0] * axis_size(batch_axis_name))
+
+
+def bank_loss(
+    args: dict[str, jax.Array],
+    *,
+    temperature: float,
+    epsilon: float,
+    num_iters: int,
+    within_weight: float,
+    batch_axis_name: AxisName = None,
+    proto_axis_name: AxisName = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Swap loss of one bank on local blocks; runs as-is on one device or inside ``shard_map``.
+
+    ``args``: 'image', 'text' student embeddings [b, D]; 'bank' [k, D] unit prototype rows; optionally
+    'code_image', 'code_text' (teacher embeddings) and 'code_bank' (the prototypes that score them, by
+    default the detached student bank); optionally 'queue_image', 'queue_text' [slots, b, D] with
+    'use_queue' (scalar bool). Returns (loss, metrics), identical on every shard.
+    """
+    axes = dict(batch_axis_name=batch_axis_name, proto_axis_name=proto_axis_name)
+    bank = args["bank"]
+    code_bank = args.get("code_bank", lax.stop_gradient(bank))
+    student = {m: prototypes.scores(args[m], bank) for m in ("image", "text")}
+
+    def codes_for(m: str) -> jax.Array:
+        key = f"code_{m}"
+        code_scores = prototypes.scores(args[key], code_bank) if key in args else lax.stop_gradient(student[m])
+        sinkhorn = partial(sinkhorn_knopp, epsilon=epsilon, num_iters=num_iters, **axes)
+        queue = args.get(f"queue_{m}")
+        if queue is None:
+            return sinkhorn(code_scores)
+
+        def with_queue():
+            queue_scores = prototypes.scores(queue.reshape(-1, queue.shape[-1]), code_bank)
+            return sinkhorn(jnp.concatenate([queue_scores, code_scores], axis=0))[-code_scores.shape[0]:]
+
+        return lax.cond(args["use_queue"], with_queue, lambda: sinkhorn(code_scores))
+
+    codes = {m: codes_for(m) for m in ("image", "text")}
+    # swapped_prediction_loss pairs codes_a with scores_b: image codes -> text predictions and back.
+    cross = swapped_prediction_loss(
+        student["image"], student["text"], temperature, codes_a=codes["image"], codes_b=codes["text"], **axes
+    )
+    metrics = {"cross_modal": cross}
+    loss = cross
+    if within_weight:
+        within = 0.5 * sum(cross_entropy_with_codes(codes[m], student[m], temperature, **axes) for m in ("image", "text"))
+        metrics["within_modality"] = within
+        loss = cross + within_weight * within
+    metrics["loss"] = loss
+    metrics["code_entropy"] = 0.5 * (code_entropy(codes["image"], **axes) + code_entropy(codes["text"], **axes))
+    for m in ("image", "text"):
+        metrics[f"used_clusters_{m}"] = used_clusters(codes[m], **axes)
+    return loss, metrics
+
+
+def _bank_on_mesh(args: dict[str, jax.Array], ctx: registry.LossContext, proto_axis, **knobs):
+    """Runs ``bank_loss`` in a shard_map island: rows over the batch axes, prototypes over ``proto_axis``."""
+    batch = join_axis_names(ctx.batch_axes)
+    specs = {}
+    for key in args:
+        if key in ("bank", "code_bank"):
+            specs[key] = P(proto_axis)
+        elif key.startswith("queue_"):
+            specs[key] = P(None, batch)
+        elif key == "use_queue":
+            specs[key] = P()
+        else:
+            specs[key] = P(batch)
+    fn = jax.shard_map(
+        partial(bank_loss, batch_axis_name=batch, proto_axis_name=proto_axis, **knobs),
+        mesh=ctx.mesh,
+        in_specs=(specs,),
+        out_specs=P(),
+    )
+    return fn(args)
+
+
+def _teacher_outputs(ctx: registry.LossContext) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
+    """Teacher embeddings and teacher prototype banks (None: score with the student's banks)."""
+    teacher = dict(ctx.state["teacher"])
+    own_banks = "prototypes" in teacher and ctx.config.swap.teacher_prototypes == "teacher"
+    if "prototypes" not in teacher:
+        teacher["prototypes"] = ctx.params["prototypes"]  # the model needs banks to run; they do not change outputs
+    teacher = lax.stop_gradient(teacher)
+    outputs = ctx.apply_model(teacher, ctx.batch)
+    embeddings = {m: lax.stop_gradient(outputs[f"{m}_emb"]) for m in ("image", "text")}
+    banks = {n: prototypes.normalize_rows(b) for n, b in teacher["prototypes"].items()} if own_banks else None
+    return embeddings, banks
+
+
+def _number(config: ml_collections.ConfigDict, key: str, *, minimum: float = 0, strict: bool = False,
+            integer: bool = False, maximum: float | None = None) -> None:
+    value = config.swap[key]
+    kind = numbers.Integral if integer else numbers.Real
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    ok = ok and (value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum}" + ("" if maximum is None else f" and <= {maximum}")
+        raise registry.ConfigError(f"config.swap.{key}={value!r} must be {'an integer' if integer else 'a number'} {bound}")
+
+
+@registry.register
+class Swap(registry.Objective):
+    """Cross-modal swapped prediction over shared prototype banks, optionally with a queue and a teacher."""
+
+    name = "swap"
+    defaults = {
+        "temperature": 0.1,  # softmax temperature of the predictions (SwAV)
+        "epsilon": 0.05,  # Sinkhorn entropic regularisation; SwAV suggests 0.03 against collapse
+        "sinkhorn_iters": 3,
+        "freeze_prototypes_steps": 0,  # SwAV freezes for one epoch
+        "queue_length": 0,  # per modality, a multiple of the global batch; 0 = no queue
+        "queue_start_step": 0,  # writing starts here; the queue is used once every slot is written
+        "within_modality_weight": 0.0,  # weight of CE(q_image, s_image) + CE(q_text, s_text), averaged
+        "teacher": "none",  # 'none' (own codes), 'ema' or 'checkpoint'
+        "teacher_momentum": 0.996,  # EMA momentum at step 0 ...
+        "teacher_momentum_final": 1.0,  # ... cosine-scheduled to this at total_steps
+        "teacher_checkpoint": "",  # workdir or checkpoint directory of a saved run (teacher='checkpoint')
+        "teacher_checkpoint_step": -1,  # -1 = newest
+        "teacher_prototypes": "teacher",  # banks that score the teacher: its own, or the student's
+    }
+
+    def validate(self, config: ml_collections.ConfigDict) -> None:
+        sizes = config.model.get("num_prototypes")
+        sizes = [sizes] if isinstance(sizes, numbers.Integral) else sizes
+        if not sizes or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > 0 for k in sizes):
+            raise registry.ConfigError(
+                f"config.model.num_prototypes={config.model.get('num_prototypes')!r}: objective 'swap' needs one or "
+                "more prototype banks, e.g. 3000 or [3000, 10000]"
+            )
+        _number(config, "temperature", strict=True)
+        _number(config, "epsilon", strict=True)
+        _number(config, "sinkhorn_iters", integer=True)
+        _number(config, "freeze_prototypes_steps", integer=True)
+        _number(config, "queue_length", integer=True)
+        _number(config, "queue_start_step", integer=True)
+        _number(config, "within_modality_weight")
+        _number(config, "teacher_momentum", maximum=1.0)
+        _number(config, "teacher_momentum_final", maximum=1.0)
+        queue, batch = int(config.swap.queue_length), int(config.batch_size)
+        if queue % batch:
+            raise registry.ConfigError(
+                f"config.swap.queue_length={queue} must be a multiple of the global batch config.batch_size={batch} "
+                f"(e.g. {max(queue // batch, 1) * batch})"
+            )
+        if config.swap.teacher not in TEACHERS:
+            raise registry.ConfigError(f"config.swap.teacher={config.swap.teacher!r} must be one of {list(TEACHERS)}")
+        if config.swap.teacher_prototypes not in ("teacher", "student"):
+            raise registry.ConfigError(
+                f"config.swap.teacher_prototypes={config.swap.teacher_prototypes!r} must be 'teacher' or 'student'"
+            )
+        if config.swap.teacher == "checkpoint":
+            self._validate_checkpoint(config)
+
+    def _validate_checkpoint(self, config: ml_collections.ConfigDict) -> None:
+        from clus_jax.models.towers import build_model
+
+        path, step = config.swap.teacher_checkpoint, _checkpoint_step(config)
+        if not path:
+            raise registry.ConfigError("config.swap.teacher_checkpoint must name a workdir or checkpoint directory "
+                                       "when config.swap.teacher='checkpoint'")
+        try:
+            saved = teachers.saved_param_shapes(path, step)
+        except (FileNotFoundError, ValueError) as e:
+            raise registry.ConfigError(f"config.swap.teacher_checkpoint={path!r}: {e}") from None
+        size = int(config.model.image.image_size)
+        images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
+        tokens = jax.ShapeDtypeStruct((1, int(config.model.text.context_length)), jnp.int32)
+        model = build_model(config.model)
+        expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(images.shape, images.dtype),
+                                                     jnp.zeros(tokens.shape, tokens.dtype)))["params"]
+        expected = dict(teachers.unboxed(expected))
+        saved = dict(saved)
+        if config.swap.teacher_prototypes == "student":
+            expected.pop("prototypes", None)
+            saved.pop("prototypes", None)
+        problems = teachers.shape_mismatches(expected, saved)
+        if problems:
+            raise registry.ConfigError(
+                f"config.swap.teacher_checkpoint={path!r} does not match config.model: " + "; ".join(problems[:5])
+                + ("" if config.swap.teacher_prototypes == "student" else
+                   " (set config.swap.teacher_prototypes='student' to use a teacher saved without these banks)")
+            )
+
+    def init_state(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+        cfg, state = config.swap, {}
+        if int(cfg.queue_length):
+            state["queue"] = feature_queue.init(int(cfg.queue_length), int(config.batch_size), int(config.model.embed_dim))
+        if cfg.teacher == "ema":
+            state["teacher"] = dict(params)  # the boxed student: the teacher is sharded like it
+        elif cfg.teacher == "checkpoint":
+            exclude = ("prototypes",) if cfg.teacher_prototypes == "student" else ()
+            like = {k: v for k, v in params.items() if k not in exclude}
+            state["teacher"] = teachers.restore_in_init(cfg.teacher_checkpoint, _checkpoint_step(config), like, exclude)
+        return state
+
+    def freeze_rules(self, config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
+        return [(prototypes.PARAM_PATTERN, int(config.swap.freeze_prototypes_steps))]
+
+    def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+        return prototypes.normalize_banks(params)
+
+    def loss(self, ctx: registry.LossContext) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
+        cfg = ctx.config.swap
+        banks = ctx.params["prototypes"]
+        state = dict(ctx.state)
+        student = {m: ctx.outputs[f"{m}_emb"] for m in ("image", "text")}
+        if "teacher" in state:
+            code_rows, code_banks = _teacher_outputs(ctx)
+        else:
+            code_rows, code_banks = {m: lax.stop_gradient(e) for m, e in student.items()}, None
+        queue = state.get("queue")
+        use_queue = feature_queue.is_full(queue) if queue is not None else None
+        knobs = dict(temperature=float(cfg.temperature), epsilon=float(cfg.epsilon), num_iters=int(cfg.sinkhorn_iters),
+                     within_weight=float(cfg.within_modality_weight))
+
+        losses, metrics = [], {}
+        for name in prototypes.bank_names(len(banks)):
+            args = {"image": student["image"], "text": student["text"], "bank": banks[name]}
+            if "teacher" in state:
+                args.update(code_image=code_rows["image"], code_text=code_rows["text"])
+            if code_banks is not None:
+                args["code_bank"] = code_banks[name]
+            if queue is not None:
+                args.update(queue_image=queue["image"], queue_text=queue["text"], use_queue=use_queue)
+            axis = prototypes.mesh_axis(banks[name].shape[0], ctx.config, ctx.mesh, ctx.batch_axes)
+            value, bank_metrics = _bank_on_mesh(args, ctx, axis, **knobs)
+            losses.append(value)
+            metrics.update({f"{name}/{k}": v for k, v in bank_metrics.items()})
+        loss = sum(losses) / len(losses)
+
+        if queue is not None:
+            metrics["queue_in_use"] = use_queue.astype(jnp.float32)
+            state["queue"] = feature_queue.push(queue, code_rows, ctx.step >= int(cfg.queue_start_step))
+        return loss, metrics, state
+
+    def after_update(self, params: PyTree, state: PyTree, step: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
+        cfg = config.swap
+        if cfg.teacher != "ema":
+            return state  # a checkpoint teacher stays frozen
+        m = teachers.momentum(step, float(cfg.teacher_momentum), float(cfg.teacher_momentum_final), int(config.total_steps))
+        return {**state, "teacher": teachers.ema_update(state["teacher"], params, m)}
+
+
+def _checkpoint_step(config: ml_collections.ConfigDict) -> int | None:
+    step = int(config.swap.teacher_checkpoint_step)
+    return None if step < 0 else step

@@ -1,0 +1,123 @@
+"""Distillation teachers kept in objective state: an EMA copy of the student, or frozen saved parameters.
+
+EMA teacher: ``teacher <- m * teacher + (1 - m) * student`` after every optimizer step, with ``m``
+following a cosine schedule from ``base`` to ``final`` over training (DINO, BYOL).
+
+Checkpoint teacher: the ``params`` subtree of a train state saved by ``clus_jax.train.checkpoint``,
+read with Orbax straight to host NumPy arrays (optimizer moments and objective states are never read).
+It enters the train state inside the jitted init through ``jax.pure_callback``: tracing (``eval_shape``
+for the abstract state, or before a restore) never touches the files; they are read once, on the host,
+when the initial state is actually built. After that the teacher is ordinary state, saved and restored
+with the run's own checkpoints.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PyTree = Any
+
+
+def momentum(step: jax.Array, base: float, final: float, total_steps: int) -> jax.Array:
+    """Cosine schedule ``final - (final - base) * (1 + cos(pi * step / total_steps)) / 2`` (``base`` at 0)."""
+    frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(int(total_steps), 1), 0.0, 1.0)
+    return jnp.float32(final) - jnp.float32(final - base) * 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * frac))
+
+
+def ema_update(teacher: PyTree, student: PyTree, m: jax.Array) -> PyTree:
+    """``m * teacher + (1 - m) * student`` leaf by leaf, in each teacher leaf's dtype."""
+    return jax.tree.map(lambda t, s: (m * t + (1.0 - m) * s).astype(t.dtype), teacher, student)
+
+
+def resolve_checkpoint(path: str, step: int | None = None) -> str:
+    """Directory of the saved train state for a workdir, its ``checkpoints`` folder, or one step's folder.
+
+    Without ``step`` the newest finished step is used. Raises FileNotFoundError when nothing is there.
+    """
+    root = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(os.path.join(root, "checkpoints")):
+        root = os.path.join(root, "checkpoints")
+    if os.path.isdir(os.path.join(root, "state")):
+        return os.path.join(root, "state")
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    steps = sorted(int(n) for n in os.listdir(root) if n.isdigit() and os.path.isdir(os.path.join(root, n, "state")))
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint step {step} under {path!r}; found {steps}")
+        return os.path.join(root, str(step), "state")
+    if not steps:
+        raise FileNotFoundError(f"no finished checkpoint under {path!r}")
+    return os.path.join(root, str(steps[-1]), "state")
+
+
+def saved_param_shapes(path: str, step: int | None = None) -> PyTree:
+    """Shapes and dtypes (``jax.ShapeDtypeStruct``) of the saved ``params``, from metadata only."""
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(resolve_checkpoint(path, step))).tree
+    if "params" not in tree:
+        raise ValueError(f"the checkpoint at {path!r} holds no 'params' entry")
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree["params"])
+
+
+def load_params(path: str, step: int | None = None, *, exclude: Sequence[str] = ()) -> PyTree:
+    """The ``params`` subtree of a saved clus_jax train state as host NumPy arrays.
+
+    Args:
+      path: a workdir, its ``checkpoints`` folder, or one step's folder.
+      step: which step; the newest finished one when None.
+      exclude: top-level parameter groups not to read (e.g. ``('prototypes',)``).
+    """
+    directory = resolve_checkpoint(path, step)
+    shapes = {k: v for k, v in saved_param_shapes(path, step).items() if k not in exclude}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        restored = checkpointer.restore(
+            directory,
+            args=ocp.args.PyTreeRestore(item={"params": shapes}, restore_args={"params": restore_args}, partial_restore=True),
+        )
+    return restored["params"]
+
+
+def shape_mismatches(expected: PyTree, got: PyTree) -> list[str]:
+    """Human-readable differences in structure, shape or dtype between two trees of arrays/shapes."""
+    exp = {jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in jax.tree_util.tree_leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in jax.tree_util.tree_leaves_with_path(got)}
+    problems = [f"{k}: missing" for k in exp if k not in have]
+    problems += [f"{k}: unexpected" for k in have if k not in exp]
+    problems += [f"{k}: saved {have[k]}, expected {exp[k]}" for k in exp if k in have and have[k] != exp[k]]
+    return problems
+
+
+def _is_box(x: Any) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def unboxed(tree: PyTree) -> PyTree:
+    """Values of the logical-axis boxes in ``tree`` (works on abstract trees too; applies no constraint)."""
+    return jax.tree.map(lambda b: b.value if _is_box(b) else b, tree, is_leaf=_is_box)
+
+
+def restore_in_init(path: str, step: int | None, like: PyTree, exclude: Sequence[str] = ()) -> PyTree:
+    """Saved params shaped like the boxed tree ``like``, as traced values inside an init function.
+
+    The result keeps the logical-axis boxes of ``like`` so the teacher is placed like the student.
+    """
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unboxed(like))
+
+    def load() -> PyTree:
+        loaded = load_params(path, step, exclude=exclude)
+        problems = shape_mismatches(shapes, loaded)
+        if problems:
+            raise ValueError(f"teacher checkpoint {path!r} does not match the model: " + "; ".join(problems[:10]))
+        return jax.tree.map(lambda s, x: np.asarray(x, s.dtype), shapes, loaded)
+
+    loaded = jax.pure_callback(load, shapes)
+    return jax.tree.map(lambda b, x: b.replace_boxed(x) if _is_box(b) else x, like, loaded, is_leaf=_is_box)
