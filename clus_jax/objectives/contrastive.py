@@ -4,9 +4,17 @@ Each loss is written once for a *local* block of rows. With ``axis_name=None`` t
 batch; inside ``shard_map`` with the batch split over ``axis_name`` every device gathers the other side's
 embeddings and computes only its own rows of the logit matrix ([b_local, B], never [B, B]), and the row
 sums are combined with ``psum``. Both paths give the same number.
+
+With ``chunk_size`` set, the gathered side is also processed in column chunks: a scan over chunks of
+``chunk_size`` keys keeps a running log-sum-exp (CLIP) or a running sum (SigLIP), and each chunk's logits
+are recomputed in the backward pass (``jax.checkpoint``), so no device ever holds more than
+[b_local, chunk_size] logits. Per-device memory then grows with the per-device batch and the chunk, not
+with the global batch (apart from the gathered [B, D] embeddings). The value is the same as unchunked to
+float32 rounding. Knob: ``config.<objective>.chunk_size`` (0 = unchunked).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -41,24 +49,106 @@ def _softmax_ce_rows(queries: jax.Array, keys: jax.Array, scale: jax.Array, offs
     return jnp.sum(jax.nn.logsumexp(logits, axis=1) - positives)
 
 
-def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *, axis_name: AxisName = None) -> jax.Array:
-    """Mean of image->text and text->image cross-entropies over the global batch (open_clip ClipLoss)."""
+def _key_chunks(keys: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]:
+    """Keys as [n_chunks, chunk_size, D] (zero-padded at the end) and the matching validity mask."""
+    n, d = keys.shape
+    n_chunks = -(-n // chunk_size)
+    pad = n_chunks * chunk_size - n
+    padded = jnp.pad(keys, ((0, pad), (0, 0))).reshape(n_chunks, chunk_size, d)
+    valid = (jnp.arange(n_chunks * chunk_size) < n).reshape(n_chunks, chunk_size)
+    return padded, valid
+
+
+def _chunked_logsumexp_rows(queries: jax.Array, keys: jax.Array, scale: jax.Array, chunk_size: int) -> jax.Array:
+    """[b] log-sum-exp over all keys of scale * q @ k^T, holding at most [b, chunk_size] logits at a time."""
+    chunks, valid = _key_chunks(keys, chunk_size)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        running_max, running_sum = carry
+        k, ok = xs
+        logits = scale * jnp.einsum("bd,nd->bn", queries, k, preferred_element_type=jnp.float32)
+        logits = jnp.where(ok[None, :], logits, -jnp.inf)
+        # The shift is a constant for the gradient: m + log(sum exp(l - m)) differentiates to a softmax.
+        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(logits, axis=1)))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
+        return (new_max, running_sum), None
+
+    # Derived from the queries so that, inside shard_map, the carry varies over the same mesh axes.
+    zeros = queries[:, 0].astype(jnp.float32) * 0.0
+    init = (zeros - jnp.inf, zeros)
+    (running_max, running_sum), _ = jax.lax.scan(body, init, (chunks, valid))
+    return running_max + jnp.log(running_sum)
+
+
+def _softmax_ce_rows_chunked(
+    queries: jax.Array, keys: jax.Array, local_keys: jax.Array, scale: jax.Array, chunk_size: int
+) -> jax.Array:
+    """``_softmax_ce_rows`` without the [b, B] block: the positive of local row i is local key row i."""
+    positives = scale * jnp.sum(queries.astype(jnp.float32) * local_keys.astype(jnp.float32), axis=1)
+    return jnp.sum(_chunked_logsumexp_rows(queries, keys, scale, chunk_size) - positives)
+
+
+def _use_chunks(chunk_size: int | None, num_keys: int) -> bool:
+    return bool(chunk_size) and chunk_size < num_keys
+
+
+def clip_loss(
+    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *, axis_name: AxisName = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Mean of image->text and text->image cross-entropies over the global batch (open_clip ClipLoss).
+
+    ``chunk_size``: process the gathered side in chunks of this many columns (None or 0: all at once).
+    """
     b = image_emb.shape[0]
     total = b * _axis_size(axis_name)
     offset = _row_offset(b, axis_name)
-    i2t = _softmax_ce_rows(image_emb, _gather(text_emb, axis_name), logit_scale, offset)
-    t2i = _softmax_ce_rows(text_emb, _gather(image_emb, axis_name), logit_scale, offset)
+    texts, images = _gather(text_emb, axis_name), _gather(image_emb, axis_name)
+    if _use_chunks(chunk_size, total):
+        i2t = _softmax_ce_rows_chunked(image_emb, texts, text_emb, logit_scale, chunk_size)
+        t2i = _softmax_ce_rows_chunked(text_emb, images, image_emb, logit_scale, chunk_size)
+    else:
+        i2t = _softmax_ce_rows(image_emb, texts, logit_scale, offset)
+        t2i = _softmax_ce_rows(text_emb, images, logit_scale, offset)
     return _psum(i2t + t2i, axis_name) / (2 * total)
 
 
-def siglip_loss(
-    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array, *, axis_name: AxisName = None
+def _siglip_chunked_sum(
+    image_emb: jax.Array, texts: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array, offset: jax.Array,
+    chunk_size: int,
 ) -> jax.Array:
-    """Pairwise sigmoid loss summed over all B x B pairs and divided by B (open_clip SigLipLoss)."""
+    """sum of log_sigmoid(label * logit) over [b, B], holding at most [b, chunk_size] logits at a time."""
+    chunks, valid = _key_chunks(texts, chunk_size)
+    rows = offset + jnp.arange(image_emb.shape[0])
+
+    @jax.checkpoint
+    def body(total, xs):
+        k, ok, start = xs
+        logits = logit_scale * jnp.einsum("bd,nd->bn", image_emb, k, preferred_element_type=jnp.float32) + logit_bias
+        labels = 2.0 * ((start + jnp.arange(chunk_size))[None, :] == rows[:, None]) - 1.0
+        return total + jnp.sum(jnp.where(ok[None, :], jax.nn.log_sigmoid(labels * logits), 0.0)), None
+
+    starts = jnp.arange(chunks.shape[0]) * chunk_size
+    zero = image_emb[0, 0].astype(jnp.float32) * 0.0  # varies like the local rows inside shard_map
+    total, _ = jax.lax.scan(body, zero, (chunks, valid, starts))
+    return total
+
+
+def siglip_loss(
+    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array, *, axis_name: AxisName = None,
+    chunk_size: int | None = None,
+) -> jax.Array:
+    """Pairwise sigmoid loss summed over all B x B pairs and divided by B (open_clip SigLipLoss).
+
+    ``chunk_size``: process the gathered texts in chunks of this many columns (None or 0: all at once).
+    """
     b = image_emb.shape[0]
     total = b * _axis_size(axis_name)
     offset = _row_offset(b, axis_name)
     texts = _gather(text_emb, axis_name)
+    if _use_chunks(chunk_size, total):
+        return -_psum(_siglip_chunked_sum(image_emb, texts, logit_scale, logit_bias, offset, chunk_size), axis_name) / total
     logits = logit_scale * jnp.einsum("bd,nd->bn", image_emb, texts, preferred_element_type=jnp.float32) + logit_bias
     labels = 2.0 * (jnp.arange(texts.shape[0])[None, :] == (offset + jnp.arange(b))[:, None]) - 1.0
     return -_psum(jnp.sum(jax.nn.log_sigmoid(labels * logits)), axis_name) / total
@@ -72,10 +162,11 @@ def positive_pair_l2(image_emb: jax.Array, text_emb: jax.Array, *, axis_name: Ax
 
 
 def clip_reg_loss(
-    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, reg_weight: float, *, axis_name: AxisName = None
+    image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, reg_weight: float, *, axis_name: AxisName = None,
+    chunk_size: int | None = None,
 ) -> jax.Array:
     """CLIP + lambda * positive-pair L2 (Chen, Deng, Li, Gu, ICLR 2024)."""
-    return clip_loss(image_emb, text_emb, logit_scale, axis_name=axis_name) + reg_weight * positive_pair_l2(
+    return clip_loss(image_emb, text_emb, logit_scale, axis_name=axis_name, chunk_size=chunk_size) + reg_weight * positive_pair_l2(
         image_emb, text_emb, axis_name=axis_name
     )
 
@@ -95,6 +186,18 @@ def on_mesh(fn, ctx: registry.LossContext, *batch_args: jax.Array, replicated_ar
     return mapped(*batch_args, *replicated_args)
 
 
+def _chunk_size(ctx: registry.LossContext, name: str) -> int:
+    knobs = ctx.config.get(name)
+    return int(knobs.get("chunk_size", 0) or 0) if knobs is not None else 0
+
+
+def _validate_chunk_size(config, name: str) -> None:
+    knobs = config.get(name)
+    value = knobs.get("chunk_size", 0) if knobs is not None else 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise registry.ConfigError(f"config.{name}.chunk_size={value!r} must be an integer >= 0 (0 = unchunked)")
+
+
 def _contrastive_metrics(ctx: registry.LossContext) -> dict[str, jax.Array]:
     img, txt = ctx.outputs["image_emb"], ctx.outputs["text_emb"]
     return {"pos_cosine": jnp.mean(jnp.sum(img * txt, axis=-1))}
@@ -103,42 +206,52 @@ def _contrastive_metrics(ctx: registry.LossContext) -> dict[str, jax.Array]:
 @registry.register
 class Clip(registry.Objective):
     name = "clip"
+    defaults = {"chunk_size": 0}
+
+    def validate(self, config):
+        _validate_chunk_size(config, self.name)
 
     def loss(self, ctx):
         o = ctx.outputs
-        value = on_mesh(clip_loss, ctx, o["image_emb"], o["text_emb"], replicated_args=(o["logit_scale"],))
+        fn = partial(clip_loss, chunk_size=_chunk_size(ctx, self.name))
+        value = on_mesh(fn, ctx, o["image_emb"], o["text_emb"], replicated_args=(o["logit_scale"],))
         return value, _contrastive_metrics(ctx), ctx.state
 
 
 @registry.register
 class SigLip(registry.Objective):
     name = "siglip"
+    defaults = {"chunk_size": 0}
 
     def validate(self, config):
         if config.model.get("logit_bias_init") is None:
             raise registry.ConfigError(
                 "objective 'siglip' needs a learnable bias: set config.model.logit_bias_init (SigLIP uses -10)"
             )
+        _validate_chunk_size(config, self.name)
 
     def loss(self, ctx):
         o = ctx.outputs
-        value = on_mesh(siglip_loss, ctx, o["image_emb"], o["text_emb"], replicated_args=(o["logit_scale"], o["logit_bias"]))
+        fn = partial(siglip_loss, chunk_size=_chunk_size(ctx, self.name))
+        value = on_mesh(fn, ctx, o["image_emb"], o["text_emb"], replicated_args=(o["logit_scale"], o["logit_bias"]))
         return value, _contrastive_metrics(ctx), ctx.state
 
 
 @registry.register
 class ClipReg(registry.Objective):
     name = "clip_reg"
-    defaults = {"reg_weight": 0.1}
+    defaults = {"reg_weight": 0.1, "chunk_size": 0}
 
     def validate(self, config):
         weight = config.clip_reg.reg_weight
         if not isinstance(weight, (int, float)) or weight < 0:
             raise registry.ConfigError(f"config.clip_reg.reg_weight={weight!r} must be a number >= 0")
+        _validate_chunk_size(config, self.name)
 
     def loss(self, ctx):
         o = ctx.outputs
         weight = float(ctx.config.clip_reg.reg_weight)
-        clip = on_mesh(clip_loss, ctx, o["image_emb"], o["text_emb"], replicated_args=(o["logit_scale"],))
+        fn = partial(clip_loss, chunk_size=_chunk_size(ctx, self.name))
+        clip = on_mesh(fn, ctx, o["image_emb"], o["text_emb"], replicated_args=(o["logit_scale"],))
         reg = on_mesh(positive_pair_l2, ctx, o["image_emb"], o["text_emb"])
         return clip + weight * reg, {**_contrastive_metrics(ctx), "clip": clip, "pair_l2": reg}, ctx.state

@@ -1,0 +1,302 @@
+"""Shared benchmark helpers: the T/S architectures, configs for them, peak FLOP/s, timing and tables.
+
+Every comparison in these scripts is measured side by side in one process: candidates are run in
+interleaved rounds (A B C A B C ...) and each is summarised by its median, so a noisy, shared host slows
+all candidates alike and ratios stay meaningful.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+# Architectures of the step and open_clip comparisons. MLP ratio 4 everywhere; batch 128.
+ARCHS: dict[str, dict[str, Any]] = {
+    "T": dict(image_size=64, patch_size=8, vision_width=192, vision_layers=6, vision_heads=3, embed_dim=256,
+              context_length=32, vocab_size=49408, text_width=192, text_layers=6, text_heads=3, mlp_ratio=4,
+              batch_size=128),
+    "S": dict(image_size=96, patch_size=16, vision_width=384, vision_layers=6, vision_heads=6, embed_dim=384,
+              context_length=32, vocab_size=49408, text_width=256, text_layers=6, text_heads=4, mlp_ratio=4,
+              batch_size=128),
+}
+
+# Dense peak TFLOP/s per chip from vendor datasheets (no sparsity), by dtype. float32 on NVIDIA means
+# plain FP32 (TF32 tensor cores are listed separately since XLA uses them only under a precision flag).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.0, "float32": 67.0},
+    "H200": {"bfloat16": 989.0, "float16": 989.0, "tf32": 494.0, "float32": 67.0},
+    "A100": {"bfloat16": 312.0, "float16": 312.0, "tf32": 156.0, "float32": 19.5},
+    "TPU v4": {"bfloat16": 275.0},
+    "TPU v5 lite": {"bfloat16": 197.0},
+    "TPU v5e": {"bfloat16": 197.0},
+    "TPU v5p": {"bfloat16": 459.0},
+    "TPU v6 lite": {"bfloat16": 918.0},
+    "TPU v6e": {"bfloat16": 918.0},
+}
+
+
+# XLA:CPU allocates each step's temporaries afresh; glibc serves large blocks from mmap in worker-thread
+# arenas and unmaps them on free, so every step page-faults its whole temporary buffer in again (a fifth of
+# the CPU time of the T step goes to the kernel). These settings keep freed memory in the process.
+MALLOC_ENVS: dict[str, dict[str, str]] = {
+    "default": {},
+    # one arena, no mmap, no trimming: freed temporaries stay mapped for the next step
+    "glibc": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                                "glibc.malloc.trim_threshold=137438953472"},
+    # TCMalloc (Debian/Ubuntu package libtcmalloc-minimal4), never returning memory to the OS
+    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4", "TCMALLOC_RELEASE_RATE": "0"},
+}
+
+
+def malloc_env(name: str) -> dict[str, str]:
+    """Environment for allocator setting ``name`` (see ``MALLOC_ENVS``); must be set before a process starts."""
+    if name not in MALLOC_ENVS:
+        raise ValueError(f"unknown allocator setting {name!r}; known: {sorted(MALLOC_ENVS)}")
+    return dict(MALLOC_ENVS[name])
+
+
+def reexec_with_malloc(name: str) -> None:
+    """Restarts this script with allocator setting ``name`` unless it is already in effect."""
+    env = malloc_env(name)
+    if not env or os.environ.get("CLUS_JAX_BENCH_MALLOC") == name:
+        return
+    os.environ.update(env, CLUS_JAX_BENCH_MALLOC=name)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
+def set_host_devices(n: int) -> None:
+    """Asks XLA for ``n`` CPU devices; must run before jax is imported."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def arch_config(arch: str, objective: str = "clip", *, batch_size: int | None = None, dtype: str = "float32",
+                remat: bool = False, num_prototypes: int = 3000):
+    """A trainer ConfigDict for architecture ``arch`` ('T' or 'S') with random data and AdamW."""
+    from clus_jax import config_base
+
+    a = ARCHS[arch]
+    c = config_base.base_config()
+    c.objectives = {objective: 1.0}
+    c.batch_size = int(batch_size or a["batch_size"])
+    c.total_steps = 1000
+    c.model.image.update(dict(size="tiny", image_size=a["image_size"], patch_size=a["patch_size"],
+                              width=a["vision_width"], depth=a["vision_layers"], heads=a["vision_heads"],
+                              mlp_dim=a["mlp_ratio"] * a["vision_width"]))
+    c.model.text.update(dict(size="tiny", context_length=a["context_length"], vocab_size=a["vocab_size"],
+                             width=a["text_width"], depth=a["text_layers"], heads=a["text_heads"],
+                             mlp_dim=a["mlp_ratio"] * a["text_width"]))
+    c.model.embed_dim = a["embed_dim"]
+    c.model.dtype = dtype
+    c.model.remat = remat
+    c.data.source = "synthetic"
+    c.evals.sets = "none"
+    configure_objective(c, objective, num_prototypes)
+    return c
+
+
+def configure_objective(config, objective: str, num_prototypes: int = 3000) -> None:
+    """Sets what an objective needs beyond its own defaults (SigLIP's bias, the Clus prototype bank)."""
+    config.objectives = {objective: 1.0}
+    if objective == "siglip" and config.model.get("logit_bias_init") is None:
+        config.model.logit_bias_init = -10.0
+    if objective == "swap" and not config.model.get("num_prototypes"):
+        config.model.num_prototypes = num_prototypes
+
+
+def random_batch(config, seed: int = 0) -> dict[str, Any]:
+    """One host batch of uint8 images and token ids (EOT somewhere in the second half of the context)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    b, s, t = int(config.batch_size), int(config.model.image.image_size), int(config.model.text.context_length)
+    text = rng.integers(1, int(config.model.text.vocab_size), (b, t)).astype(np.int32)
+    lengths = rng.integers(t // 2, t + 1, b)
+    text[np.arange(t)[None, :] >= lengths[:, None]] = 0
+    return {"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), "text": text}
+
+
+class StepRunner:
+    """A compiled train step with its own state and a device-resident batch, for timing."""
+
+    def __init__(self, config, devices: Sequence[Any] | None = None):
+        import jax
+
+        from clus_jax.parallel import multihost, partitioning
+        from clus_jax.train.loop import build
+        from clus_jax.train.state import create_train_state
+        from clus_jax.train.step import build_train_step
+
+        self.config = config
+        mesh, rules, objectives, model, tx, schedule = build(config, devices)
+        obj_only = {name: obj for name, (obj, _) in objectives.items()}
+        self.state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules)
+        self.step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
+        self.batch = multihost.make_global_batch(
+            random_batch(config), lambda nd: partitioning.batch_sharding(mesh, rules, nd))
+        self.mesh, self.rules, self.shardings = mesh, rules, shardings
+        t0 = time.perf_counter()
+        self.compiled = self.step.jitted.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - t0
+        self.metrics = None
+        jax.block_until_ready(self.state)
+
+    def __call__(self) -> None:
+        import jax
+
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(self.state)
+
+
+def matmul_peak_fn(n: int = 2048, dtype: str = "float32") -> tuple[Callable[[], None], float]:
+    """(run, flops): a jitted n x n x n matmul chain whose median time gives the achievable FLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype) / n**0.5
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype) / n**0.5
+    reps = 4
+
+    @jax.jit
+    def chain(x, y):
+        for _ in range(reps):
+            x = jnp.dot(x, y, preferred_element_type=x.dtype)
+        return x
+
+    chain(a, b).block_until_ready()
+    return (lambda: chain(a, b).block_until_ready()), 2.0 * n**3 * reps
+
+
+def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int, per_round: int = 1,
+                warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call for each candidate, timed in interleaved rounds after ``warmup`` untimed calls each."""
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs: Sequence[float]) -> float:
+    """Interquartile range over median: a rough noise figure for a timing series."""
+    if len(xs) < 4:
+        return 0.0
+    q = statistics.quantiles(xs, n=4)
+    return (q[2] - q[0]) / statistics.median(xs)
+
+
+def device_info() -> dict[str, Any]:
+    """Platform, device kind and count, host CPU, versions and the date, for every record."""
+    import jax
+
+    d = jax.devices()[0]
+    return dict(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count(),
+                host=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__,
+                date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+                malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "default"))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def datasheet_peak_tflops(device_kind: str, dtype: str) -> float | None:
+    """Datasheet dense peak for an accelerator ``device_kind`` and compute dtype, or None if unknown."""
+    for name, table in PEAK_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return table.get(dtype) or table.get("bfloat16")
+    return None
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str, str]]) -> None:
+    """Prints ``rows`` as an aligned table; columns are (key, header, format spec)."""
+    cells = [[format(r.get(k, ""), f) if r.get(k) is not None and f else str(r.get(k, "")) for k, _, f in columns]
+             for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, (_, h, _) in enumerate(columns)]
+    line = "  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths))
+    print(line)
+    print("-" * len(line))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def emit(record: Mapping[str, Any]) -> None:
+    """One JSON line per measurement."""
+    print(json.dumps(dict(record), sort_keys=True, default=float))
+
+
+class Worker:
+    """A benchmark candidate in its own process (own XLA flags, or another framework), driven line by line.
+
+    The child calls ``serve(fn, info)``; the parent's ``run(n)`` makes it time ``n`` calls of ``fn`` and
+    returns their seconds. Only one worker runs at a time, so candidates in different processes can be
+    interleaved round by round exactly like in-process ones.
+    """
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, timeout_s: float = 900.0):
+        import subprocess
+
+        self.proc = subprocess.Popen(list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
+        self.info = json.loads(self._expect("READY "))
+
+    def _expect(self, prefix: str) -> str:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"benchmark worker exited with code {self.proc.wait()}")
+            if line.startswith(prefix):
+                return line[len(prefix):]
+
+    def run(self, n: int = 1) -> list[float]:
+        self.proc.stdin.write(f"run {n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self._expect("TIMES "))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
+def serve(fn: Callable[[], Any], info: Mapping[str, Any]) -> None:
+    """Child side of ``Worker``: announce ``info``, then time ``fn`` on request until told to quit."""
+    print("READY " + json.dumps(dict(info), default=float), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        times = []
+        for _ in range(int(cmd[1])):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        print("TIMES " + json.dumps(times), flush=True)

@@ -1,0 +1,214 @@
+"""Compiled train-step benchmark: step time, images/s, analytic FLOPs and MFU for every registered objective.
+
+Every objective in ``clus_jax.objectives.registry.names()`` is trained on the same architecture and random
+batch with the trainer's own step (``build`` -> ``create_train_state`` -> ``build_train_step``), and the
+candidates are timed in interleaved rounds, so the ratio of each objective to plain CLIP (the cost of its
+loss, e.g. of clustering) comes from one run. MFU follows maxtext: analytic model FLOPs
+(``clus_jax.flops.train_step_flops``: matmuls only, causal attention halved) over step time over peak.
+The peak is the datasheet figure on GPU/TPU (``common.PEAK_TFLOPS``) and, on CPU, a float32 matmul timed
+in the same rounds as the steps.
+
+  python bench/step.py --arch T                     # T architecture, all objectives
+  python bench/step.py --arch S --steps 10
+  python bench/step.py --config configs/clip.py --objectives clip
+  python bench/step.py --arch T --malloc glibc      # keep freed memory mapped (see common.MALLOC_ENVS)
+  python bench/step.py --sinkhorn 4096x30000        # Sinkhorn: NumPy vs log domain vs scaling path
+  python bench/step.py --quick                      # tiny model, to check the script
+
+Prints a table and one JSON line per measurement.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+QUICK = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=2, embed_dim=64,
+             context_length=16, vocab_size=1000, text_width=64, text_layers=2, text_heads=2, mlp_ratio=4, batch_size=16)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--arch", choices=sorted(common.ARCHS), help="built-in architecture (random data, AdamW)")
+    src.add_argument("--config", help="config file[:args], as for the trainer; its model, batch and optimizer")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per objective (after warm-up)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per objective after compilation")
+    p.add_argument("--objectives", default="all", help="comma-separated objective names, or 'all' registered")
+    p.add_argument("--batch", type=int, default=0, help="override the global batch size")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="override config.model.dtype")
+    p.add_argument("--remat", action="store_true", help="set config.model.remat")
+    p.add_argument("--num-prototypes", type=int, default=3000, help="prototypes for objectives that need a bank")
+    p.add_argument("--devices", type=int, default=1,
+                   help="devices the step runs on (on CPU: fake host devices sharing the same cores)")
+    p.add_argument("--malloc", choices=sorted(common.MALLOC_ENVS), default="default",
+                   help="allocator setting for this process (see bench/common.py: MALLOC_ENVS)")
+    p.add_argument("--sinkhorn", default="",
+                   help="instead of train steps, time Sinkhorn codes at BxK (e.g. 4096x30000): NumPy SwAV "
+                        "reference, jitted log domain and jitted scaling path, interleaved")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model, two steps, CLIP and one other objective unless --objectives is given")
+    return p.parse_args()
+
+
+def base_config(args: argparse.Namespace):
+    from clus_jax import config_base
+
+    if args.quick:
+        common.ARCHS["quick"] = QUICK
+        config = common.arch_config("quick")
+    elif args.config:
+        config = config_base.load_config(args.config)
+        config.evals.sets = "none"
+    else:
+        config = common.arch_config(args.arch or "T")
+    if args.batch:
+        config.batch_size = args.batch
+    if args.dtype:
+        config.model.dtype = args.dtype
+    if args.remat:
+        config.model.remat = True
+    return config
+
+
+def objective_names(args: argparse.Namespace) -> list[str]:
+    from clus_jax.objectives import registry
+
+    known = registry.names()
+    if args.objectives == "all" and args.quick:
+        names = ["clip"] + [n for n in ("swap", "siglip") if n in known][:1]
+    elif args.objectives == "all":
+        names = known
+    else:
+        names = [n for n in args.objectives.split(",") if n]
+        missing = [n for n in names if n not in known]
+        if missing:
+            print(f"skipping objectives that are not registered: {missing} (known: {known})")
+            names = [n for n in names if n in known]
+    # CLIP first: every other objective is reported relative to it.
+    return sorted(names, key=lambda n: (n != "clip", n))
+
+
+def sinkhorn_main(args: argparse.Namespace) -> None:
+    """Sinkhorn codes: NumPy transcription of SwAV vs ``sinkhorn_knopp(fast=False)`` vs the default path."""
+    import importlib.util
+    from functools import partial
+
+    import jax
+    import numpy as np
+
+    from clus_jax.objectives.sinkhorn import _scaling_iterations, sinkhorn_knopp
+
+    spec = importlib.util.spec_from_file_location("sinkhorn_bench", os.path.join(os.path.dirname(__file__), "sinkhorn.py"))
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    eps, iters = 0.05, 3
+    info = common.device_info()
+    rows = []
+    for size in args.sinkhorn.split(","):
+        b, k = (int(v) for v in size.lower().split("x"))
+        scores = ref.cosine_scores(np.random.default_rng(0), b, k, 128)
+        x = jax.device_put(scores)
+        log_domain = jax.jit(partial(sinkhorn_knopp, epsilon=eps, num_iters=iters, fast=False))
+        scaling = jax.jit(partial(sinkhorn_knopp, epsilon=eps, num_iters=iters))
+        took_fast = bool(jax.jit(lambda s: _scaling_iterations(s, eps, iters, None, None)[3])(x))
+        expected = ref.swav_sinkhorn_numpy(scores, eps, iters)
+        times = common.interleaved({
+            "numpy (SwAV)": lambda: ref.swav_sinkhorn_numpy(scores, eps, iters),
+            "jax log domain": lambda: log_domain(x).block_until_ready(),
+            "jax scaling path": lambda: scaling(x).block_until_ready(),
+        }, rounds=2 if args.quick else max(args.steps, 5))
+        t_np = common.median(times["numpy (SwAV)"])
+        for name, t in times.items():
+            out = expected if name.startswith("numpy") else (log_domain(x) if "log" in name else scaling(x))
+            rows.append(dict(bench="sinkhorn", impl=name, B=b, K=k, epsilon=eps, num_iters=iters, median_s=common.median(t),
+                             vs_numpy=t_np / common.median(t), spread=common.spread(t), fast_path_taken=took_fast,
+                             max_abs_diff_vs_numpy=float(np.max(np.abs(np.asarray(out) - expected)))))
+    print(f"Sinkhorn codes (epsilon {eps}, {iters} iterations, cosine scores), {info['host']} ({info['cpus']} CPUs), "
+          f"jax {info['jax']}, {info['date']}; median of interleaved rounds")
+    common.print_table(rows, [("impl", "impl", ""), ("B", "B", "d"), ("K", "K", "d"), ("median_s", "s", ".3f"),
+                              ("vs_numpy", "x NumPy", ".2f"), ("max_abs_diff_vs_numpy", "max |dq|", ".1e")])
+    for row in rows:
+        common.emit(dict(info, **row))
+
+
+def main() -> None:
+    args = parse_args()
+    common.reexec_with_malloc(args.malloc)
+    if args.sinkhorn:
+        sinkhorn_main(args)
+        return
+    if args.devices > 1:
+        common.set_host_devices(args.devices)
+    import jax
+
+    from clus_jax import flops
+
+    base = base_config(args)
+    steps = 2 if args.quick else args.steps
+    warmup = 1 if args.quick else args.warmup
+    devices = jax.devices()[: args.devices]
+    info = common.device_info()
+    runners, rows = {}, []
+    for name in objective_names(args):
+        config = base.copy_and_resolve_references()
+        common.configure_objective(config, name, args.num_prototypes)
+        try:
+            runners[name] = common.StepRunner(config, devices)
+        except Exception as e:  # an objective that cannot run this config is reported, not fatal
+            print(f"objective {name!r} skipped: {type(e).__name__}: {e}")
+    if not runners:
+        raise SystemExit("no objective could be built")
+
+    candidates = dict(runners)
+    peak_tflops = None
+    dtype = str(base.model.dtype)
+    if info["platform"] == "cpu":
+        peak_fn, peak_flops = common.matmul_peak_fn(512 if args.quick else 2048)
+        candidates["_peak"] = peak_fn
+    else:
+        peak_tflops = common.datasheet_peak_tflops(info["device_kind"], dtype)
+    times = common.interleaved(candidates, rounds=steps, warmup=warmup)
+    if "_peak" in times:
+        peak_tflops = peak_flops / common.median(times.pop("_peak")) / 1e12
+        peak_source = "measured float32 matmul (2 x n^3 per product), same rounds"
+    else:
+        peak_source = f"datasheet {dtype}" if peak_tflops else "unknown device kind"
+    peak_total = peak_tflops * len(devices) if peak_tflops else None
+
+    clip_s = common.median(times["clip"]) if "clip" in times else None
+    for name, runner in runners.items():
+        cfg = runner.config
+        t = common.median(times[name])
+        model_flops = flops.train_step_flops(cfg)
+        row = dict(
+            bench="step", objective=name, batch=int(cfg.batch_size), devices=len(devices), dtype=str(cfg.model.dtype),
+            remat=bool(cfg.model.remat), step_s=t, spread=common.spread(times[name]),
+            images_per_s=int(cfg.batch_size) / t, gflops_per_step=model_flops / 1e9,
+            model_tflops_per_s=model_flops / t / 1e12,
+            mfu=flops.mfu(model_flops, t, peak_total * 1e12) if peak_total else None,
+            vs_clip=t / clip_s if clip_s else None, compile_s=runner.compile_s,
+            loss=float(runner.metrics["loss"]) if runner.metrics is not None else None,
+            peak_tflops_per_device=peak_tflops, peak_source=peak_source, steps=steps, times=times[name],
+        )
+        rows.append(row)
+
+    arch = "quick" if args.quick else (args.config or args.arch or "T")
+    print(f"train step, {arch}: {info['device_kind']} x{len(devices)} ({info['host']}, {info['cpus']} CPUs), "
+          f"jax {info['jax']}, {info['date']}; median of {steps} interleaved steps after {warmup} warm-up; "
+          f"peak {peak_tflops * 1e3 if peak_tflops else float('nan'):.1f} GFLOP/s per device ({peak_source})")
+    common.print_table(rows, [
+        ("objective", "objective", ""), ("batch", "batch", "d"), ("step_s", "s/step", ".3f"),
+        ("images_per_s", "img/s", ".1f"), ("gflops_per_step", "GFLOP/step", ".1f"),
+        ("model_tflops_per_s", "TFLOP/s", ".4f"), ("mfu", "MFU", ".1%"), ("vs_clip", "x CLIP step", ".2f"),
+        ("spread", "IQR/med", ".2f"),
+    ])
+    for row in rows:
+        common.emit(dict(info, arch=arch, **row))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Analytic model FLOPs of a train step, for MFU (maxtext's method: count the matmuls, not the hardware).
+
+Counted: every matrix product of the forward pass of both towers (patch embedding, QKV / output / MLP
+projections, the two attention products QK^T and AV, pooling heads, the projections to the shared
+embedding) and of the objective (the [B, B] logits of contrastive losses, the [B, K] prototype scores of
+clustering losses), at 2 FLOPs per multiply-add. A train step is 3x the forward (the backward pass does
+two products per forward product). Not counted: embedding lookups, normalisations, activations,
+softmaxes and the optimizer, which are memory-bound and small next to the matmuls.
+
+``causal_attention_factor`` scales the attention products of the causal text tower: 0.5 counts only the
+unmasked half (maxtext's MFU convention, the default of ``train_step_flops``); 1.0 counts the full
+product, which is what XLA executes and what ``compiled.cost_analysis()`` reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from clus_jax.models import sizes
+
+CLIP_LIKE = ("clip", "siglip", "clip_reg")
+
+
+@dataclasses.dataclass(frozen=True)
+class TowerShape:
+    """What the FLOP count of one transformer tower depends on."""
+
+    tokens: int
+    width: int
+    depth: int
+    mlp_dim: int
+    causal: bool = False
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _resolve(size: sizes.TransformerSize, cfg: Mapping[str, Any]) -> dict[str, int]:
+    return {f: int(_get(cfg, f) or getattr(size, f)) for f in ("width", "depth", "heads", "mlp_dim")}
+
+
+def block_forward_flops(t: TowerShape, causal_attention_factor: float = 1.0) -> dict[str, float]:
+    """Per-example forward FLOPs of ``t.depth`` pre-LN blocks: {'dense': ..., 'attention': ...}."""
+    w, m, n = t.width, t.mlp_dim, t.tokens
+    dense = 2 * n * (3 * w * w + w * w + 2 * w * m)  # QKV, output projection, two MLP layers
+    attention = 2 * 2 * n * n * w  # QK^T and AV over all heads
+    if t.causal:
+        attention *= causal_attention_factor
+    return {"dense": float(t.depth * dense), "attention": float(t.depth * attention)}
+
+
+def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, str]:
+    """(blocks, patch-embedding input width, number of patches, pooling) of ``config.model.image``."""
+    icfg = model_config["image"]
+    size = sizes.vit_size(_get(icfg, "size"))
+    r = _resolve(size, icfg)
+    patch = int(_get(icfg, "patch_size") or size.patch_size)
+    image_size = int(_get(icfg, "image_size"))
+    patches = (image_size // patch) ** 2
+    pooling = _get(icfg, "pooling", "cls")
+    tokens = patches + (1 if pooling == "cls" else 0)
+    return TowerShape(tokens, r["width"], r["depth"], r["mlp_dim"]), patch * patch * 3, patches, pooling
+
+
+def text_tower(model_config: Mapping[str, Any]) -> TowerShape:
+    tcfg = model_config["text"]
+    r = _resolve(sizes.text_size(_get(tcfg, "size")), tcfg)
+    return TowerShape(int(_get(tcfg, "context_length")), r["width"], r["depth"], r["mlp_dim"],
+                      causal=bool(_get(tcfg, "causal", True)))
+
+
+def forward_flops_per_example(model_config: Mapping[str, Any], causal_attention_factor: float = 1.0) -> dict[str, float]:
+    """Forward matmul FLOPs of one (image, text) pair, by part; 'total' sums them."""
+    img, patch_dim, patches, pooling = image_tower(model_config)
+    txt = text_tower(model_config)
+    embed = int(_get(model_config, "embed_dim"))
+    ib = block_forward_flops(img)
+    tb = block_forward_flops(txt, causal_attention_factor)
+    parts = {
+        "image_patch_embed": 2.0 * patches * patch_dim * img.width,
+        "image_dense": ib["dense"],
+        "image_attention": ib["attention"],
+        "image_pool": 0.0,
+        "image_proj": 2.0 * img.width * embed,
+        "text_dense": tb["dense"],
+        "text_attention": tb["attention"],
+        "text_proj": 2.0 * txt.width * embed,
+    }
+    if pooling == "map":
+        w, m, n = img.width, img.mlp_dim, img.tokens
+        # probe query, keys and values of all tokens, 1 x n attention, output projection, MLP on the probe
+        parts["image_pool"] = 2.0 * (w * w + n * 2 * w * w + 2 * n * w + w * w + 2 * w * m)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def objective_forward_flops(objective: str, batch_size: int, model_config: Mapping[str, Any]) -> float:
+    """Forward matmul FLOPs of one objective on a global batch (0 for unknown objectives)."""
+    d = int(_get(model_config, "embed_dim"))
+    if objective in CLIP_LIKE:
+        return 2.0 * batch_size * batch_size * d  # one [B, B] logit matrix
+    if objective == "swap":
+        protos = _get(model_config, "num_prototypes") or ()
+        protos = (protos,) if isinstance(protos, int) else tuple(protos)
+        return 2.0 * 2.0 * batch_size * d * sum(int(k) for k in protos)  # [B, K] scores for both modalities
+    return 0.0
+
+
+def train_step_flops(config: Mapping[str, Any], batch_size: int | None = None, *,
+                     causal_attention_factor: float = 0.5, include_objectives: bool = True) -> float:
+    """Model FLOPs of one train step on the global batch: 3 x (towers + objectives) forward."""
+    b = int(batch_size if batch_size is not None else _get(config, "batch_size"))
+    model = config["model"]
+    fwd = b * forward_flops_per_example(model, causal_attention_factor)["total"]
+    if include_objectives:
+        objectives = dict(_get(config, "objectives", {}))
+        fwd += sum(objective_forward_flops(name, b, model) for name, w in objectives.items() if float(w))
+    return 3.0 * fwd
+
+
+def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak FLOP/s."""
+    return flops_per_step / step_seconds / peak_flops_per_second

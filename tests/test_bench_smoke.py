@@ -1,0 +1,67 @@
+"""Every benchmark script runs end to end with --quick and prints its JSON records (no timings checked).
+
+The scripts start together (one subprocess each) and every test waits for its own, so the wall time is
+about that of the slowest script rather than the sum.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
+HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
+SCRIPTS = ["step.py", "memory.py", "input.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+
+
+@pytest.fixture(scope="module")
+def quick_runs():
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
+    procs = {s: subprocess.Popen([sys.executable, os.path.join("bench", s), "--quick"], cwd=REPO, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+def records(quick_runs, script: str) -> list[dict]:
+    out, err = quick_runs[script].communicate(timeout=300)
+    assert quick_runs[script].returncode == 0, err[-3000:]
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_step_quick(quick_runs):
+    rows = records(quick_runs, "step.py")
+    by_objective = {r["objective"]: r for r in rows}
+    assert "clip" in by_objective and len(by_objective) >= 2
+    assert by_objective["clip"]["vs_clip"] == 1.0
+    assert all(r["gflops_per_step"] > 0 and r["step_s"] > 0 and 0 < r["mfu"] for r in rows)
+
+
+@pytest.mark.slow
+def test_memory_quick(quick_runs):
+    rows = records(quick_runs, "memory.py")
+    loss = [r for r in rows if r["bench"] == "memory/loss"]
+    scale = [r for r in rows if r["bench"] == "memory/scale"]
+    assert len(loss) == 2 and len(scale) == 1
+    assert scale[0]["param_bytes"] > 0 and scale[0]["collectives"]["all-gather"]["count"] > 0
+
+
+@pytest.mark.slow
+def test_input_quick(quick_runs):
+    rows = records(quick_runs, "input.py")
+    assert {r["bench"] for r in rows} == {"input/pipeline", "input/train_run"}
+    assert all(0 <= r["data_wait_fraction"] <= 1 for r in rows if r["bench"] == "input/train_run")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_OPEN_CLIP, reason="no PyTorch + open_clip environment (see bench/vs_open_clip.py)")
+def test_vs_open_clip_quick(quick_runs):
+    rows = records(quick_runs, "vs_open_clip.py")
+    assert len(rows) == 1 and rows[0]["ratio"] > 0
