@@ -213,7 +213,15 @@ def device_info() -> dict[str, Any]:
     return dict(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count(),
                 host=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__,
                 date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "default"))
+                malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "default"), load_average=load_average())
+
+
+def load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages of the host: other work running while a benchmark is timed."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def cpu_model() -> str:

@@ -6,7 +6,7 @@ candidates are timed in interleaved rounds, so the ratio of each objective to pl
 loss, e.g. of clustering) comes from one run. MFU follows maxtext: analytic model FLOPs
 (``clus_jax.flops.train_step_flops``: matmuls only, causal attention halved) over step time over peak.
 The peak is the datasheet figure on GPU/TPU (``common.PEAK_TFLOPS``) and, on CPU, a float32 matmul timed
-in the same rounds as the steps.
+in the same rounds as the steps (the best round: a peak, so MFU is not flattered by a slow round).
 
   python bench/step.py --arch T                     # T architecture, all objectives
   python bench/step.py --arch S --steps 10
@@ -173,8 +173,8 @@ def main() -> None:
         peak_tflops = common.datasheet_peak_tflops(info["device_kind"], dtype)
     times = common.interleaved(candidates, rounds=steps, warmup=warmup)
     if "_peak" in times:
-        peak_tflops = peak_flops / common.median(times.pop("_peak")) / 1e12
-        peak_source = "measured float32 matmul (2 x n^3 per product), same rounds"
+        peak_tflops = peak_flops / min(times.pop("_peak")) / 1e12
+        peak_source = "float32 matmul, best of the same rounds"
     else:
         peak_source = f"datasheet {dtype}" if peak_tflops else "unknown device kind"
     peak_total = peak_tflops * len(devices) if peak_tflops else None
@@ -197,8 +197,10 @@ def main() -> None:
         rows.append(row)
 
     arch = "quick" if args.quick else (args.config or args.arch or "T")
+    info["load_average_end"] = common.load_average()
     print(f"train step, {arch}: {info['device_kind']} x{len(devices)} ({info['host']}, {info['cpus']} CPUs), "
-          f"jax {info['jax']}, {info['date']}; median of {steps} interleaved steps after {warmup} warm-up; "
+          f"jax {info['jax']}, {info['date']}, load average {info['load_average']} -> {info['load_average_end']}; "
+          f"median of {steps} interleaved steps after {warmup} warm-up; "
           f"peak {peak_tflops * 1e3 if peak_tflops else float('nan'):.1f} GFLOP/s per device ({peak_source})")
     common.print_table(rows, [
         ("objective", "objective", ""), ("batch", "batch", "d"), ("step_s", "s/step", ".3f"),

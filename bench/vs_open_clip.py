@@ -3,7 +3,10 @@ count), timed in interleaved rounds from one driver, reported as clus_jax images
 
 Each side runs in its own worker process pinned to the same ``--threads`` CPUs (``sched_setaffinity`` plus
 ``torch.set_num_threads``), and the driver asks them for one timed step at a time in turn, so load from
-elsewhere on the host hits both alike.
+elsewhere on the host hits both alike in time. It does not hit them alike in effect: PyTorch's OpenMP
+threads wait for each other at every parallel region, so when another process takes a core, open_clip
+slows down several times more than XLA's work-stealing thread pool and the ratio rises. Compare ratios
+only from runs on an otherwise idle host (the load average is printed and recorded).
 
 open_clip needs PyTorch, which lives in a separate virtual environment (CPU wheel)::
 
@@ -176,6 +179,7 @@ def main() -> None:
         raise SystemExit(f"no python at {args.torch_python}: set up the open_clip environment (see --help)")
     script = os.path.abspath(__file__)
     base = ["--threads", str(args.threads), "--precision", args.precision, "--warmup", str(warmup)]
+    load_start = common.load_average()
     mallocs = [m for m in args.malloc.split(",") if m]
     workers = {}
     for malloc in mallocs:
@@ -196,10 +200,12 @@ def main() -> None:
 
     import jax
 
-    info = dict(common.device_info(), threads=args.threads, precision=args.precision, rounds=rounds)
+    info = dict(common.device_info(), threads=args.threads, precision=args.precision, rounds=rounds,
+                load_average_start=load_start)
     torch_version = next(w.info["torch"] for (_, _, fw), w in workers.items() if fw == "open_clip")
     print(f"{info['host']} ({info['cpus']} CPUs), {args.threads} threads per side, {args.precision}, "
-          f"{rounds} interleaved rounds, jax {jax.__version__}, torch {torch_version}, {info['date']}")
+          f"{rounds} interleaved rounds, jax {jax.__version__}, torch {torch_version}, {info['date']}, "
+          f"load average {load_start} -> {info['load_average']}")
     rows = []
     for arch in archs:
         batch = arch_dims(arch)["batch_size"]
