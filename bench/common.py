@@ -46,14 +46,18 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 
 # XLA:CPU allocates each step's temporaries afresh; glibc serves large blocks from mmap in worker-thread
 # arenas and unmaps them on free, so every step page-faults its whole temporary buffer in again (a fifth of
-# the CPU time of the T step goes to the kernel). These settings keep freed memory in the process.
+# the CPU time of the T step goes to the kernel). The trainer keeps freed memory mapped by default
+# (``clus_jax.hostmem``); these settings apply the same to any process, PyTorch included, from its start.
 MALLOC_ENVS: dict[str, dict[str, str]] = {
-    "default": {},
-    # one arena, no mmap, no trimming: freed temporaries stay mapped for the next step
-    "glibc": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                                "glibc.malloc.trim_threshold=137438953472"},
+    # glibc defaults (what a plain PyTorch process gets)
+    "system": {"CLUS_JAX_HOST_MALLOC": "system"},
+    # one arena, no mmap, no trimming: freed temporaries stay mapped for the next step (clus_jax's default)
+    "retain": {"CLUS_JAX_HOST_MALLOC": "retain",
+               "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                                 "glibc.malloc.trim_threshold=137438953472"},
     # TCMalloc (Debian/Ubuntu package libtcmalloc-minimal4), never returning memory to the OS
-    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4", "TCMALLOC_RELEASE_RATE": "0"},
+    "tcmalloc": {"CLUS_JAX_HOST_MALLOC": "system", "LD_PRELOAD": "libtcmalloc_minimal.so.4",
+                 "TCMALLOC_RELEASE_RATE": "0"},
 }
 
 
@@ -67,7 +71,7 @@ def malloc_env(name: str) -> dict[str, str]:
 def reexec_with_malloc(name: str) -> None:
     """Restarts this script with allocator setting ``name`` unless it is already in effect."""
     env = malloc_env(name)
-    if not env or os.environ.get("CLUS_JAX_BENCH_MALLOC") == name:
+    if os.environ.get("CLUS_JAX_BENCH_MALLOC") == name:
         return
     os.environ.update(env, CLUS_JAX_BENCH_MALLOC=name)
     os.execv(sys.executable, [sys.executable, *sys.argv])
@@ -213,7 +217,7 @@ def device_info() -> dict[str, Any]:
     return dict(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count(),
                 host=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__,
                 date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
-                malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "default"), load_average=load_average())
+                malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "retain"), load_average=load_average())
 
 
 def load_average() -> list[float] | None:

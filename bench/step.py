@@ -11,8 +11,7 @@ in the same rounds as the steps (the best round: a peak, so MFU is not flattered
   python bench/step.py --arch T                     # T architecture, all objectives
   python bench/step.py --arch S --steps 10
   python bench/step.py --config configs/clip.py --objectives clip
-  python bench/step.py --arch T --malloc glibc      # keep freed memory mapped (see common.MALLOC_ENVS)
-  python bench/step.py --sinkhorn 4096x30000        # Sinkhorn: NumPy vs log domain vs scaling path
+  python bench/step.py --arch T --malloc system     # glibc defaults instead of clus_jax's (common.MALLOC_ENVS)
   python bench/step.py --quick                      # tiny model, to check the script
 
 Prints a table and one JSON line per measurement.
@@ -44,11 +43,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--num-prototypes", type=int, default=3000, help="prototypes for objectives that need a bank")
     p.add_argument("--devices", type=int, default=1,
                    help="devices the step runs on (on CPU: fake host devices sharing the same cores)")
-    p.add_argument("--malloc", choices=sorted(common.MALLOC_ENVS), default="default",
+    p.add_argument("--malloc", choices=sorted(common.MALLOC_ENVS), default="retain",
                    help="allocator setting for this process (see bench/common.py: MALLOC_ENVS)")
-    p.add_argument("--sinkhorn", default="",
-                   help="instead of train steps, time Sinkhorn codes at BxK (e.g. 4096x30000): NumPy SwAV "
-                        "reference, jitted log domain and jitted scaling path, interleaved")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, two steps, CLIP and one other objective unless --objectives is given")
     return p.parse_args()
@@ -92,54 +88,9 @@ def objective_names(args: argparse.Namespace) -> list[str]:
     return sorted(names, key=lambda n: (n != "clip", n))
 
 
-def sinkhorn_main(args: argparse.Namespace) -> None:
-    """Sinkhorn codes: NumPy transcription of SwAV vs ``sinkhorn_knopp(fast=False)`` vs the default path."""
-    import importlib.util
-    from functools import partial
-
-    import jax
-    import numpy as np
-
-    from clus_jax.objectives.sinkhorn import _scaling_iterations, sinkhorn_knopp
-
-    spec = importlib.util.spec_from_file_location("sinkhorn_bench", os.path.join(os.path.dirname(__file__), "sinkhorn.py"))
-    ref = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ref)
-    eps, iters = 0.05, 3
-    info = common.device_info()
-    rows = []
-    for size in args.sinkhorn.split(","):
-        b, k = (int(v) for v in size.lower().split("x"))
-        scores = ref.cosine_scores(np.random.default_rng(0), b, k, 128)
-        x = jax.device_put(scores)
-        log_domain = jax.jit(partial(sinkhorn_knopp, epsilon=eps, num_iters=iters, fast=False))
-        scaling = jax.jit(partial(sinkhorn_knopp, epsilon=eps, num_iters=iters))
-        took_fast = bool(jax.jit(lambda s: _scaling_iterations(s, eps, iters, None, None)[3])(x))
-        expected = ref.swav_sinkhorn_numpy(scores, eps, iters)
-        times = common.interleaved({
-            "numpy (SwAV)": lambda: ref.swav_sinkhorn_numpy(scores, eps, iters),
-            "jax log domain": lambda: log_domain(x).block_until_ready(),
-            "jax scaling path": lambda: scaling(x).block_until_ready(),
-        }, rounds=2 if args.quick else max(args.steps, 5))
-        t_np = common.median(times["numpy (SwAV)"])
-        for name, t in times.items():
-            out = expected if name.startswith("numpy") else (log_domain(x) if "log" in name else scaling(x))
-            rows.append(dict(bench="sinkhorn", impl=name, B=b, K=k, epsilon=eps, num_iters=iters, median_s=common.median(t),
-                             vs_numpy=t_np / common.median(t), spread=common.spread(t), fast_path_taken=took_fast,
-                             max_abs_diff_vs_numpy=float(np.max(np.abs(np.asarray(out) - expected)))))
-    print(f"Sinkhorn codes (epsilon {eps}, {iters} iterations, cosine scores), {info['host']} ({info['cpus']} CPUs), "
-          f"jax {info['jax']}, {info['date']}; median of interleaved rounds")
-    common.print_table(rows, [("impl", "impl", ""), ("B", "B", "d"), ("K", "K", "d"), ("median_s", "s", ".3f"),
-                              ("vs_numpy", "x NumPy", ".2f"), ("max_abs_diff_vs_numpy", "max |dq|", ".1e")])
-    for row in rows:
-        common.emit(dict(info, **row))
-
-
 def main() -> None:
     args = parse_args()
     common.reexec_with_malloc(args.malloc)
-    if args.sinkhorn:
-        sinkhorn_main(args)
         return
     if args.devices > 1:
         common.set_host_devices(args.devices)

@@ -21,7 +21,7 @@ the one torchvision symbol they reference. Then, from the repository root with t
   python bench/vs_open_clip.py --torch-python /tmp/ocbench/bin/python            # T and S, float32
   python bench/vs_open_clip.py --arch T --rounds 5 --quick                       # smoke test
   OPEN_CLIP_PYTHON=/tmp/ocbench/bin/python python bench/vs_open_clip.py --precision bf16
-  python bench/vs_open_clip.py --malloc default,glibc   # both allocator settings, both frameworks, one run
+  python bench/vs_open_clip.py --malloc retain          # only clus_jax's allocator setting, on both sides
 
 ``--precision bf16`` runs clus_jax with ``model.dtype=bfloat16`` and open_clip under
 ``torch.autocast('cpu', torch.bfloat16)`` (parameters and optimizer in float32 on both sides).
@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--torch-python", default=os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python"),
                    help="python of the PyTorch + open_clip environment (or $OPEN_CLIP_PYTHON)")
-    p.add_argument("--malloc", default="default",
+    p.add_argument("--malloc", default="system,retain",
                    help="comma-separated allocator settings, each applied to both frameworks' workers and timed in "
                         f"the same rounds: {', '.join(sorted(common.MALLOC_ENVS))} (see bench/common.py)")
     p.add_argument("--quick", action="store_true", help="a tiny architecture and few rounds, to check the script")

@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
-SCRIPTS = ["step.py", "memory.py", "input.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from clus_jax import hostmem
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.train.checkpoint import CheckpointError
 
@@ -18,6 +19,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    hostmem.retain_freed_memory()  # before jax starts its threads; CLUS_JAX_HOST_MALLOC=system opts out
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "grain"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
