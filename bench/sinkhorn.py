@@ -56,20 +56,12 @@ def parse_args() -> argparse.Namespace:
 
 
 def swav_sinkhorn_numpy(out, epsilon: float, num_iters: int):
-    """SwAV ``distributed_sinkhorn`` on one process, float32, with its in-place updates."""
+    """SwAV ``distributed_sinkhorn`` on one process, float32 (``clus_jax.objectives.swav_reference``)."""
     import numpy as np
 
-    Q = np.exp(out / epsilon).T
-    B = Q.shape[1]
-    K = Q.shape[0]
-    Q /= np.sum(Q)
-    for _ in range(num_iters):
-        Q /= np.sum(Q, axis=1, keepdims=True)
-        Q /= K
-        Q /= np.sum(Q, axis=0, keepdims=True)
-        Q /= B
-    Q *= B
-    return Q.T
+    from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as reference
+
+    return reference(out, epsilon, num_iters, dtype=np.float32)
 
 
 def cosine_scores(rng, batch: int, protos: int, dim: int):

@@ -12,6 +12,7 @@ in the same rounds as the steps (the best round: a peak, so MFU is not flattered
   python bench/step.py --arch S --steps 10
   python bench/step.py --config configs/clip.py --objectives clip
   python bench/step.py --arch T --malloc system     # glibc defaults instead of clus_jax's (common.MALLOC_ENVS)
+  python bench/step.py --arch T --objectives clip --variant full_last_block:model.pooled_last_block=false
   python bench/step.py --quick                      # tiny model, to check the script
 
 Prints a table and one JSON line per measurement.
@@ -45,6 +46,8 @@ def parse_args() -> argparse.Namespace:
                    help="devices the step runs on (on CPU: fake host devices sharing the same cores)")
     p.add_argument("--malloc", choices=sorted(common.MALLOC_ENVS), default="retain",
                    help="allocator setting for this process (see bench/common.py: MALLOC_ENVS)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="also time the CLIP step with these config overrides (repeatable), as row 'clip[NAME]'")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, two steps, CLIP and one other objective unless --objectives is given")
     return p.parse_args()
@@ -88,10 +91,25 @@ def objective_names(args: argparse.Namespace) -> list[str]:
     return sorted(names, key=lambda n: (n != "clip", n))
 
 
+def set_config_value(config, key: str, value: str) -> None:
+    """Sets dotted ``key`` to ``value`` parsed with the type of the current value (bool, int, float, str)."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    current = node[leaf]
+    if isinstance(current, bool):
+        parsed = value.lower() in ("1", "true", "yes")
+    elif isinstance(current, (int, float)):
+        parsed = type(current)(value)
+    else:
+        parsed = value
+    node[leaf] = parsed
+
+
 def main() -> None:
     args = parse_args()
     common.reexec_with_malloc(args.malloc)
-        return
     if args.devices > 1:
         common.set_host_devices(args.devices)
     import jax
@@ -113,6 +131,14 @@ def main() -> None:
             print(f"objective {name!r} skipped: {type(e).__name__}: {e}")
     if not runners:
         raise SystemExit("no objective could be built")
+    for spec in args.variant:
+        name, _, overrides = spec.partition(":")
+        config = base.copy_and_resolve_references()
+        common.configure_objective(config, "clip", args.num_prototypes)
+        for item in filter(None, overrides.split(",")):
+            key, _, value = item.partition("=")
+            set_config_value(config, key.strip(), value.strip())
+        runners[f"clip[{name}]"] = common.StepRunner(config, devices)
 
     candidates = dict(runners)
     peak_tflops = None

@@ -181,6 +181,8 @@ def main() -> None:
     base = ["--threads", str(args.threads), "--precision", args.precision, "--warmup", str(warmup)]
     load_start = common.load_average()
     mallocs = [m for m in args.malloc.split(",") if m]
+    if args.quick:
+        mallocs = mallocs[-1:]
     workers = {}
     for malloc in mallocs:
         env = dict(common.malloc_env(malloc), CLUS_JAX_BENCH_MALLOC=malloc)

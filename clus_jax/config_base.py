@@ -67,6 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.num_prototypes = ml_collections.FieldReference(None, field_type=object)
     c.model.dtype = "float32"
     c.model.remat = False
+    # The last block of a CLS- or EOT-pooled tower computes only the pooled token (the same values for
+    # less work: every other token's output of that block is never read). False computes every token.
+    c.model.pooled_last_block = True
 
     c.optim = ml_collections.ConfigDict(
         dict(lr=1e-3, warmup_steps=40, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,

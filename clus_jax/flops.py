@@ -30,6 +30,7 @@ class TowerShape:
     depth: int
     mlp_dim: int
     causal: bool = False
+    pooled_last: bool = False  # the last block computes only the pooled token (``model.pooled_last_block``)
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -42,13 +43,22 @@ def _resolve(size: sizes.TransformerSize, cfg: Mapping[str, Any]) -> dict[str, i
 
 
 def block_forward_flops(t: TowerShape, causal_attention_factor: float = 1.0) -> dict[str, float]:
-    """Per-example forward FLOPs of ``t.depth`` pre-LN blocks: {'dense': ..., 'attention': ...}."""
+    """Per-example forward FLOPs of ``t.depth`` pre-LN blocks: {'dense': ..., 'attention': ...}.
+
+    With ``t.pooled_last`` the last block computes keys and values for every token but the query, the
+    attention row, the output projection and the MLP for the pooled token only.
+    """
     w, m, n = t.width, t.mlp_dim, t.tokens
     dense = 2 * n * (3 * w * w + w * w + 2 * w * m)  # QKV, output projection, two MLP layers
     attention = 2 * 2 * n * n * w  # QK^T and AV over all heads
     if t.causal:
         attention *= causal_attention_factor
-    return {"dense": float(t.depth * dense), "attention": float(t.depth * attention)}
+    if not t.pooled_last:
+        return {"dense": float(t.depth * dense), "attention": float(t.depth * attention)}
+    last_dense = 2 * (2 * n * w * w + w * w + w * w + 2 * w * m)  # K, V of all tokens; Q, output, MLP of one
+    last_attention = 2 * 2 * n * w  # one query row against all keys
+    return {"dense": float((t.depth - 1) * dense + last_dense),
+            "attention": float((t.depth - 1) * attention + last_attention)}
 
 
 def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, str]:
@@ -61,14 +71,16 @@ def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, 
     patches = (image_size // patch) ** 2
     pooling = _get(icfg, "pooling", "cls")
     tokens = patches + (1 if pooling == "cls" else 0)
-    return TowerShape(tokens, r["width"], r["depth"], r["mlp_dim"]), patch * patch * 3, patches, pooling
+    pooled_last = pooling == "cls" and bool(_get(model_config, "pooled_last_block", True))
+    return TowerShape(tokens, r["width"], r["depth"], r["mlp_dim"], pooled_last=pooled_last), patch * patch * 3, patches, pooling
 
 
 def text_tower(model_config: Mapping[str, Any]) -> TowerShape:
     tcfg = model_config["text"]
     r = _resolve(sizes.text_size(_get(tcfg, "size")), tcfg)
+    pooled_last = _get(tcfg, "pooling", "eot") == "eot" and bool(_get(model_config, "pooled_last_block", True))
     return TowerShape(int(_get(tcfg, "context_length")), r["width"], r["depth"], r["mlp_dim"],
-                      causal=bool(_get(tcfg, "causal", True)))
+                      causal=bool(_get(tcfg, "causal", True)), pooled_last=pooled_last)
 
 
 def forward_flops_per_example(model_config: Mapping[str, Any], causal_attention_factor: float = 1.0) -> dict[str, float]:

@@ -63,7 +63,14 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, causal: bool = False,
+                 query_index: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D]; with ``query_index`` ([B] ints), only that token's query: [B, 1, D].
+
+        With ``query_index`` the keys and values still come from every token, and a causal mask keeps
+        the keys at or before the query's position, so the one output row equals row ``query_index`` of
+        the full computation.
+        """
         width = x.shape[-1]
         if width % self.heads:
             raise ValueError(f"width {width} is not divisible by heads {self.heads}")
@@ -74,8 +81,20 @@ class Attention(nn.Module):
         b_qkv = self.param(
             "qkv_bias", nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")), (3, self.heads, head_dim)
         )
-        qkv = jnp.einsum("btd,dshk->btshk", x, w_qkv.astype(self.dtype)) + b_qkv.astype(self.dtype)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+        w_qkv, b_qkv = w_qkv.astype(self.dtype), b_qkv.astype(self.dtype)
+        if query_index is None:
+            qkv = jnp.einsum("btd,dshk->btshk", x, w_qkv) + b_qkv
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, Dh]
+        else:
+            x_q = jnp.take_along_axis(x, query_index[:, None, None], axis=1)  # [B, 1, D]
+            q = jnp.einsum("btd,dhk->bthk", x_q, w_qkv[:, 0]) + b_qkv[0]
+            kv = jnp.einsum("btd,dshk->btshk", x, w_qkv[:, 1:]) + b_qkv[1:]
+            k, v = kv[:, :, 0], kv[:, :, 1]
+            if causal:
+                before = jnp.arange(x.shape[1])[None, :] <= query_index[:, None]  # [B, T]
+                before = before[:, None, None, :]
+                mask = before if mask is None else mask & before
+                causal = False
         q = nn.with_logical_constraint(q, ("act_batch", "act_seq", "act_heads", None))
         out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
         w_out = self.param(
@@ -105,14 +124,24 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        x = x + Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "ln1")(x), mask, self.causal)
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, query_index: jax.Array | None = None) -> jax.Array:
+        """[B, T, D] -> [B, T, D], or only token ``query_index`` ([B] ints) of the output: [B, 1, D]."""
+        attn = Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "ln1")(x), mask, self.causal, query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+        x = x + attn
         x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln2")(x))
         return x
 
 
 class Encoder(nn.Module):
-    """A stack of blocks; ``remat`` recomputes each block's activations in the backward pass."""
+    """A stack of blocks; ``remat`` recomputes each block's activations in the backward pass.
+
+    Given ``pooled_index`` ([B] ints: the one token per example that pooling reads, CLS or EOT), the last
+    block computes its query, output projection and MLP for that token only and the encoder returns
+    [B, 1, D]: the same values as the full stack at that token, for about (depth - 1/6) / depth of the
+    work (keys and values of the last block are still computed for every token).
+    """
 
     depth: int
     heads: int
@@ -122,8 +151,10 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, pooled_index: jax.Array | None = None) -> jax.Array:
         block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
         for i in range(self.depth):
-            x = block_cls(self.heads, self.mlp_dim, self.causal, self.dtype, name=f"block_{i}")(x, mask)
+            last = i == self.depth - 1
+            x = block_cls(self.heads, self.mlp_dim, self.causal, self.dtype, name=f"block_{i}")(
+                x, mask, pooled_index if last else None)
         return x

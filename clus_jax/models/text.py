@@ -20,6 +20,7 @@ class TextTransformer(nn.Module):
     causal: bool = True
     pooling: str = "eot"  # 'eot' | 'mean'
     pad_id: int = 0
+    pooled_last_block: bool = True  # with 'eot': the last block computes the EOT token only (exact)
     remat: bool = False
     dtype: Dtype = jnp.float32
 
@@ -34,10 +35,12 @@ class TextTransformer(nn.Module):
         x = nn.with_logical_constraint(x, ACT_BTE)
         valid = tokens != self.pad_id  # [B, T]
         mask = valid[:, None, None, :]  # keys that are padding are never attended to
-        x = Encoder(self.depth, self.heads, self.mlp_dim, causal=self.causal, remat=self.remat, dtype=self.dtype, name="encoder")(x, mask)
-        x = layer_norm(self.dtype, "ln_final")(x)
+        encoder = Encoder(self.depth, self.heads, self.mlp_dim, causal=self.causal, remat=self.remat, dtype=self.dtype, name="encoder")
+        last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # the EOT token: the last one that is not padding
+        if self.pooling == "eot" and self.pooled_last_block:
+            return layer_norm(self.dtype, "ln_final")(encoder(x, mask, pooled_index=last))[:, 0]
+        x = layer_norm(self.dtype, "ln_final")(encoder(x, mask))
         if self.pooling == "eot":
-            last = jnp.maximum(valid.sum(axis=1) - 1, 0)
             return jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         if self.pooling == "mean":
             w = valid.astype(x.dtype)[..., None]

@@ -104,15 +104,17 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
     """Builds the two-tower model from ``config.model`` (sizes by name, any field overridable)."""
     dtype = DTYPES[model_config.get("dtype", "float32")]
     remat = bool(model_config.get("remat", False))
+    pooled = bool(model_config.get("pooled_last_block", True))
     icfg, tcfg = model_config.image, model_config.text
     isize = sizes.vit_size(icfg.size)
     patch = icfg.get("patch_size") or isize.patch_size
     image = VisionTransformer(
-        patch_size=int(patch), pooling=icfg.get("pooling", "cls"), remat=remat, dtype=dtype, **_resolve(isize, icfg)
+        patch_size=int(patch), pooling=icfg.get("pooling", "cls"), pooled_last_block=pooled, remat=remat, dtype=dtype, **_resolve(isize, icfg)
     )
     text = TextTransformer(
         vocab_size=int(tcfg.vocab_size), context_length=int(tcfg.context_length),
-        causal=bool(tcfg.get("causal", True)), pooling=tcfg.get("pooling", "eot"), remat=remat, dtype=dtype,
+        causal=bool(tcfg.get("causal", True)), pooling=tcfg.get("pooling", "eot"), pooled_last_block=pooled, remat=remat,
+        dtype=dtype,
         **_resolve(sizes.text_size(tcfg.size), tcfg),
     )
     protos = model_config.get("num_prototypes") or ()

@@ -42,6 +42,7 @@ class VisionTransformer(nn.Module):
     heads: int
     mlp_dim: int
     pooling: str = "cls"  # 'cls' | 'gap' | 'map'
+    pooled_last_block: bool = True  # with 'cls': the last block computes the CLS token only (exact)
     remat: bool = False
     dtype: Dtype = jnp.float32
 
@@ -69,8 +70,9 @@ class VisionTransformer(nn.Module):
         x = x + pos.astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_BTE)
         x = layer_norm(self.dtype, "ln_pre")(x)
-        x = Encoder(self.depth, self.heads, self.mlp_dim, causal=False, remat=self.remat, dtype=self.dtype, name="encoder")(x)
-        x = layer_norm(self.dtype, "ln_post")(x)
+        pooled_index = jnp.zeros((b,), jnp.int32) if self.pooling == "cls" and self.pooled_last_block else None
+        encoder = Encoder(self.depth, self.heads, self.mlp_dim, causal=False, remat=self.remat, dtype=self.dtype, name="encoder")
+        x = layer_norm(self.dtype, "ln_post")(encoder(x, pooled_index=pooled_index))
         if self.pooling == "cls":
             return x[:, 0]
         if self.pooling == "gap":

@@ -120,3 +120,40 @@ def test_vit_b16_with_12_layer_512_text_tower_is_a_config_line():
     n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
     # CLIP ViT-B/16 has about 149.6M parameters (86M image + 63M text + projections).
     assert 145e6 < n_params < 155e6, n_params
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("remat", [False, True])
+def test_pooled_last_block_matches_the_full_last_block(causal, remat):
+    """The last block computing only the CLS / EOT token gives the full stack's values and gradients."""
+    overrides = {"text.causal": causal, "remat": remat}
+    pruned = build_model(model_config(**overrides, pooled_last_block=True))
+    full = build_model(model_config(**overrides, pooled_last_block=False))
+    images, text = inputs(b=4)
+    text = text.at[1, 5:].set(7).at[2, 2:].set(0)  # EOT at positions 4, 7 (no padding), 1 and 4
+    variables = full.init(jax.random.key(1), images, text)
+    # Non-zero biases and a random CLS token, so no term of the comparison is trivially zero.
+    variables = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), variables)
+
+    def loss(model, params):
+        out = model.apply(params, images, text)
+        return jnp.sum(out["image_emb"] @ out["text_emb"].T * jnp.arange(16.0).reshape(4, 4))
+
+    a, b = full.apply(variables, images, text), pruned.apply(variables, images, text)
+    for key in ("image_emb", "text_emb"):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6)
+    grads_full = jax.grad(lambda p: loss(full, p))(variables)
+    grads_pruned = jax.grad(lambda p: loss(pruned, p))(variables)
+    for (path, g_full), g_pruned in zip(jax.tree_util.tree_leaves_with_path(grads_full), jax.tree.leaves(grads_pruned)):
+        scale = float(np.max(np.abs(g_full))) or 1.0  # float32 rounding differs with the order of the sums
+        np.testing.assert_allclose(g_pruned, g_full, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def test_pooled_last_block_leaves_mean_and_gap_pooling_alone():
+    cfg = dict(**{"image.pooling": "gap", "text.pooling": "mean"})
+    pruned, full = (build_model(model_config(**cfg, pooled_last_block=p)) for p in (True, False))
+    images, text = inputs()
+    variables = full.init(jax.random.key(0), images, text)
+    a, b = full.apply(variables, images, text), pruned.apply(variables, images, text)
+    np.testing.assert_array_equal(a["image_emb"], b["image_emb"])
+    np.testing.assert_array_equal(a["text_emb"], b["text_emb"])

@@ -14,28 +14,7 @@ from clus_jax.objectives.sinkhorn import (
     sharded_sinkhorn_knopp,
     sinkhorn_knopp,
 )
-
-
-def swav_sinkhorn_np(out, epsilon, num_iters, max_shift=False):
-    """SwAV ``distributed_sinkhorn`` (world size 1) line by line, in float64.
-
-    ``max_shift`` subtracts the global maximum before ``exp`` (the removed
-    ``improve_numerical_stability`` option); the global normalisation cancels it.
-    """
-    logits = np.asarray(out, np.float64) / epsilon
-    if max_shift:
-        logits = logits - logits.max()
-    Q = np.exp(logits).T
-    B = Q.shape[1]
-    K = Q.shape[0]
-    Q /= np.sum(Q)
-    for _ in range(num_iters):
-        Q /= np.sum(Q, axis=1, keepdims=True)
-        Q /= K
-        Q /= np.sum(Q, axis=0, keepdims=True)
-        Q /= B
-    Q *= B
-    return Q.T
+from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
 
 
 def logdomain_sinkhorn_np(out, epsilon, num_iters):

@@ -10,25 +10,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss
-
-
-def swav_sinkhorn_np(out, epsilon, num_iters):
-    Q = np.exp(np.asarray(out, np.float64) / epsilon).T
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= np.sum(Q)
-    for _ in range(num_iters):
-        Q /= np.sum(Q, axis=1, keepdims=True)
-        Q /= K
-        Q /= np.sum(Q, axis=0, keepdims=True)
-        Q /= B
-    Q *= B
-    return Q.T
-
-
-def log_softmax_np(x):
-    x = np.asarray(x, np.float64)
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+from clus_jax.objectives.swav_reference import log_softmax_numpy as log_softmax_np
+from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
 
 
 def swav_loss_np(scores_a, scores_b, temperature, epsilon, num_iters, codes_a=None, codes_b=None):

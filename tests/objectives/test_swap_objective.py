@@ -1,6 +1,5 @@
 """The 'swap' objective (Clus): loss against float64 NumPy, prototype rewrite and freeze, queue, teachers,
 sharded training equal to one device, and checkpoints."""
-import importlib.util
 import math
 import os
 
@@ -13,6 +12,8 @@ from jax.sharding import PartitionSpec as P
 from clus_jax import config_base, config_check
 from clus_jax.objectives import prototypes, registry, teachers
 from clus_jax.objectives.registry import ConfigError, LossContext
+from clus_jax.objectives.swav_reference import log_softmax_numpy as log_softmax_np
+from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
 from clus_jax.parallel import mesh as mesh_lib
 from clus_jax.parallel import multihost, partitioning
 from clus_jax.train.checkpoint import Checkpointer
@@ -21,33 +22,13 @@ from clus_jax.train.state import create_train_state
 from clus_jax.train.step import build_train_step, make_apply_model
 
 _TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(_TESTS, "train", "helpers.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+import train_helpers as helpers  # registered by tests/conftest.py
 REPO = os.path.dirname(_TESTS)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Float64 NumPy reference: SwAV's distributed_sinkhorn (world size 1) and the cross-modal swapped loss.
 # ----------------------------------------------------------------------------------------------------
-
-
-def swav_sinkhorn_np(out, epsilon, num_iters):
-    Q = np.exp(np.asarray(out, np.float64) / epsilon).T
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= np.sum(Q)
-    for _ in range(num_iters):
-        Q /= np.sum(Q, axis=1, keepdims=True)
-        Q /= K
-        Q /= np.sum(Q, axis=0, keepdims=True)
-        Q /= B
-    Q *= B
-    return Q.T
-
-
-def log_softmax_np(x):
-    shifted = x - x.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
 def ce_np(codes, scores, temperature):

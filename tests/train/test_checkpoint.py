@@ -1,6 +1,5 @@
 """Checkpoints: exact round trip, restore on another mesh (topology change), damaged-latest fallback."""
 import glob
-import importlib.util
 import os
 
 import jax
@@ -11,9 +10,7 @@ from clus_jax.train.checkpoint import Checkpointer, CheckpointError
 from clus_jax.train.loop import build
 from clus_jax.train.state import create_train_state
 
-_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+import train_helpers as helpers  # registered by tests/conftest.py
 
 
 def make_state(config, devices):

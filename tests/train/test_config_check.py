@@ -1,5 +1,4 @@
 """Bad config values fail before compilation with a message naming the key."""
-import importlib.util
 import os
 
 import pytest
@@ -7,9 +6,7 @@ import pytest
 from clus_jax import config_check
 from clus_jax.objectives.registry import ConfigError
 
-_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+import train_helpers as helpers  # registered by tests/conftest.py
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,4 @@
 """User mistakes give one readable error naming the problem, not a stack trace from inside a library."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,9 +8,7 @@ import pytest
 from clus_jax.train import loop
 from clus_jax.train.checkpoint import CheckpointError
 
-_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+import train_helpers as helpers  # registered by tests/conftest.py
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -1,5 +1,4 @@
 """The loop end to end on synthetic data: metrics files, exact resume after a preemption, NaN handling."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,9 +15,7 @@ from clus_jax.train.metrics_writer import read_metrics
 from clus_jax.train.state import create_train_state
 from clus_jax.train.step import build_train_step
 
-_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+import train_helpers as helpers  # registered by tests/conftest.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,5 +1,4 @@
 """A few train steps on meshes (data=8), (data=4, fsdp=2), (data=2, tensor=4) equal one device's."""
-import importlib.util
 import os
 
 import jax
@@ -12,9 +11,7 @@ from clus_jax.train.loop import build
 from clus_jax.train.state import create_train_state
 from clus_jax.train.step import build_train_step
 
-_spec = importlib.util.spec_from_file_location("train_helpers", os.path.join(os.path.dirname(__file__), "helpers.py"))
-helpers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(helpers)
+import train_helpers as helpers  # registered by tests/conftest.py
 
 
 def run_steps(config, devices, batches):
