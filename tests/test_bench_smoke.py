@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
-SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +65,18 @@ def test_input_quick(quick_runs):
 def test_vs_open_clip_quick(quick_runs):
     rows = records(quick_runs, "vs_open_clip.py")
     assert len(rows) == 1 and rows[0]["ratio"] > 0
+
+
+@pytest.mark.slow
+def test_sinkhorn_quick(quick_runs):
+    rows = records(quick_runs, "sinkhorn.py")
+    impls = {r["impl"] for r in rows}
+    assert {"numpy (SwAV)", "jax scaling", "jax log-domain"} <= impls
+    assert all(r["max_abs_diff_vs_numpy"] < 1e-5 and r["vs_numpy"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_profile_step_quick(quick_runs):
+    (row,) = records(quick_runs, "profile_step.py")
+    parts = row["several_ms"] + row["one_thread_ms"] + row["idle_ms"]
+    assert row["thread_ms"] > 0 and abs(parts - row["span_ms"]) <= 1e-6 * row["span_ms"] + 1e-3
