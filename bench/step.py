@@ -91,22 +91,6 @@ def objective_names(args: argparse.Namespace) -> list[str]:
     return sorted(names, key=lambda n: (n != "clip", n))
 
 
-def set_config_value(config, key: str, value: str) -> None:
-    """Sets dotted ``key`` to ``value`` parsed with the type of the current value (bool, int, float, str)."""
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    current = node[leaf]
-    if isinstance(current, bool):
-        parsed = value.lower() in ("1", "true", "yes")
-    elif isinstance(current, (int, float)):
-        parsed = type(current)(value)
-    else:
-        parsed = value
-    node[leaf] = parsed
-
-
 def main() -> None:
     args = parse_args()
     common.reexec_with_malloc(args.malloc)
@@ -114,7 +98,7 @@ def main() -> None:
         common.set_host_devices(args.devices)
     import jax
 
-    from clus_jax import flops
+    from clus_jax import config_base, flops
 
     base = base_config(args)
     steps = 2 if args.quick else args.steps
@@ -136,8 +120,8 @@ def main() -> None:
         config = base.copy_and_resolve_references()
         common.configure_objective(config, "clip", args.num_prototypes)
         for item in filter(None, overrides.split(",")):
-            key, _, value = item.partition("=")
-            set_config_value(config, key.strip(), value.strip())
+            key, _, value = (part.strip() for part in item.partition("="))
+            config_base.set_dotted(config, key, config_base.parse_value(value, config_base.get_dotted(config, key)))
         runners[f"clip[{name}]"] = common.StepRunner(config, devices)
 
     candidates = dict(runners)

@@ -17,6 +17,15 @@ from clus_jax.objectives import registry
 from clus_jax.parallel.partitioning import DEFAULT_RULES
 
 
+def parse_value(text: str, like):
+    """``text`` parsed as the type of ``like`` (bool: anything but '0', 'false', 'no'; None: kept a str)."""
+    if isinstance(like, bool):
+        return text.lower() not in ("0", "false", "no") if text else True
+    if like is not None:
+        return type(like)(text)
+    return text
+
+
 def parse_arg(arg: str | None, **defaults):
     """'a=1,b=x,flag' -> ConfigDict with typed values (types taken from the defaults)."""
     values = dict(defaults)
@@ -24,14 +33,27 @@ def parse_arg(arg: str | None, **defaults):
         key, _, value = item.partition("=")
         if key not in defaults:
             raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-        default = defaults[key]
-        if isinstance(default, bool):
-            values[key] = value.lower() not in ("0", "false", "no") if value else True
-        elif default is not None:
-            values[key] = type(default)(value)
-        else:
-            values[key] = value
+        values[key] = parse_value(value, defaults[key])
     return ml_collections.ConfigDict(values)
+
+
+def get_dotted(config, key: str):
+    """config['a.b.c'], failing with the first missing part of the key."""
+    node = config
+    for i, part in enumerate(key.split(".")):
+        if part not in node:
+            raise KeyError(f"override --config.{key}: config has no key {'.'.join(key.split('.')[:i + 1])!r}")
+        node = node[part]
+    return node
+
+
+def set_dotted(config, key: str, value) -> None:
+    """config['a.b.c'] = value, failing on keys the config does not have or values of the wrong type."""
+    parent, _, leaf = key.rpartition(".")
+    node = get_dotted(config, parent) if parent else config
+    if leaf not in node:
+        raise KeyError(f"override {key!r}: config has no key {key!r}")
+    node[leaf] = value
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -107,15 +107,6 @@ def sweep_points(config_spec: str) -> list[dict[str, Any]]:
     return [dict(p) for p in points]
 
 
-def _set_dotted(config, key: str, value: Any) -> None:
-    """config['a.b.c'] = value, failing on keys the config does not have or values of the wrong type."""
-    parent, _, leaf = key.rpartition(".")
-    node = _get_dotted(config, parent) if parent else config
-    if leaf not in node:
-        raise KeyError(f"sweep override {key!r}: config has no key {key!r}")
-    node[leaf] = value
-
-
 def _parse_cli_override(arg: str) -> tuple[str, str]:
     key, _, value = arg[len("--config."):].partition("=")
     return key, value
@@ -126,7 +117,7 @@ def expand(config_spec: str, workdir: str, common_overrides: Sequence[str] = ())
 
     ``common_overrides`` are ``--config.KEY=VALUE`` strings applied to every run (before the sweep's own).
     """
-    from clus_jax.config_base import load_config
+    from clus_jax.config_base import get_dotted, load_config, set_dotted
 
     points = sweep_points(config_spec)
     common = dict(_parse_cli_override(a) for a in common_overrides)
@@ -135,9 +126,9 @@ def expand(config_spec: str, workdir: str, common_overrides: Sequence[str] = ())
     for index, overrides in enumerate(points):
         config = load_config(config_spec)
         for key in common:
-            _get_dotted(config, key)  # the trainer parses the value; here the key only has to exist
+            get_dotted(config, key)  # the trainer parses the value; here the key only has to exist
         for key, value in overrides.items():
-            _set_dotted(config, key, value)
+            set_dotted(config, key, value)
         total = overrides.get("total_steps", common.get("total_steps", config.total_steps))
         name = run_name(index, overrides)
         runs.append(Run(index, name, overrides, join(workdir, name), int(total)))
@@ -145,15 +136,6 @@ def expand(config_spec: str, workdir: str, common_overrides: Sequence[str] = ())
     if len(set(seen)) != len(seen):
         raise ValueError(f"get_sweep() gives the same overrides twice: {points}")
     return runs
-
-
-def _get_dotted(config, key: str) -> Any:
-    node = config
-    for i, part in enumerate(key.split(".")):
-        if part not in node:
-            raise KeyError(f"override --config.{key}: config has no key {'.'.join(key.split('.')[:i + 1])!r}")
-        node = node[part]
-    return node
 
 
 def train_command(config_spec: str, run: Run, common_overrides: Sequence[str], processes: int = 1) -> list[str]:
