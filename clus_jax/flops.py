@@ -17,6 +17,7 @@ import dataclasses
 from typing import Any, Mapping
 
 from clus_jax.models import sizes
+from clus_jax.models.towers import bank_sizes
 
 CLIP_LIKE = ("clip", "siglip", "clip_reg")
 
@@ -114,9 +115,7 @@ def objective_forward_flops(objective: str, batch_size: int, model_config: Mappi
     if objective in CLIP_LIKE:
         return 2.0 * batch_size * batch_size * d  # one [B, B] logit matrix
     if objective == "swap":
-        protos = _get(model_config, "num_prototypes") or ()
-        protos = (protos,) if isinstance(protos, int) else tuple(protos)
-        return 2.0 * 2.0 * batch_size * d * sum(int(k) for k in protos)  # [B, K] scores for both modalities
+        return 2.0 * 2.0 * batch_size * d * sum(bank_sizes(model_config))  # [B, K] scores for both modalities
     return 0.0
 
 

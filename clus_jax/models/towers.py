@@ -8,6 +8,7 @@ config can freeze them; objectives score embeddings against them.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -100,6 +101,12 @@ def _resolve(size: sizes.TransformerSize, cfg: ml_collections.ConfigDict) -> dic
     return resolved
 
 
+def bank_sizes(model_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``config.model.num_prototypes`` (an int or a list of ints) as a tuple of ints; empty when unset."""
+    value = model_config.get("num_prototypes") or ()
+    return (int(value),) if isinstance(value, numbers.Integral) else tuple(int(k) for k in value)
+
+
 def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
     """Builds the two-tower model from ``config.model`` (sizes by name, any field overridable)."""
     dtype = DTYPES[model_config.get("dtype", "float32")]
@@ -117,14 +124,11 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
         dtype=dtype,
         **_resolve(sizes.text_size(tcfg.size), tcfg),
     )
-    protos = model_config.get("num_prototypes") or ()
-    if isinstance(protos, int):
-        protos = (protos,)
     bias = model_config.get("logit_bias_init")
     return TwoTower(
         image=image, text=text, embed_dim=int(model_config.embed_dim),
         logit_scale_init=float(model_config.get("logit_scale_init", math.log(1 / 0.07))),
         logit_bias_init=None if bias is None else float(bias),
         max_logit_scale=float(model_config.get("max_logit_scale", 100.0)),
-        num_prototypes=tuple(int(k) for k in protos), dtype=dtype,
+        num_prototypes=bank_sizes(model_config), dtype=dtype,
     )

@@ -22,16 +22,6 @@ PARAM_PATTERN = r"^prototypes/"
 LOGICAL_AXES = ("prototypes", "proj")
 
 
-def bank_sizes(model_config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """``config.model.num_prototypes`` (an int or a list of ints) as a tuple; empty when unset."""
-    value = model_config.get("num_prototypes")
-    if value is None:
-        return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(value)
-
-
 def bank_names(num_banks: int) -> list[str]:
     return [f"bank_{i}" for i in range(num_banks)]
 

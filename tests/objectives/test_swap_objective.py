@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from clus_jax import config_base, config_check
+from clus_jax.models.towers import bank_sizes
 from clus_jax.objectives import prototypes, registry, teachers
 from clus_jax.objectives.registry import ConfigError, LossContext
 from clus_jax.objectives.swav_reference import log_softmax_numpy as log_softmax_np
@@ -525,7 +526,7 @@ def test_checkpoint_teacher_without_banks_needs_student_prototypes(tmp_path):
 def test_clus_config_is_valid():
     config = config_base.load_config(os.path.join(REPO, "configs", "clus.py"))
     assert dict(config.objectives) == {"clip": 1.0, "swap": 0.5}
-    assert config.swap.teacher == "ema" and len(prototypes.bank_sizes(config.model)) == 2
+    assert config.swap.teacher == "ema" and len(bank_sizes(config.model)) == 2
     config_check.validate(config, 8)
     short = config_base.load_config(os.path.join(REPO, "configs", "clus.py") + ":steps=40,protos=32+64+128,queue=512")
     assert short.model.num_prototypes == [32, 64, 128] and short.swap.queue_length == 512
