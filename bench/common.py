@@ -19,6 +19,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from clus_jax import hostmem  # noqa: E402  (no jax import: safe before XLA flags are set)
+
 # Architectures of the step and open_clip comparisons. MLP ratio 4 everywhere; batch 128.
 ARCHS: dict[str, dict[str, Any]] = {
     "T": dict(image_size=64, patch_size=8, vision_width=192, vision_layers=6, vision_heads=3, embed_dim=256,
@@ -52,9 +54,7 @@ MALLOC_ENVS: dict[str, dict[str, str]] = {
     # glibc defaults (what a plain PyTorch process gets)
     "system": {"CLUS_JAX_HOST_MALLOC": "system"},
     # one arena, no mmap, no trimming: freed temporaries stay mapped for the next step (clus_jax's default)
-    "retain": {"CLUS_JAX_HOST_MALLOC": "retain",
-               "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                                 "glibc.malloc.trim_threshold=137438953472"},
+    "retain": {"CLUS_JAX_HOST_MALLOC": "retain", "GLIBC_TUNABLES": hostmem.GLIBC_TUNABLES},
     # TCMalloc (Debian/Ubuntu package libtcmalloc-minimal4), never returning memory to the OS
     "tcmalloc": {"CLUS_JAX_HOST_MALLOC": "system", "LD_PRELOAD": "libtcmalloc_minimal.so.4",
                  "TCMALLOC_RELEASE_RATE": "0"},

@@ -30,6 +30,10 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _TRIM_NEVER = 2**31 - 1  # mallopt takes an int
 
+#: The same setting for a whole process from its start, e.g. a PyTorch process compared with this one: glibc
+#: reads ``GLIBC_TUNABLES`` from the environment (tunables take a size_t, so "never trim" is 128 GiB here).
+GLIBC_TUNABLES = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=137438953472"
+
 
 def requested_mode() -> str:
     """The allocator mode asked for by ``CLUS_JAX_HOST_MALLOC`` ('retain' when unset)."""
