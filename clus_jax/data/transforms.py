@@ -234,16 +234,20 @@ class TrainTransform:
         caption = clean_caption(record.get("caption"))
         if caption is None:
             return invalid
-        scale = min(max(float(self.min_crop_scale), 1e-3), 1.0)
         try:
-            # Large enough that even the smallest crop (area ``scale``, aspect 3/4) is not upsampled.
-            min_side = int(math.ceil(self.image_size / math.sqrt(scale * 3 / 4)))
-            img = to_rgb_image(record.get("image"), min_size=min_side)
+            image = self.augment(record.get("image"), epoch=epoch, index=index)
         except InvalidRecord:
             return invalid
-        rng = example_rng(self.seed, epoch, index)
-        image = random_resized_crop(img, self.image_size, rng, min_scale=scale, flip=self.flip)
         return {"image": image, "caption": caption, "valid": True}
+
+    def augment(self, image: ImageLike | None, *, epoch: int, index: int) -> np.ndarray:
+        """The decoded, cropped (and flipped) image of one example; raises InvalidRecord when undecodable."""
+        scale = min(max(float(self.min_crop_scale), 1e-3), 1.0)
+        # Large enough that even the smallest crop (area ``scale``, aspect 3/4) is not upsampled.
+        min_side = int(math.ceil(self.image_size / math.sqrt(scale * 3 / 4)))
+        img = to_rgb_image(image, min_size=min_side)
+        rng = example_rng(self.seed, epoch, index)
+        return random_resized_crop(img, self.image_size, rng, min_scale=scale, flip=self.flip)
 
 
 @dataclasses.dataclass(frozen=True)
