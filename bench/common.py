@@ -114,8 +114,8 @@ def configure_objective(config, objective: str, num_prototypes: int = 3000) -> N
     config.objectives = {objective: 1.0}
     if objective == "siglip" and config.model.get("logit_bias_init") is None:
         config.model.logit_bias_init = -10.0
-    if objective == "swap" and not config.model.get("num_prototypes"):
-        config.model.num_prototypes = num_prototypes
+    if objective == "swap":
+        config.swap.num_prototypes = (int(num_prototypes),)
 
 
 def random_batch(config, seed: int = 0) -> dict[str, Any]:
@@ -136,19 +136,14 @@ class StepRunner:
     def __init__(self, config, devices: Sequence[Any] | None = None):
         import jax
 
-        from clus_jax.parallel import multihost, partitioning
-        from clus_jax.train.loop import build
-        from clus_jax.train.state import create_train_state
-        from clus_jax.train.step import build_train_step
+        from clus_jax.experiment import build
 
         self.config = config
-        mesh, rules, objectives, model, tx, schedule = build(config, devices)
-        obj_only = {name: obj for name, (obj, _) in objectives.items()}
-        self.state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules)
-        self.step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
-        self.batch = multihost.make_global_batch(
-            random_batch(config), lambda nd: partitioning.batch_sharding(mesh, rules, nd))
-        self.mesh, self.rules, self.shardings = mesh, rules, shardings
+        self.experiment = exp = build(config, devices)
+        self.state = exp.init_state()
+        self.step = exp.step
+        self.batch = exp.global_batch(random_batch(config))
+        self.mesh, self.rules, self.shardings = exp.mesh, exp.rules, exp.shardings
         t0 = time.perf_counter()
         self.compiled = self.step.jitted.lower(self.state, self.batch).compile()
         self.compile_s = time.perf_counter() - t0

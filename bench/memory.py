@@ -110,19 +110,14 @@ def compile_step(config, devices) -> tuple[Any, dict[str, Any], float]:
     import flax.linen as nn
     import jax
 
-    from clus_jax.train.loop import build
-    from clus_jax.train.state import create_train_state, dummy_batch
-    from clus_jax.train.step import build_train_step
+    from clus_jax.experiment import build
 
-    mesh, rules, objectives, model, tx, schedule = build(config, devices)
-    obj_only = {name: obj for name, (obj, _) in objectives.items()}
-    state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules, materialize=False)
-    step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
-    shapes = jax.eval_shape(lambda: dummy_batch(config, int(config.batch_size)))
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=step.batch_sharding[k]) for k, v in shapes.items()}
+    exp = build(config, devices)
+    mesh, rules, state = exp.mesh, exp.rules, exp.abstract_state
+    batch = exp.abstract_batch()
     t0 = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = step.jitted.lower(state, batch).compile()
+        compiled = exp.step.jitted.lower(state, batch).compile()
     return compiled, state, time.perf_counter() - t0
 
 

@@ -1,7 +1,7 @@
 """Compiled train-step benchmark: step time, images/s, analytic FLOPs and MFU for every registered objective.
 
 Every objective in ``clus_jax.objectives.registry.names()`` is trained on the same architecture and random
-batch with the trainer's own step (``build`` -> ``create_train_state`` -> ``build_train_step``), and the
+batch with the trainer's own step (``clus_jax.experiment.build``), and the
 candidates are timed in interleaved rounds, so the ratio of each objective to plain CLIP (the cost of its
 loss, e.g. of clustering) comes from one run. MFU follows maxtext: analytic model FLOPs
 (``clus_jax.flops.train_step_flops``: matmuls only, causal attention halved) over step time over peak.

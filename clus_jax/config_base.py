@@ -15,6 +15,7 @@ import ml_collections
 from clus_jax.data.pipeline import default_data_config
 from clus_jax.objectives import registry
 from clus_jax.parallel.partitioning import DEFAULT_RULES
+from clus_jax.train.init_from import default_config as init_from_config
 
 
 def parse_value(text: str, like):
@@ -86,7 +87,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.logit_scale_init = math.log(1 / 0.07)
     c.model.logit_bias_init = ml_collections.FieldReference(None, field_type=float)
     c.model.max_logit_scale = 100.0
-    c.model.num_prototypes = ml_collections.FieldReference(None, field_type=object)
     c.model.dtype = "float32"
     c.model.remat = False
     # The last block of a CLS- or EOT-pooled tower computes only the pooled token (the same values for
@@ -97,6 +97,15 @@ def base_config() -> ml_collections.ConfigDict:
         dict(lr=1e-3, warmup_steps=40, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,
              weight_decay=0.1, grad_clip_norm=1.0)
     )
+
+    # Parameter groups, big_vision style: (regex over parameter paths, options), first match wins; each
+    # objective appends its own after these. Options: lr_mult, decay (None/True/False), trainable_from,
+    # trainable_until, frozen (the whole run: no gradient, no optimizer state). See clus_jax/train/optim.py.
+    # LiT (a frozen image tower): c.param_groups = [(r"^image(_proj)?/", {"frozen": True})]
+    c.param_groups = []
+    # Start from another run's parameters (clus_jax/train/init_from.py): path = workdir or checkpoint,
+    # step (-1 = newest), include / exclude = regexes over parameter paths ('' = all / none).
+    c.init_from = init_from_config()
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
@@ -129,10 +138,20 @@ def apply_args(config: ml_collections.ConfigDict, a: ml_collections.ConfigDict) 
         config.data.source = "synthetic"
 
 
+def load_config_module(path: str):
+    """Imports a config file by path (as ``--config`` does); FileNotFoundError naming it when absent."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if module_spec is None or module_spec.loader is None:
+        raise FileNotFoundError(f"cannot load config file {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """'configs/clip.py:steps=10' -> the ConfigDict that ``--config`` would give."""
     path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_config_module(path)
     return module.get_config(arg) if arg else module.get_config()

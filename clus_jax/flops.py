@@ -2,8 +2,8 @@
 
 Counted: every matrix product of the forward pass of both towers (patch embedding, QKV / output / MLP
 projections, the two attention products QK^T and AV, pooling heads, the projections to the shared
-embedding) and of the objective (the [B, B] logits of contrastive losses, the [B, K] prototype scores of
-clustering losses), at 2 FLOPs per multiply-add. A train step is 3x the forward (the backward pass does
+embedding) and of the objectives (each declares its own: the [B, B] logits of contrastive losses, the
+[B, K] prototype scores of clustering losses), at 2 FLOPs per multiply-add. A train step is 3x the forward (the backward pass does
 two products per forward product). Not counted: embedding lookups, normalisations, activations,
 softmaxes and the optimizer, which are memory-bound and small next to the matmuls.
 
@@ -17,9 +17,6 @@ import dataclasses
 from typing import Any, Mapping
 
 from clus_jax.models import sizes
-from clus_jax.models.towers import bank_sizes
-
-CLIP_LIKE = ("clip", "siglip", "clip_reg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +34,6 @@ class TowerShape:
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None else value
-
-
-def _resolve(size: sizes.TransformerSize, cfg: Mapping[str, Any]) -> dict[str, int]:
-    return {f: int(_get(cfg, f) or getattr(size, f)) for f in ("width", "depth", "heads", "mlp_dim")}
 
 
 def block_forward_flops(t: TowerShape, causal_attention_factor: float = 1.0) -> dict[str, float]:
@@ -66,7 +59,7 @@ def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, 
     """(blocks, patch-embedding input width, number of patches, pooling) of ``config.model.image``."""
     icfg = model_config["image"]
     size = sizes.vit_size(_get(icfg, "size"))
-    r = _resolve(size, icfg)
+    r = sizes.resolve(size, icfg)
     patch = int(_get(icfg, "patch_size") or size.patch_size)
     image_size = int(_get(icfg, "image_size"))
     patches = (image_size // patch) ** 2
@@ -78,7 +71,7 @@ def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, 
 
 def text_tower(model_config: Mapping[str, Any]) -> TowerShape:
     tcfg = model_config["text"]
-    r = _resolve(sizes.text_size(_get(tcfg, "size")), tcfg)
+    r = sizes.resolve(sizes.text_size(_get(tcfg, "size")), tcfg)
     pooled_last = _get(tcfg, "pooling", "eot") == "eot" and bool(_get(model_config, "pooled_last_block", True))
     return TowerShape(int(_get(tcfg, "context_length")), r["width"], r["depth"], r["mlp_dim"],
                       causal=bool(_get(tcfg, "causal", True)), pooled_last=pooled_last)
@@ -109,25 +102,22 @@ def forward_flops_per_example(model_config: Mapping[str, Any], causal_attention_
     return parts
 
 
-def objective_forward_flops(objective: str, batch_size: int, model_config: Mapping[str, Any]) -> float:
-    """Forward matmul FLOPs of one objective on a global batch (0 for unknown objectives)."""
-    d = int(_get(model_config, "embed_dim"))
-    if objective in CLIP_LIKE:
-        return 2.0 * batch_size * batch_size * d  # one [B, B] logit matrix
-    if objective == "swap":
-        return 2.0 * 2.0 * batch_size * d * sum(bank_sizes(model_config))  # [B, K] scores for both modalities
-    return 0.0
-
-
 def train_step_flops(config: Mapping[str, Any], batch_size: int | None = None, *,
-                     causal_attention_factor: float = 0.5, include_objectives: bool = True) -> float:
-    """Model FLOPs of one train step on the global batch: 3 x (towers + objectives) forward."""
+                     causal_attention_factor: float = 0.5, include_objectives: bool = True,
+                     modalities: tuple[str, ...] = ("image", "text")) -> float:
+    """Model FLOPs of one train step on the global batch: 3 x (towers + objectives) forward.
+
+    Only the towers in ``modalities`` count (an image-only run never runs the text tower); each
+    objective declares its own FLOPs (``Objective.forward_flops``).
+    """
     b = int(batch_size if batch_size is not None else _get(config, "batch_size"))
-    model = config["model"]
-    fwd = b * forward_flops_per_example(model, causal_attention_factor)["total"]
+    parts = forward_flops_per_example(config["model"], causal_attention_factor)
+    fwd = b * sum(v for k, v in parts.items() if k != "total" and k.split("_")[0] in modalities)
     if include_objectives:
+        from clus_jax.objectives import registry
+
         objectives = dict(_get(config, "objectives", {}))
-        fwd += sum(objective_forward_flops(name, b, model) for name, w in objectives.items() if float(w))
+        fwd += sum(registry.get(name).forward_flops(config, b) for name, w in objectives.items() if float(w))
     return 3.0 * fwd
 
 

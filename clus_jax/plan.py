@@ -77,28 +77,21 @@ def make_plan(config, mesh_override: Mapping[str, int] | None = None) -> dict[st
     import flax.linen as nn
     import jax
 
+    from clus_jax.experiment import build
     from clus_jax.parallel import mesh as mesh_lib
-    from clus_jax.train.loop import build
-    from clus_jax.train.state import create_train_state, dummy_batch
-    from clus_jax.train.step import build_train_step
 
     if mesh_override:
         config = config.copy_and_resolve_references()
         with config.unlocked():
             for axis, size in mesh_override.items():
                 config.mesh[axis] = int(size)
-    mesh, rules, objectives, model, tx, schedule = build(config)
-    obj_only = {name: obj for name, (obj, _) in objectives.items()}
-    abstract_state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules, materialize=False)
-    step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
-
+    exp = build(config)
+    mesh, rules, abstract_state = exp.mesh, exp.rules, exp.abstract_state
     batch_size = int(config.batch_size)
-    batch_shapes = jax.eval_shape(lambda: dummy_batch(config, batch_size))
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=step.batch_sharding[k])
-                      for k, v in batch_shapes.items()}
+    abstract_batch = exp.abstract_batch(batch_size)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = step.jitted.lower(abstract_state, abstract_batch).compile()
+        compiled = exp.step.jitted.lower(abstract_state, abstract_batch).compile()
     stats = compiled.memory_analysis()
 
     groups = {

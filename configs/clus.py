@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
                          weight=0.5, protos="64+256", teacher="ema", queue=0)
     config = common.base_config()
     config.objectives = {"clip": 1.0, "swap": a.weight}
-    config.model.num_prototypes = [int(k) for k in a.protos.split("+")]
+    config.swap.num_prototypes = [int(k) for k in a.protos.split("+")]
     config.swap.update(dict(
         temperature=0.1, epsilon=0.05, sinkhorn_iters=3,
         freeze_prototypes_steps=50,

@@ -58,3 +58,11 @@ def vit_size(name: str) -> TransformerSize:
 
 def text_size(name: str) -> TransformerSize:
     return TransformerSize(*_lookup(TEXT_SIZES, name, "text"))
+
+
+def resolve(size: TransformerSize, overrides) -> dict[str, int]:
+    """width, depth, heads and mlp_dim of ``size``, each replaced by a nonzero value of ``overrides``.
+
+    ``overrides`` is a tower's config node (``config.model.image`` or ``.text``: a ConfigDict or dict).
+    """
+    return {f: int(overrides.get(f) or getattr(size, f)) for f in ("width", "depth", "heads", "mlp_dim")}

@@ -1,21 +1,19 @@
-"""Two towers, projection heads to a shared embedding, logit scale/bias, and prototype banks.
+"""Two towers, projection heads to a shared embedding, and the logit scale/bias.
 
 The model returns per-example outputs that objectives consume (``image_emb``, ``text_emb``, both L2
-normalised in float32, plus ``logit_scale`` and ``logit_bias``). Prototype banks are ordinary parameters
-(``params['prototypes']['bank_<i>']``, shape [K_i, embed_dim]) so the optimizer sees them and a
-config can freeze them; objectives score embeddings against them.
+normalised in float32, plus ``logit_scale`` and ``logit_bias``). It holds no method's parameters:
+prototype banks, class centres and the like belong to the objectives (``Objective.init_params``).
 """
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
+from clus_jax.data import fields
 from clus_jax.models import sizes
 from clus_jax.models.layers import Dtype, dense_init
 from clus_jax.models.text import TextTransformer
@@ -29,25 +27,6 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def normalized_rows_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
-    """Gaussian rows scaled to unit length (prototypes start on the sphere)."""
-    return l2_normalize(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
-class PrototypeBanks(nn.Module):
-    """Bias-free prototype matrices, one per requested size (several sizes = several clusterings)."""
-
-    num_prototypes: tuple[int, ...]
-    embed_dim: int
-
-    @nn.compact
-    def __call__(self) -> list[jax.Array]:
-        return [
-            self.param(f"bank_{i}", nn.with_logical_partitioning(normalized_rows_init, ("prototypes", "proj")), (k, self.embed_dim))
-            for i, k in enumerate(self.num_prototypes)
-        ]
-
-
 class TwoTower(nn.Module):
     image: nn.Module
     text: nn.Module
@@ -55,7 +34,6 @@ class TwoTower(nn.Module):
     logit_scale_init: float = math.log(1 / 0.07)
     logit_bias_init: float | None = None
     max_logit_scale: float = 100.0
-    num_prototypes: tuple[int, ...] = ()
     dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
@@ -70,8 +48,6 @@ class TwoTower(nn.Module):
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), ())
         if self.logit_bias_init is not None:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(self.logit_bias_init), ())
-        if self.num_prototypes:
-            self.prototypes = PrototypeBanks(tuple(self.num_prototypes), self.embed_dim)
 
     def encode_image(self, images: jax.Array) -> jax.Array:
         return l2_normalize(self.image_proj(self.image(images)))
@@ -79,32 +55,18 @@ class TwoTower(nn.Module):
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         return l2_normalize(self.text_proj(self.text(tokens)))
 
-    def __call__(self, images: jax.Array, tokens: jax.Array) -> dict[str, jax.Array]:
-        out = {
-            "image_emb": self.encode_image(images),
-            "text_emb": self.encode_text(tokens),
-            # Clamped like open_clip (logit_scale.clamp(0, ln 100)), applied on the way out.
-            "logit_scale": jnp.exp(jnp.clip(self.logit_scale, 0.0, math.log(self.max_logit_scale))),
-        }
+    def __call__(self, images: jax.Array | None, tokens: jax.Array | None) -> dict[str, jax.Array]:
+        """Outputs for the modalities given; a tower whose input is None does not run."""
+        out = {}
+        if images is not None:
+            out["image_emb"] = self.encode_image(images)
+        if tokens is not None:
+            out["text_emb"] = self.encode_text(tokens)
+        # Clamped like open_clip (logit_scale.clamp(0, ln 100)), applied on the way out.
+        out["logit_scale"] = jnp.exp(jnp.clip(self.logit_scale, 0.0, math.log(self.max_logit_scale)))
         if self.logit_bias_init is not None:
             out["logit_bias"] = self.logit_bias
-        if self.num_prototypes:
-            self.prototypes()  # creates the banks at init; objectives read them from params
         return out
-
-
-def _resolve(size: sizes.TransformerSize, cfg: ml_collections.ConfigDict) -> dict[str, int]:
-    resolved = {}
-    for field in ("width", "depth", "heads", "mlp_dim"):
-        override = cfg.get(field)
-        resolved[field] = int(override) if override else getattr(size, field)
-    return resolved
-
-
-def bank_sizes(model_config: ml_collections.ConfigDict) -> tuple[int, ...]:
-    """``config.model.num_prototypes`` (an int or a list of ints) as a tuple of ints; empty when unset."""
-    value = model_config.get("num_prototypes") or ()
-    return (int(value),) if isinstance(value, numbers.Integral) else tuple(int(k) for k in value)
 
 
 def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
@@ -116,19 +78,27 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
     isize = sizes.vit_size(icfg.size)
     patch = icfg.get("patch_size") or isize.patch_size
     image = VisionTransformer(
-        patch_size=int(patch), pooling=icfg.get("pooling", "cls"), pooled_last_block=pooled, remat=remat, dtype=dtype, **_resolve(isize, icfg)
+        patch_size=int(patch), pooling=icfg.get("pooling", "cls"), pooled_last_block=pooled, remat=remat, dtype=dtype, **sizes.resolve(isize, icfg)
     )
     text = TextTransformer(
         vocab_size=int(tcfg.vocab_size), context_length=int(tcfg.context_length),
         causal=bool(tcfg.get("causal", True)), pooling=tcfg.get("pooling", "eot"), pooled_last_block=pooled, remat=remat,
         dtype=dtype,
-        **_resolve(sizes.text_size(tcfg.size), tcfg),
+        **sizes.resolve(sizes.text_size(tcfg.size), tcfg),
     )
     bias = model_config.get("logit_bias_init")
     return TwoTower(
         image=image, text=text, embed_dim=int(model_config.embed_dim),
         logit_scale_init=float(model_config.get("logit_scale_init", math.log(1 / 0.07))),
         logit_bias_init=None if bias is None else float(bias),
-        max_logit_scale=float(model_config.get("max_logit_scale", 100.0)),
-        num_prototypes=bank_sizes(model_config), dtype=dtype,
+        max_logit_scale=float(model_config.get("max_logit_scale", 100.0)), dtype=dtype,
     )
+
+
+def init_inputs(model_config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, np.ndarray]:
+    """Placeholder 'image' and 'text' inputs with the model's shapes (for ``model.init`` and shapes)."""
+    model_fields = {
+        fields.IMAGE: fields.image_field(int(model_config.image.image_size)),
+        fields.TEXT: fields.text_field(int(model_config.text.context_length)),
+    }
+    return fields.zeros_batch(model_fields, batch_size)

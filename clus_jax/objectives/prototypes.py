@@ -1,12 +1,15 @@
-"""Prototype banks as the swap objective sees them: sizes, unit-row rewrite, scores, mesh placement.
+"""Prototype banks of the swap objective: sizes, initialisation, unit-row rewrite, scores, mesh placement.
 
-The banks are model parameters ``params['prototypes']['bank_<i>']`` of shape [K_i, D] with logical axes
-('prototypes', 'proj'). Several banks of different sizes are several clusterings trained side by side.
+The banks are the swap objective's own parameters ``params['swap']['bank_<i>']`` of shape [K_i, D] with
+logical axes ('prototypes', 'proj'), sized by ``config.swap.num_prototypes``. Several banks of different
+sizes are several clusterings trained side by side.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -17,13 +20,32 @@ from clus_jax.parallel import partitioning
 PyTree = Any
 AxisSpec = str | tuple[str, ...] | None
 
-#: Parameter-path regex of every prototype bank (paths as ``clus_jax.train.optim.path_str`` writes them).
-PARAM_PATTERN = r"^prototypes/"
+#: Where the banks live in the parameter tree, and the regex of their paths (as ``optim.path_str`` writes them).
+PARAMS_KEY = "swap"
+PARAM_PATTERN = r"^swap/"
 LOGICAL_AXES = ("prototypes", "proj")
 
 
 def bank_names(num_banks: int) -> list[str]:
     return [f"bank_{i}" for i in range(num_banks)]
+
+
+def bank_sizes(swap_config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """``config.swap.num_prototypes`` (an int or a list of ints) as a tuple of ints; empty when unset."""
+    value = swap_config.get("num_prototypes") or ()
+    return (int(value),) if isinstance(value, numbers.Integral) else tuple(int(k) for k in value)
+
+
+def normalized_rows_init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+    """Gaussian rows scaled to unit length (prototypes start on the sphere)."""
+    return normalize_rows(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def init_banks(rng: jax.Array, sizes: Sequence[int], embed_dim: int) -> dict[str, nn.LogicallyPartitioned]:
+    """One [K_i, embed_dim] bank of unit rows per size, boxed with the banks' logical axes."""
+    init = nn.with_logical_partitioning(normalized_rows_init, LOGICAL_AXES)
+    keys = jax.random.split(rng, len(sizes))
+    return {name: init(key, (int(k), int(embed_dim))) for name, key, k in zip(bank_names(len(sizes)), keys, sizes)}
 
 
 def normalize_rows(bank: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -34,8 +56,8 @@ def normalize_rows(bank: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def normalize_banks(params: PyTree) -> PyTree:
     """``params`` with every prototype bank rewritten to unit rows (other entries untouched)."""
-    banks = params["prototypes"]
-    return {**params, "prototypes": {name: normalize_rows(bank) for name, bank in banks.items()}}
+    banks = params[PARAMS_KEY]
+    return {**params, PARAMS_KEY: {name: normalize_rows(bank) for name, bank in banks.items()}}
 
 
 def scores(embeddings: jax.Array, bank: jax.Array) -> jax.Array:

@@ -1,8 +1,10 @@
 """The seam every method plugs into: objectives registered by name and summed by weight.
 
-An objective owns its knobs (``config.<name>``), any state that is not a parameter (queues, EMA teachers),
-and optional hooks around the optimizer step. The train step calls these hooks for every objective in
-``config.objectives`` and never asks which method is running.
+An objective owns its knobs (``config.<name>``), its own parameters (``params[<name>]``: prototype banks,
+class centres), any state that is not a parameter (queues, EMA teachers), the extra per-example batch
+fields it needs, its parameter groups (learning-rate multipliers, freezing) and its share of the model
+FLOPs. The train step calls these hooks for every objective in ``config.objectives`` and never asks which
+method is running.
 """
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ class ConfigError(ValueError):
 class LossContext:
     """Everything an objective may read inside the jitted step.
 
-    outputs: model outputs for the global batch ('image_emb', 'text_emb' [B, D] L2-normalised float32,
-        'logit_scale', optional 'logit_bias').
-    params: current parameters (after ``prepare_params``), e.g. ``params['prototypes']``.
+    outputs: model outputs for the global batch ('image_emb' and/or 'text_emb' [B, D] L2-normalised
+        float32, for the modalities the batch holds; 'logit_scale', optional 'logit_bias').
+    params: all current parameters (after ``prepare_params``): the towers' entries and every objective's
+        own subtree, e.g. ``params['swap']``.
     state: this objective's own state (from ``init_state``).
-    batch: the global batch ('image', 'text'), for objectives that run a teacher.
-    apply_model: ``apply_model(params, batch) -> outputs`` runs the two towers (teachers reuse it).
+    batch: the global batch ('image', 'text' and any declared extra fields).
+    apply_model: ``apply_model(model_params, batch) -> outputs`` runs the towers on the modalities in
+        ``batch``; ``model_params`` are the towers' entries only (``model_params(params)``), so a
+        teacher holding a copy of the towers runs it without borrowing anything.
     mesh / batch_axes: for shard_map islands; the batch is split over ``batch_axes``.
     """
 
@@ -55,13 +60,36 @@ class Objective:
     def validate(self, config: ml_collections.ConfigDict) -> None:
         """Raises ConfigError naming the key when ``config`` cannot work with this objective."""
 
-    def init_state(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
-        """Non-parameter state. Leaves may be ``nn.LogicallyPartitioned`` boxes to choose their sharding."""
+    def init_params(self, rng: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
+        """This objective's own parameters, placed at ``params[<name>]``; {} for none.
+
+        Leaves may be ``nn.LogicallyPartitioned`` boxes (``nn.with_logical_partitioning``) to choose their
+        sharding from the logical-axis rules, like the towers' parameters.
+        """
         return {}
 
-    def freeze_rules(self, config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
-        """(param-path regex, until_step) pairs: matching params are frozen by optimizer masking."""
+    def init_state(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
+        """Non-parameter state. Leaves may be ``nn.LogicallyPartitioned`` boxes to choose their sharding.
+
+        ``params`` is the whole boxed initial parameter tree (towers and every objective's subtree).
+        """
+        return {}
+
+    def modalities(self, config: ml_collections.ConfigDict) -> tuple[str, ...]:
+        """Which towers this objective reads ('image', 'text'); a tower no objective reads does not run."""
+        return ("image", "text")
+
+    def batch_fields(self, config: ml_collections.ConfigDict) -> dict[str, Any]:
+        """Extra per-example batch fields, name -> ``clus_jax.data.fields.FieldSpec`` (e.g. cluster labels)."""
+        return {}
+
+    def param_groups(self, config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+        """(param-path regex, options) pairs, appended after ``config.param_groups`` (see train/optim.py)."""
         return []
+
+    def forward_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
+        """Matmul FLOPs of this objective's forward on a global batch (for MFU; 0 when negligible)."""
+        return 0.0
 
     def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         """Rewrites parameters at the start of each step (e.g. re-normalising prototype rows)."""
@@ -98,6 +126,12 @@ def get(name: str) -> Objective:
 def names() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)
+
+
+def model_params(params: PyTree) -> PyTree:
+    """The towers' entries of a parameter tree: every top-level entry that is not an objective's own."""
+    owned = set(names())
+    return {k: v for k, v in params.items() if k not in owned}
 
 
 def _load_builtin() -> None:

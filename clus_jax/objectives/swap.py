@@ -20,6 +20,9 @@ What is inferred here (a reconstruction, not the paper's published method):
     teacher of one modality guides the student of the other (``teacher='ema'``); the alternative reading,
     a frozen pretrained teacher, is ``teacher='checkpoint'``. With ``teacher='none'`` the student's own
     codes are used, as in SwAV.
+The banks are the objective's own parameters (``params['swap']['bank_<i>']``, sizes from
+``config.swap.num_prototypes``); a teacher holds its own copy of the towers and the banks in the
+objective's state.
 SwAV practice kept: prototype rows re-normalised at the start of every step by rewriting the parameters,
 prototypes frozen through optimizer masking for the first ``freeze_prototypes_steps``, queue rows
 re-scored with the current prototypes and used only once full, codes kept for the current batch only.
@@ -156,15 +159,25 @@ def _bank_on_mesh(args: dict[str, jax.Array], ctx: registry.LossContext, proto_a
 
 def _teacher_outputs(ctx: registry.LossContext) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
     """Teacher embeddings and teacher prototype banks (None: score with the student's banks)."""
-    teacher = dict(ctx.state["teacher"])
-    own_banks = "prototypes" in teacher and ctx.config.swap.teacher_prototypes == "teacher"
-    if "prototypes" not in teacher:
-        teacher["prototypes"] = ctx.params["prototypes"]  # the model needs banks to run; they do not change outputs
-    teacher = lax.stop_gradient(teacher)
-    outputs = ctx.apply_model(teacher, ctx.batch)
+    teacher = lax.stop_gradient(ctx.state["teacher"])
+    outputs = ctx.apply_model(teacher["towers"], ctx.batch)
     embeddings = {m: lax.stop_gradient(outputs[f"{m}_emb"]) for m in ("image", "text")}
-    banks = {n: prototypes.normalize_rows(b) for n, b in teacher["prototypes"].items()} if own_banks else None
+    own_banks = "banks" in teacher and ctx.config.swap.teacher_prototypes == "teacher"
+    banks = {n: prototypes.normalize_rows(b) for n, b in teacher["banks"].items()} if own_banks else None
     return embeddings, banks
+
+
+def _teacher_source(params: PyTree, config: ml_collections.ConfigDict) -> dict[str, PyTree]:
+    """What a teacher copies of the student: the towers and, unless scored by the student's, the banks."""
+    source = {"towers": registry.model_params(params)}
+    if config.swap.teacher == "ema" or config.swap.teacher_prototypes == "teacher":
+        source["banks"] = params[prototypes.PARAMS_KEY]
+    return source
+
+
+def _as_saved(source: dict[str, PyTree]) -> PyTree:
+    """A teacher source laid out as a saved student's parameters (towers' entries, banks under 'swap')."""
+    return {**source["towers"], **({prototypes.PARAMS_KEY: source["banks"]} if "banks" in source else {})}
 
 
 def _number(config: ml_collections.ConfigDict, key: str, *, minimum: float = 0, strict: bool = False,
@@ -184,6 +197,7 @@ class Swap(registry.Objective):
 
     name = "swap"
     defaults = {
+        "num_prototypes": (3000,),  # one bank per size (several sizes = several clusterings); SwAV uses 3000
         "temperature": 0.1,  # softmax temperature of the predictions (SwAV)
         "epsilon": 0.05,  # Sinkhorn entropic regularisation; SwAV suggests 0.03 against collapse
         "sinkhorn_iters": 3,
@@ -200,11 +214,11 @@ class Swap(registry.Objective):
     }
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
-        sizes = config.model.get("num_prototypes")
+        sizes = config.swap.get("num_prototypes")
         sizes = [sizes] if isinstance(sizes, numbers.Integral) else sizes
         if not sizes or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > 0 for k in sizes):
             raise registry.ConfigError(
-                f"config.model.num_prototypes={config.model.get('num_prototypes')!r}: objective 'swap' needs one or "
+                f"config.swap.num_prototypes={config.swap.get('num_prototypes')!r}: objective 'swap' needs one or "
                 "more prototype banks, e.g. 3000 or [3000, 10000]"
             )
         _number(config, "temperature", strict=True)
@@ -232,8 +246,6 @@ class Swap(registry.Objective):
             self._validate_checkpoint(config)
 
     def _validate_checkpoint(self, config: ml_collections.ConfigDict) -> None:
-        from clus_jax.models.towers import build_model
-
         path, step = config.swap.teacher_checkpoint, _checkpoint_step(config)
         if not path:
             raise registry.ConfigError("config.swap.teacher_checkpoint must name a workdir or checkpoint directory "
@@ -242,17 +254,11 @@ class Swap(registry.Objective):
             saved = teachers.saved_param_shapes(path, step)
         except (FileNotFoundError, ValueError) as e:
             raise registry.ConfigError(f"config.swap.teacher_checkpoint={path!r}: {e}") from None
-        size = int(config.model.image.image_size)
-        images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.uint8)
-        tokens = jax.ShapeDtypeStruct((1, int(config.model.text.context_length)), jnp.int32)
-        model = build_model(config.model)
-        expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(images.shape, images.dtype),
-                                                     jnp.zeros(tokens.shape, tokens.dtype)))["params"]
-        expected = dict(teachers.unboxed(expected))
-        saved = dict(saved)
-        if config.swap.teacher_prototypes == "student":
-            expected.pop("prototypes", None)
-            saved.pop("prototypes", None)
+        from clus_jax.experiment import abstract_params
+
+        student = abstract_params(config)
+        expected = _as_saved(teachers.unboxed(_teacher_source(student, config)))
+        saved = {k: v for k, v in dict(saved).items() if k in expected}
         problems = teachers.shape_mismatches(expected, saved)
         if problems:
             raise registry.ConfigError(
@@ -261,27 +267,38 @@ class Swap(registry.Objective):
                    " (set config.swap.teacher_prototypes='student' to use a teacher saved without these banks)")
             )
 
+    def init_params(self, rng: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
+        return prototypes.init_banks(rng, prototypes.bank_sizes(config.swap), int(config.model.embed_dim))
+
     def init_state(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         cfg, state = config.swap, {}
         if int(cfg.queue_length):
             state["queue"] = feature_queue.init(int(cfg.queue_length), int(config.batch_size), int(config.model.embed_dim))
         if cfg.teacher == "ema":
-            state["teacher"] = dict(params)  # the boxed student: the teacher is sharded like it
+            state["teacher"] = _teacher_source(params, config)  # boxed student leaves: sharded like the student
         elif cfg.teacher == "checkpoint":
-            exclude = ("prototypes",) if cfg.teacher_prototypes == "student" else ()
-            like = {k: v for k, v in params.items() if k not in exclude}
-            state["teacher"] = teachers.restore_in_init(cfg.teacher_checkpoint, _checkpoint_step(config), like, exclude)
+            source = _teacher_source(params, config)
+            saved = teachers.restore_in_init(cfg.teacher_checkpoint, _checkpoint_step(config), _as_saved(source))
+            state["teacher"] = {"towers": {k: saved[k] for k in source["towers"]}}
+            if "banks" in source:
+                state["teacher"]["banks"] = saved[prototypes.PARAMS_KEY]
         return state
 
-    def freeze_rules(self, config: ml_collections.ConfigDict) -> list[tuple[str, int]]:
-        return [(prototypes.PARAM_PATTERN, int(config.swap.freeze_prototypes_steps))]
+    def param_groups(self, config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+        steps = int(config.swap.freeze_prototypes_steps)
+        return [(prototypes.PARAM_PATTERN, {"trainable_from": steps})] if steps > 0 else []
+
+    def forward_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
+        """[B, K] prototype scores of both modalities, for every bank."""
+        d = int(config.model.embed_dim)
+        return 2.0 * 2.0 * batch_size * d * sum(prototypes.bank_sizes(config.swap))
 
     def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         return prototypes.normalize_banks(params)
 
     def loss(self, ctx: registry.LossContext) -> tuple[jax.Array, dict[str, jax.Array], PyTree]:
         cfg = ctx.config.swap
-        banks = ctx.params["prototypes"]
+        banks = ctx.params[prototypes.PARAMS_KEY]
         state = dict(ctx.state)
         student = {m: ctx.outputs[f"{m}_emb"] for m in ("image", "text")}
         if "teacher" in state:
@@ -318,7 +335,7 @@ class Swap(registry.Objective):
         if cfg.teacher != "ema":
             return state  # a checkpoint teacher stays frozen
         m = teachers.momentum(step, float(cfg.teacher_momentum), float(cfg.teacher_momentum_final), int(config.total_steps))
-        return {**state, "teacher": teachers.ema_update(state["teacher"], params, m)}
+        return {**state, "teacher": teachers.ema_update(state["teacher"], _teacher_source(params, config), m)}
 
 
 def _checkpoint_step(config: ml_collections.ConfigDict) -> int | None:

@@ -16,12 +16,13 @@ import math
 import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from clus_jax.parallel.partitioning import is_box
 
 PyTree = Any
 
@@ -67,16 +68,19 @@ def saved_param_shapes(path: str, step: int | None = None) -> PyTree:
     return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), np.dtype(m.dtype)), tree["params"])
 
 
-def load_params(path: str, step: int | None = None, *, exclude: Sequence[str] = ()) -> PyTree:
+def load_params(path: str, step: int | None = None, *, exclude: Sequence[str] = (),
+                include: Sequence[str] | None = None) -> PyTree:
     """The ``params`` subtree of a saved clus_jax train state as host NumPy arrays.
 
     Args:
       path: a workdir, its ``checkpoints`` folder, or one step's folder.
       step: which step; the newest finished one when None.
-      exclude: top-level parameter groups not to read (e.g. ``('prototypes',)``).
+      exclude: top-level parameter entries not to read (e.g. ``('swap',)``).
+      include: if given, only these top-level entries are read (those the checkpoint has).
     """
     directory = resolve_checkpoint(path, step)
-    shapes = {k: v for k, v in saved_param_shapes(path, step).items() if k not in exclude}
+    shapes = {k: v for k, v in saved_param_shapes(path, step).items()
+              if k not in exclude and (include is None or k in include)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), shapes)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
         restored = checkpointer.restore(
@@ -96,28 +100,25 @@ def shape_mismatches(expected: PyTree, got: PyTree) -> list[str]:
     return problems
 
 
-def _is_box(x: Any) -> bool:
-    return isinstance(x, nn.LogicallyPartitioned)
-
-
 def unboxed(tree: PyTree) -> PyTree:
     """Values of the logical-axis boxes in ``tree`` (works on abstract trees too; applies no constraint)."""
-    return jax.tree.map(lambda b: b.value if _is_box(b) else b, tree, is_leaf=_is_box)
+    return jax.tree.map(lambda b: b.value if is_box(b) else b, tree, is_leaf=is_box)
 
 
-def restore_in_init(path: str, step: int | None, like: PyTree, exclude: Sequence[str] = ()) -> PyTree:
+def restore_in_init(path: str, step: int | None, like: PyTree) -> PyTree:
     """Saved params shaped like the boxed tree ``like``, as traced values inside an init function.
 
-    The result keeps the logical-axis boxes of ``like`` so the teacher is placed like the student.
+    Only ``like``'s top-level entries are read. The result keeps the logical-axis boxes of ``like`` so
+    the loaded parameters are placed like the ones they stand for.
     """
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unboxed(like))
 
     def load() -> PyTree:
-        loaded = load_params(path, step, exclude=exclude)
+        loaded = load_params(path, step, include=tuple(shapes))
         problems = shape_mismatches(shapes, loaded)
         if problems:
-            raise ValueError(f"teacher checkpoint {path!r} does not match the model: " + "; ".join(problems[:10]))
+            raise ValueError(f"checkpoint {path!r} does not match the model: " + "; ".join(problems[:10]))
         return jax.tree.map(lambda s, x: np.asarray(x, s.dtype), shapes, loaded)
 
     loaded = jax.pure_callback(load, shapes)
-    return jax.tree.map(lambda b, x: b.replace_boxed(x) if _is_box(b) else x, like, loaded, is_leaf=_is_box)
+    return jax.tree.map(lambda b, x: b.replace_boxed(x) if is_box(b) else x, like, loaded, is_leaf=is_box)

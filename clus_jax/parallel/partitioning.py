@@ -62,7 +62,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Ru
     return P(*spec)
 
 
-def _is_box(x: Any) -> bool:
+def is_box(x: Any) -> bool:
     return isinstance(x, nn.LogicallyPartitioned)
 
 
@@ -70,11 +70,11 @@ def shardings_for(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedSharding for every leaf of a (possibly boxed, possibly abstract) tree; unboxed leaves replicate."""
 
     def one(leaf: Any) -> NamedSharding:
-        if _is_box(leaf):
+        if is_box(leaf):
             return NamedSharding(mesh, logical_to_spec(leaf.names, leaf.value.shape, rules, mesh))
         return NamedSharding(mesh, P())
 
-    return jax.tree.map(one, boxed_tree, is_leaf=_is_box)
+    return jax.tree.map(one, boxed_tree, is_leaf=is_box)
 
 
 def unbox(tree: Any) -> Any:

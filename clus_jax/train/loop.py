@@ -11,21 +11,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from clus_jax import config_check
 from clus_jax.data.pipeline import create_train_iterator
 from clus_jax.data.tokenizers import create_tokenizer
 from clus_jax.evaluate.runner import evaluate
-from clus_jax.models.towers import build_model
+from clus_jax.experiment import build
 from clus_jax.objectives import registry
-from clus_jax.parallel import mesh as mesh_lib
-from clus_jax.parallel import multihost, partitioning
 from clus_jax.train import faults
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.train.eval_hook import make_encoders
 from clus_jax.train.metrics_writer import MetricWriter
-from clus_jax.train.optim import build_optimizer
-from clus_jax.train.state import create_train_state
-from clus_jax.train.step import build_train_step
 
 log = logging.getLogger("clus_jax")
 
@@ -77,19 +71,6 @@ class _Preemption:
         return self.flag
 
 
-def build(config: ml_collections.ConfigDict, devices: list | None = None):
-    """Everything but the loop: used by the trainer, benchmarks, tests and the memory planner."""
-    devices = list(devices) if devices is not None else jax.devices()
-    config_check.validate(config, len(devices), jax.process_count())
-    mesh = mesh_lib.create_mesh(dict(config.mesh), devices)
-    rules = [tuple(r) for r in config.logical_axis_rules]
-    objectives = {name: (registry.get(name), float(w)) for name, w in dict(config.objectives).items()}
-    model = build_model(config.model)
-    freeze = [rule for obj, _ in objectives.values() for rule in obj.freeze_rules(config)]
-    tx, schedule = build_optimizer(config.optim, int(config.total_steps), freeze)
-    return mesh, rules, objectives, model, tx, schedule
-
-
 def check_workdir(workdir: str) -> None:
     """Fails early, with the path in the message, when the workdir (local or gs://) cannot be written."""
     try:
@@ -104,28 +85,28 @@ def check_workdir(workdir: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
-    mesh, rules, objectives, model, tx, schedule = build(config)
+    exp = build(config)
     check_workdir(workdir)
-    obj_only = {name: obj for name, (obj, _) in objectives.items()}
-    abstract_state, shardings = create_train_state(config, model, tx, obj_only, mesh, rules, materialize=False)
 
     tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
     pcount, pindex = jax.process_count(), jax.process_index()
     data_iter = create_train_iterator(
         config.data, tokenizer=tokenizer, image_size=int(config.model.image.image_size),
         local_batch_size=int(config.batch_size) // pcount, seed=int(config.seed), process_index=pindex, process_count=pcount,
+        fields=exp.fields,
     )
 
     ckpt = Checkpointer(str(epath.Path(workdir) / "checkpoints"), keep=int(config.keep_checkpoints))
     if ckpt.latest_step() is not None:
-        start_step, state = ckpt.restore(abstract_state, data_iter)
+        start_step, state = ckpt.restore(exp.abstract_state, data_iter)
         log.info("resumed from step %d", start_step)
     else:
-        state, _ = create_train_state(config, model, tx, obj_only, mesh, rules)
+        state = exp.init_state()
         start_step = 0
-    step_fn = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
+    step_fn = exp.step
     writer = MetricWriter(workdir)
-    bind_encoders = make_encoders(model, mesh, rules, shardings["params"], tokenizer, int(config.evals.batch_size))
+    bind_encoders = make_encoders(exp.model, exp.mesh, exp.rules, exp.model_params(exp.shardings["params"]), tokenizer,
+                                  int(config.evals.batch_size))
     eval_sets = None
 
     def run_evals(step: int, state) -> dict[str, float]:
@@ -135,13 +116,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not eval_sets:
             return {}
         t0 = time.time()
-        results = evaluate(eval_sets, *bind_encoders(state["params"]))
+        results = evaluate(eval_sets, *bind_encoders(exp.model_params(state["params"])))
         results["eval/seconds"] = time.time() - t0
         writer.write(step, results)
         return results
-
-    def to_global(local):
-        return multihost.make_global_batch(local, lambda nd: partitioning.batch_sharding(mesh, rules, nd))
 
     total = int(config.total_steps)
     preemption = _Preemption()
@@ -183,7 +161,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             t_data = time.time()
             local = next(data_iter)
             skipped_total += int(local.pop("skipped", 0))
-            batch = to_global(local)
+            batch = exp.global_batch(local)
             window["data_wait"] += time.time() - t_data
             state, metrics = step_fn(state, batch)
             step += 1

@@ -1,4 +1,8 @@
-"""The one train step every objective shares: sum of weighted objective losses, AdamW, skip-if-non-finite."""
+"""The one train step every objective shares: sum of weighted objective losses, AdamW, skip-if-non-finite.
+
+It never asks which method runs: objectives are called through their hooks, the batch holds whatever fields
+were declared, and parameters frozen for the run are left out of the gradient.
+"""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -8,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from clus_jax.data import fields
+from clus_jax.objectives import registry
 from clus_jax.objectives.registry import LossContext, Objective
 from clus_jax.parallel import partitioning
 
@@ -21,10 +28,20 @@ def _keep_if(ok: jax.Array, new: PyTree, old: PyTree) -> PyTree:
 
 
 def make_apply_model(model: nn.Module):
-    def apply_model(params: PyTree, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-        return model.apply({"params": params}, batch["image"], batch["text"])
+    def apply_model(model_params: PyTree, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+        return model.apply({"params": model_params}, batch.get(fields.IMAGE), batch.get(fields.TEXT))
 
     return apply_model
+
+
+def _split(tree: PyTree, frozen: list[bool]) -> tuple[list, list]:
+    leaves = jax.tree.leaves(tree)
+    return [x for x, f in zip(leaves, frozen) if not f], [x for x, f in zip(leaves, frozen) if f]
+
+
+def _merge(treedef, frozen: list[bool], trainable: list, fixed: list) -> PyTree:
+    it_t, it_f = iter(trainable), iter(fixed)
+    return jax.tree.unflatten(treedef, [next(it_f) if f else next(it_t) for f in frozen])
 
 
 def build_train_step(
@@ -36,10 +53,18 @@ def build_train_step(
     mesh: Mesh,
     rules,
     state_shardings: PyTree,
+    batch_shardings: Mapping[str, NamedSharding],
+    frozen: PyTree | None = None,
 ):
-    """Returns ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings and donation."""
+    """Returns ``step(state, batch) -> (state, metrics)``, jitted with explicit shardings and donation.
+
+    ``frozen`` (a tree of bools like the params, from ``optim.frozen_mask``) marks parameters frozen
+    for the whole run: no gradient is computed for them, so a frozen tower's backward pass is never
+    built, and they are carried over unchanged.
+    """
     batch_axes = partitioning.batch_axes(mesh, rules)
     apply_model = make_apply_model(model)
+    frozen_leaves = [bool(f) for f in jax.tree.leaves(frozen)] if frozen is not None else []
 
     def train_step(state: PyTree, batch: dict[str, jax.Array]):
         step = state["step"]
@@ -49,7 +74,7 @@ def build_train_step(
             params = obj.prepare_params(params, config)
 
         def loss_fn(p):
-            outputs = apply_model(p, batch)
+            outputs = apply_model(registry.model_params(p), batch)
             total = jnp.zeros([], jnp.float32)
             metrics, new_states = {}, {}
             for i, (name, (obj, weight)) in enumerate(objectives.items()):
@@ -67,9 +92,20 @@ def build_train_step(
                 metrics["logit_bias"] = outputs["logit_bias"]
             return total, (metrics, new_states)
 
-        (loss, (metrics, new_states)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if any(frozen_leaves):
+            treedef = jax.tree.structure(params)
+            trainable, fixed = _split(params, frozen_leaves)
+            fixed = [lax.stop_gradient(x) for x in fixed]
+            (loss, (metrics, new_states)), train_grads = jax.value_and_grad(
+                lambda t: loss_fn(_merge(treedef, frozen_leaves, t, fixed)), has_aux=True)(trainable)
+            grads = _merge(treedef, frozen_leaves, train_grads, [jnp.zeros_like(x) for x in fixed])
+        else:
+            (loss, (metrics, new_states)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, new_opt = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        if any(frozen_leaves):  # bit for bit what was loaded, whatever the optimizer's arithmetic
+            new_params = _merge(jax.tree.structure(params), frozen_leaves, _split(new_params, frozen_leaves)[0],
+                                _split(state["params"], frozen_leaves)[1])
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         new_params = _keep_if(ok, new_params, state["params"])
@@ -94,10 +130,7 @@ def build_train_step(
         }
         return new_state, metrics
 
-    batch_sharding = {
-        "image": partitioning.batch_sharding(mesh, rules, 4),
-        "text": partitioning.batch_sharding(mesh, rules, 2),
-    }
+    batch_sharding = dict(batch_shardings)
     jitted = jax.jit(
         train_step,
         in_shardings=(state_shardings, batch_sharding),
