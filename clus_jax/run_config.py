@@ -1,0 +1,98 @@
+"""``<workdir>/config.json``: the full config of a run, written when it starts and read back to use it.
+
+The file is the plain JSON of the ConfigDict (readable, ``jq .optim.lr``), with every objective's knobs
+``config.<name>.*`` filled in from its defaults, so it says everything the run did. Field references are
+stored as their values. JSON has no tuples: arrays come back as tuples, which every reader of a config
+accepts and which stay hashable (logical-axis rules, bank sizes), so a loaded config builds the same model,
+shardings and train state as the one that was saved.
+"""
+from __future__ import annotations
+
+import json
+import numbers
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+from etils import epath
+
+CONFIG_FILE = "config.json"
+
+
+def _plain(value: Any, key: str) -> Any:
+    """``value`` as JSON-ready Python (numpy scalars and arrays become numbers and lists)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, f"{key}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist(), key)
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (str, bool, numbers.Number)):
+        return value
+    raise TypeError(f"config.{key} = {value!r} ({type(value).__name__}) cannot be written to {CONFIG_FILE}")
+
+
+def _with_objective_knobs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config.to_dict()`` with every objective in ``config.objectives`` given all its default knobs."""
+    from clus_jax.objectives import registry
+
+    out = config.to_dict()
+    for name in dict(config.get("objectives") or {}):
+        defaults = dict(getattr(registry.get(name), "defaults", None) or {})
+        if defaults:
+            out[name] = {**defaults, **(out.get(name) or {})}
+    return out
+
+
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """Writes ``<workdir>/config.json`` (local or gs://, replacing an older one); returns its path."""
+    text = json.dumps(_plain(_with_objective_knobs(config), ""), indent=2) + "\n"
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / CONFIG_FILE
+    tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)
+    return str(path)
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def run_config_path(workdir_or_checkpoint: str) -> epath.Path:
+    """Where the config.json of a workdir, its ``checkpoints`` folder or one step's folder is.
+
+    Raises FileNotFoundError naming the path when there is none.
+    """
+    path = epath.Path(os.path.expanduser(str(workdir_or_checkpoint)))
+    candidates = [path]
+    # <workdir>/checkpoints/<step>/state -> <workdir>: climb only through a checkpoint layout.
+    for name_matches in (lambda n: n == "state", str.isdigit, lambda n: n == "checkpoints"):
+        if name_matches(path.name):
+            path = path.parent
+            candidates.append(path)
+    for candidate in candidates:
+        if (candidate / CONFIG_FILE).exists():
+            return candidate / CONFIG_FILE
+    raise FileNotFoundError(f"no {CONFIG_FILE} for {str(workdir_or_checkpoint)!r} (looked in "
+                            f"{', '.join(repr(str(c)) for c in candidates)})")
+
+
+def load_run_config(workdir_or_checkpoint: str) -> ml_collections.ConfigDict:
+    """The config a run was trained with, from its workdir, ``checkpoints`` folder or one step's folder."""
+    path = run_config_path(workdir_or_checkpoint)
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} holds {type(values).__name__}, expected a JSON object")
+    return ml_collections.ConfigDict(_tuples(values))
