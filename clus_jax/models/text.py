@@ -1,4 +1,4 @@
-"""Transformer text tower over token ids (0 = padding), causal or bidirectional, EOT or mean pooling."""
+"""Transformer text tower over token ids (trailing 0s = padding), causal or bidirectional, EOT or mean pooling."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -33,10 +33,14 @@ class TextTransformer(nn.Module):
         pos = self.param("pos_embed", nn.with_logical_partitioning(dense_init(0.01), (None, "embed")), (self.context_length, self.width))
         x = jnp.take(embed, tokens, axis=0).astype(self.dtype) + pos[:t].astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_BTE)
-        valid = tokens != self.pad_id  # [B, T]
+        # Padding is the run of pad ids after the text; a pad id inside it is a real token (CLIP's BPE
+        # gives id 0 to '!', as in '!~'), so it is attended to, averaged, and never mistaken for the end.
+        positions = jnp.arange(t)[None, :]
+        last = jnp.max(jnp.where(tokens != self.pad_id, positions, -1), axis=1)  # -1: an all-padding row
+        valid = positions <= last[:, None]  # [B, T]
         mask = valid[:, None, None, :]  # keys that are padding are never attended to
         encoder = Encoder(self.depth, self.heads, self.mlp_dim, causal=self.causal, remat=self.remat, dtype=self.dtype, name="encoder")
-        last = jnp.maximum(valid.sum(axis=1) - 1, 0)  # the EOT token: the last one that is not padding
+        last = jnp.maximum(last, 0)  # the EOT token: the last one that is not padding
         if self.pooling == "eot" and self.pooled_last_block:
             return layer_norm(self.dtype, "ln_final")(encoder(x, mask, pooled_index=last))[:, 0]
         x = layer_norm(self.dtype, "ln_final")(encoder(x, mask))
