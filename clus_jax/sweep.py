@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
-import importlib.util
 import inspect
 import json
 import math
@@ -82,18 +81,10 @@ def run_name(index: int, overrides: Mapping[str, Any]) -> str:
     return f"{index}_{short[:80]}"
 
 
-def load_config_module(path: str):
-    """Imports a config file by path (as ``--config`` does)."""
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot load config file {path!r}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def sweep_points(config_spec: str) -> list[dict[str, Any]]:
     """The override dicts of ``config_spec``'s ``get_sweep()``; a file without one gives one empty run."""
+    from clus_jax.config_base import load_config_module
+
     path, _, arg = config_spec.partition(":")
     module = load_config_module(path)
     fn = getattr(module, "get_sweep", None)

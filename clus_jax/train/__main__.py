@@ -4,17 +4,67 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from clus_jax import hostmem
+from clus_jax import cli, hostmem
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :ARG).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _config_spec(args: Sequence[str]) -> str | None:
+    """The value of ``--config`` (either ``--config X`` or ``--config=X``) in ``args``."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        for name in ("--config", "-config"):
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1:]
+            if arg == name and i + 1 < len(args):
+                return args[i + 1]
+    return None
+
+
+def check_config_args(args: Sequence[str]) -> None:
+    """Loads the ``--config`` file and checks that every ``--config.KEY`` override names a key it has.
+
+    Raises ``cli.UsageError`` with one line naming the file, the argument or the key (and the closest
+    existing key) instead of the traceback ml_collections would print while absl parses the flags.
+    """
+    spec = _config_spec(args)
+    if spec is None:
+        return  # absl reports the missing flag
+    from clus_jax import config_base
+
+    try:
+        config = config_base.load_config(spec)
+    except (FileNotFoundError, KeyError, ValueError, SyntaxError) as e:
+        raise cli.UsageError(f"--config {spec}: {cli.exception_text(e)}") from None
+    for arg in args:
+        if arg == "--":
+            break
+        if arg.startswith(("--config.", "-config.")):
+            key = arg.split("config.", 1)[1].partition("=")[0]
+            problem = cli.unknown_key(config, key)
+            if problem:
+                raise cli.UsageError(f"{arg}: {problem}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a mistyped command reported as one ``error: ...`` line (exit code 2)."""
+    try:
+        check_config_args(argv[1:])
+        return flags.FLAGS(argv)
+    except cli.UsageError as e:
+        cli.fail(str(e))
+    except (flags.Error, KeyError, AttributeError, ValueError, OSError) as e:
+        cli.fail(cli.exception_text(e))
 
 
 def main(argv):
@@ -31,8 +81,7 @@ def main(argv):
     try:
         final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(e))
     except (CheckpointError, FileNotFoundError, PermissionError, NonFiniteError) as e:
         # Problems a user can fix get one readable line, not a stack trace from inside a library.
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
@@ -46,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -50,3 +50,22 @@ def test_cli_prints_one_line_for_a_missing_path(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: FileNotFoundError" in proc.stderr and "missing-" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config", "configs/clip.py", "--config.optim.lrr=1e-3"], ["--config.optim.lrr=1e-3", "'optim.lrr'", "did you mean 'optim.lr'?"]),
+    (["--config", "configs/nope.py"], ["configs/nope.py", "does not exist"]),
+    (["--config", "configs/clip.py:stepz=5"], ["configs/clip.py:stepz=5", "'stepz'", "'steps'"]),
+    (["--config=configs/clip.py", "--config.optim.lr=abc"], ["--config.optim.lr=abc", "'abc'"]),
+], ids=["mistyped-key", "missing-file", "mistyped-argument", "unparsable-value"])
+def test_cli_prints_one_line_for_a_mistyped_command(args, named, tmp_path):
+    workdir = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "clus_jax.train", *args, "--workdir", str(workdir)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for name in named:
+        assert name in lines[0]
+    assert not workdir.exists()  # nothing started

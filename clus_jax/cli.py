@@ -1,0 +1,50 @@
+"""What the commands share for a mistyped command: one readable ``error: ...`` line and exit code 2.
+
+A user who mistypes a key, a file or an argument gets the name of what is wrong (and the closest key
+that exists), never a traceback from inside a flags library.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+
+class UsageError(ValueError):
+    """A command-line mistake; its message is the whole error line."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Prints ``error: <message>`` (one line) on stderr and exits with ``code``."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def exception_text(e: BaseException) -> str:
+    """An exception's message on one line (a KeyError's message without its repr quotes)."""
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def unknown_key(config: Any, key: str) -> str | None:
+    """None when the dotted ``key`` exists in ``config``; else why not, with the closest existing key.
+
+    ``unknown_key(config, 'optim.lrr')`` -> ``"config has no key 'optim.lrr'; did you mean 'optim.lr'?"``
+    """
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i])
+        if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, Mapping) and not hasattr(node, "keys"):
+            return f"config.{where} is a value ({node!r}), it has no key {part!r}"
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
+            hint = f"; did you mean {'.'.join([*parts[:i], close[0]])!r}?" if close else \
+                f"; {('config.' + where) if where else 'the config'} has {sorted(str(k) for k in node.keys())}"
+            return f"config has no key {'.'.join(parts[:i + 1])!r}{hint}"
+        node = node[part]
+    return None
