@@ -21,17 +21,35 @@ batching and tokenization, with exactly resumable iterator state.
   min_crop_scale  lower bound of the random-resized-crop area fraction (upper bound 1).
   flip            random horizontal flips (off by default: emoji names say "facing right").
   synthetic_size  number of examples of the synthetic source.
+  side_fields     {field name: path} of side files (``side_fields.py``: a ``.npy`` of ``[N, *shape]`` or
+                  a directory of shards with a ``manifest.json``) holding one row per record of the full
+                  source, keyed by record index. An empty path means "not from a side file". Config
+                  files that use one declare it, e.g. ``config.data.side_fields = {'cluster_labels': ''}``,
+                  so ``--config.data.side_fields.cluster_labels=/path`` can set it (ml_collections
+                  overrides only keys that exist).
+  subset          optional path to the record indices to train on (a ``.npy`` of integers, or a side-file
+                  directory with an ``index`` field): record j is record ``subset[j]`` of the source.
+                  Side fields stay keyed by the original record index.
+
+Batch fields. ``fields`` (``dict[str, FieldSpec]``, see ``fields.py``) declares what a batch holds:
+'image' (decoded and augmented), 'text' (the tokenised caption) and any extra field, read from the
+record's own key of that name or, when ``side_fields`` names it, from its side file at the record's
+original index. None means image + text. A batch has exactly the declared keys plus 'skipped'; without
+'text' no caption is needed or tokenised, without 'image' no image is decoded. A record is invalid
+when a declared field is missing or unusable (an extra field of another shape or kind of number, or
+whose values do not fit the declared dtype).
 
 Order of operations. The global example stream is g = 0, 1, 2, ... (infinite): epoch ``g // N``,
 record ``shuffle_epoch(g % N)`` where every epoch has its own seeded permutation of the N records.
 Process p of n takes g = p, p + n, p + 2n, ..., so one step's local batches of all processes form one
 global batch without overlap (as long as no record is skipped). Each example is decoded and augmented
 with randomness drawn from (seed, epoch, record index); invalid records (undecodable image, empty or
-non-UTF-8 caption, unparsable record) are dropped while filling a batch and counted in ``'skipped'``.
+non-UTF-8 caption, unparsable record, missing or ill-shaped extra field) are dropped while filling a
+batch and counted in ``'skipped'``.
 The iterator state is the position in the stream, so ``set_state(get_state())`` reproduces exactly the
 batches an uninterrupted run would see next, with or without worker processes (the batches do not
-depend on ``num_workers``). A saved state restores into an iterator built with the same source, seed,
-batch size, process count and ``num_workers``.
+depend on ``num_workers``). A saved state restores into an iterator built with the same source, subset,
+seed, batch size, process count and ``num_workers``.
 """
 from __future__ import annotations
 
@@ -47,18 +65,22 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from clus_jax.data import side_fields as side_fields_lib
 from clus_jax.data import sources as sources_lib
 from clus_jax.data import transforms
+from clus_jax.data.fields import IMAGE, TEXT, FieldSpec, extra_fields, image_field
 
 SOURCES = ("embedded", "synthetic", "array_record", "tfds", "tar")
+SKIPPED = "skipped"
 _STREAM_LENGTH = 2**62
 _MAX_CONSECUTIVE_INVALID = 10_000
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """All data config keys, with defaults suited to the embedded dataset.
+    """All data config keys (listed in the module docstring), with defaults suited to the embedded dataset.
 
     Optional strings are typed references, so ``--config.data.path=...`` works from the command line.
+    ``side_fields`` is an empty dict: a config declares the names it uses (see the module docstring).
     """
     optional_str = lambda: ml_collections.FieldReference(None, field_type=str)  # noqa: E731
     return ml_collections.ConfigDict({
@@ -74,6 +96,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         "min_crop_scale": 0.5,
         "flip": False,
         "synthetic_size": 10_000,
+        "side_fields": ml_collections.ConfigDict(),
+        "subset": optional_str(),
     })
 
 
@@ -93,7 +117,40 @@ def resolve_data_config(
         raise ValueError("num_workers and prefetch must be >= 0")
     if not 0.0 < float(merged["min_crop_scale"]) <= 1.0:
         raise ValueError(f"min_crop_scale must be in (0, 1], got {merged['min_crop_scale']}")
+    merged["side_fields"] = _resolve_side_fields(merged["side_fields"])
+    if merged["subset"]:
+        _check_path("config.data.subset", merged["subset"], index_field=True)
     return ml_collections.ConfigDict(merged)
+
+
+def _check_path(key: str, path: Any, index_field: bool = False) -> None:
+    """Raises ValueError naming ``key`` unless ``path`` is a readable side file (or subset)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{key}={path!r} must be a path")
+    if not os.path.exists(os.path.expanduser(os.fspath(path))):
+        raise ValueError(f"{key}={os.fspath(path)!r} does not exist")
+    try:
+        side_fields_lib.SideFieldReader(path, field=side_fields_lib.INDEX_FIELD if index_field else key.split(".")[-1])
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def _resolve_side_fields(side_fields: Any) -> dict[str, str]:
+    """``side_fields`` without the unset (empty) entries, each path checked."""
+    if side_fields is None:
+        return {}
+    if not isinstance(side_fields, Mapping):
+        raise ValueError(f"config.data.side_fields must be a dict of field name -> path, got {side_fields!r}")
+    out = {}
+    for name, path in side_fields.items():
+        key = f"config.data.side_fields.{name}"
+        if name in (IMAGE, TEXT, SKIPPED):
+            raise ValueError(f"{key}: {name!r} cannot come from a side file")
+        if path in (None, ""):
+            continue
+        _check_path(key, path)
+        out[str(name)] = os.fspath(path)
+    return out
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -109,47 +166,116 @@ def shuffled_record_index(position: int, num_records: int, seed: int) -> tuple[i
                                                        seed=_epoch_seed(seed, epoch), rounds=4))
 
 
-class _LoadExample:
-    """Maps a global stream position to a transformed example (picklable, for worker processes)."""
+def _conform(value: Any, spec: FieldSpec) -> np.ndarray:
+    """``value`` as an array of ``spec``; raises ValueError saying why it does not fit.
 
-    def __init__(self, source: Any, transform: Callable[..., dict[str, Any]], seed: int):
+    A flat list of the right size (a ``tf.train.Example`` feature) is reshaped; otherwise the shape must
+    match exactly. Numbers of a compatible kind are cast: integers only when every value fits, floats
+    (rounded to the declared precision) unless a finite value overflows.
+    """
+    if value is None:
+        raise ValueError("missing")
+    try:
+        array = np.asarray(value)
+    except Exception as e:  # Ragged lists and other odd values.
+        raise ValueError(f"not an array ({type(e).__name__})") from None
+    if array.shape != spec.shape:
+        if array.ndim <= 1 and array.size == int(np.prod(spec.shape, dtype=np.int64)):
+            array = array.reshape(spec.shape)
+        else:
+            raise ValueError(f"shape {list(array.shape)}, expected {list(spec.shape)}")
+    if not side_fields_lib.castable(array.dtype, spec.dtype):
+        raise ValueError(f"dtype {array.dtype}, expected {spec.dtype}")
+    if array.dtype == np.dtype(spec.dtype):
+        return array
+    with np.errstate(all="ignore"):
+        out = array.astype(spec.dtype)
+    if np.dtype(spec.dtype).kind in "fc":
+        fits = bool(np.all(np.isfinite(out) | ~np.isfinite(array)))
+    else:
+        fits = bool(np.array_equal(out, array))
+    if not fits:
+        raise ValueError(f"values do not fit {spec.dtype}")
+    return out
+
+
+class _LoadExample:
+    """Maps a global stream position to one decoded example with its declared fields (picklable, for
+    worker processes): ``{'valid': bool, 'image'?, 'caption'?, <extra>...}``."""
+
+    def __init__(self, source: Any, *, seed: int, image_transform: transforms.TrainTransform | None,
+                 need_caption: bool, extras: Mapping[str, FieldSpec],
+                 side_readers: Mapping[str, side_fields_lib.SideFieldReader]):
         self._source = source
         self._n = len(source)
         if self._n <= 0:
             raise ValueError(f"data source {source!r} is empty")
         if self._n > 2**32:
             raise ValueError("data sources larger than 2**32 records are not supported")
-        self._transform = transform
         self._seed = int(seed)
-        self._warned = False
+        self._image_transform = image_transform
+        self._need_caption = bool(need_caption)
+        self._extras = dict(extras)
+        self._side = dict(side_readers)
+        self._subset = isinstance(source, sources_lib.SubsetSource)
+        self._warned: set[str] = set()
+
+    def _warn_once(self, what: str, message: str, *args: Any) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            logging.warning(message, *args)
 
     def __call__(self, position: int) -> dict[str, Any]:
         epoch, index = shuffled_record_index(position, self._n, self._seed)
+        invalid = {"valid": False}
         try:
             record = self._source[index]
         except Exception as e:  # A corrupt record must not stop training; it is counted as skipped.
-            if not self._warned:
-                logging.warning("skipping unreadable record %d of %r: %s: %s", index, self._source,
-                                type(e).__name__, e)
-                self._warned = True
-            record = None
-        return self._transform(record, epoch=epoch, index=index)
+            self._warn_once("record", "skipping unreadable record %d of %r: %s: %s", index, self._source,
+                            type(e).__name__, e)
+            return invalid
+        if not isinstance(record, Mapping):
+            return invalid
+        out: dict[str, Any] = {"valid": True}
+        if self._need_caption:
+            caption = transforms.clean_caption(record.get("caption"))
+            if caption is None:
+                return invalid
+            out["caption"] = caption
+        if self._image_transform is not None:
+            try:
+                out[IMAGE] = self._image_transform.augment(record.get("image"), epoch=epoch, index=index)
+            except transforms.InvalidRecord:
+                return invalid
+        if self._extras:
+            original = sources_lib.original_index(self._source, index) if self._subset else index
+            for name, spec in self._extras.items():
+                reader = self._side.get(name)
+                value = reader[original] if reader is not None else record.get(name)
+                try:
+                    out[name] = _conform(value, spec)
+                except ValueError as e:
+                    where = f"side file {reader.path!r}" if reader is not None else "the record"
+                    self._warn_once(name, "skipping record %d: field %r from %s: %s", original, name, where, e)
+                    return invalid
+        return out
 
 
 class _SkipCountBatchIterator(grain.DatasetIterator):
     """Fills each batch with valid examples only, counting the invalid ones it passes over."""
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int,
-                 tokenizer: Callable[[list[str]], np.ndarray], max_consecutive_invalid: int):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, fields: Mapping[str, FieldSpec | None],
+                 tokenizer: Callable[[list[str]], np.ndarray] | None, max_consecutive_invalid: int):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._fields = dict(fields)
         self._tokenizer = tokenizer
         self._max_invalid = max_consecutive_invalid
         self._consecutive_invalid = 0
 
     def __next__(self) -> dict[str, np.ndarray]:
-        images, captions, skipped = [], [], 0
-        while len(images) < self._batch_size:
+        examples, skipped = [], 0
+        while len(examples) < self._batch_size:
             ex = next(self._parent)
             if not ex["valid"]:
                 skipped += 1
@@ -157,17 +283,30 @@ class _SkipCountBatchIterator(grain.DatasetIterator):
                 if self._consecutive_invalid >= self._max_invalid:
                     raise RuntimeError(
                         f"{self._consecutive_invalid} consecutive records could not be used (undecodable "
-                        "image or missing caption); check data_config.path, image_key and caption_key")
+                        f"image, missing caption or a missing or ill-shaped field of {sorted(self._fields)}); "
+                        "check data_config.path, image_key, caption_key and side_fields")
                 continue
             self._consecutive_invalid = 0
-            images.append(ex["image"])
-            captions.append(ex["caption"])
+            examples.append(ex)
+        batch: dict[str, np.ndarray] = {}
+        for name, spec in self._fields.items():
+            if name == TEXT:
+                batch[TEXT] = self._tokenize([ex["caption"] for ex in examples], spec)
+            elif name == IMAGE:
+                batch[IMAGE] = np.stack([ex[IMAGE] for ex in examples]).astype(np.uint8, copy=False)
+            else:
+                batch[name] = np.stack([ex[name] for ex in examples]).astype(spec.dtype, copy=False)
+        batch[SKIPPED] = np.int64(skipped)
+        return batch
+
+    def _tokenize(self, captions: list[str], spec: FieldSpec | None) -> np.ndarray:
         text = np.asarray(self._tokenizer(captions))
         if text.ndim != 2 or text.shape[0] != self._batch_size:
             raise ValueError(f"tokenizer must return [batch, length] ids, got shape {text.shape}")
-        return {"image": np.stack(images).astype(np.uint8, copy=False),
-                "text": text.astype(np.int32, copy=False),
-                "skipped": np.int64(skipped)}
+        if spec is not None and text.shape[1:] != spec.shape:
+            raise ValueError(f"tokenizer returns {text.shape[1]} ids per caption but the batch field 'text' "
+                             f"declares {list(spec.shape)}")
+        return text.astype(np.int32 if spec is None else spec.dtype, copy=False)
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -177,23 +316,24 @@ class _SkipCountBatchIterator(grain.DatasetIterator):
         self._consecutive_invalid = 0
 
     def __str__(self) -> str:
-        return f"SkipCountBatchIterator(batch_size={self._batch_size})"
+        return f"SkipCountBatchIterator(batch_size={self._batch_size}, fields={sorted(self._fields)})"
 
 
 class _SkipCountBatchIterDataset(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int,
-                 tokenizer: Callable[[list[str]], np.ndarray], max_consecutive_invalid: int):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, fields: Mapping[str, FieldSpec | None],
+                 tokenizer: Callable[[list[str]], np.ndarray] | None, max_consecutive_invalid: int):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._fields = dict(fields)
         self._tokenizer = tokenizer
         self._max_invalid = max_consecutive_invalid
 
     def __iter__(self) -> _SkipCountBatchIterator:
-        return _SkipCountBatchIterator(self._parent.__iter__(), self._batch_size, self._tokenizer,
+        return _SkipCountBatchIterator(self._parent.__iter__(), self._batch_size, self._fields, self._tokenizer,
                                        self._max_invalid)
 
     def __str__(self) -> str:
-        return f"SkipCountBatchIterDataset(batch_size={self._batch_size})"
+        return f"SkipCountBatchIterDataset(batch_size={self._batch_size}, fields={sorted(self._fields)})"
 
 
 _flags_lock = threading.Lock()
@@ -213,18 +353,67 @@ def _worker_init(worker_index: int, worker_count: int) -> None:
     _ensure_absl_flags_parsed()
 
 
-def train_dataset_from_source(source: Any, *, tokenizer: Callable[[list[str]], np.ndarray], image_size: int,
+def _resolve_fields(fields: Mapping[str, FieldSpec] | None, image_size: int) -> dict[str, FieldSpec | None]:
+    """The batch declaration checked against ``image_size``; None is image + text (the text length is the
+    tokenizer's, unchecked: the value None)."""
+    if fields is None:
+        return {IMAGE: image_field(image_size), TEXT: None}
+    resolved: dict[str, FieldSpec | None] = {}
+    for name, spec in fields.items():
+        if not isinstance(spec, FieldSpec):
+            raise ValueError(f"batch field {name!r} must be a FieldSpec, got {spec!r}")
+        if name == SKIPPED:
+            raise ValueError(f"{SKIPPED!r} is not a field name: every batch has it (the skipped-record count)")
+        resolved[str(name)] = spec
+    if not resolved:
+        raise ValueError("fields is empty: a batch needs at least one field")
+    if IMAGE in resolved and resolved[IMAGE] != image_field(image_size):
+        raise ValueError(f"batch field 'image' declares {resolved[IMAGE]} but image_size={image_size} gives "
+                         f"{image_field(image_size)}")
+    text = resolved.get(TEXT)
+    if text is not None and (len(text.shape) != 1 or np.dtype(text.dtype).kind not in "iu"):
+        raise ValueError(f"batch field 'text' must be integer token ids of shape [length], got {text}")
+    return resolved
+
+
+def train_dataset_from_source(source: Any, *, tokenizer: Callable[[list[str]], np.ndarray] | None, image_size: int,
                               local_batch_size: int, seed: int, process_index: int = 0,
                               process_count: int = 1, min_crop_scale: float = 0.5, flip: bool = False,
-                              num_workers: int = 0, prefetch: int = 2) -> grain.IterDataset:
-    """The training ``IterDataset`` over any random-access source of ``{'image', 'caption'}`` records."""
+                              num_workers: int = 0, prefetch: int = 2,
+                              fields: Mapping[str, FieldSpec] | None = None,
+                              side_fields: Mapping[str, str | side_fields_lib.SideFieldReader] | None = None,
+                              ) -> grain.IterDataset:
+    """The training ``IterDataset`` over any random-access source of ``{'image', 'caption', ...}`` records.
+
+    ``fields`` declares the batch (None: image + text). ``side_fields`` maps extra field names to side
+    files (paths or readers) keyed by the record index of the full source (``sources.full_source``); the
+    declared extra fields it does not name are read from the records. ``tokenizer`` may be None when
+    there is no 'text' field.
+    """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} must be in [0, {process_count})")
-    if local_batch_size <= 0 or image_size <= 0:
+    resolved = _resolve_fields(fields, image_size)
+    if local_batch_size <= 0 or (IMAGE in resolved and image_size <= 0):
         raise ValueError("local_batch_size and image_size must be positive")
-    transform = transforms.TrainTransform(image_size=image_size, min_crop_scale=float(min_crop_scale),
-                                          flip=bool(flip), seed=int(seed))
-    load = _LoadExample(source, transform, seed)
+    if TEXT in resolved and tokenizer is None:
+        raise ValueError("the batch has a 'text' field, so a tokenizer is needed")
+    extras = extra_fields(resolved)
+    num_records = len(sources_lib.full_source(source))
+    side_readers = {}
+    for name, path in (side_fields or {}).items():
+        if path in (None, ""):
+            continue
+        if name not in extras:
+            logging.info("side field %r (%s) is not a batch field here; not read", name, path)
+            continue
+        reader = side_fields_lib.open_side_field(path, name, num_records)
+        side_fields_lib.check_spec(reader, name, extras[name])
+        side_readers[name] = reader
+    image_transform = transforms.TrainTransform(
+        image_size=image_size, min_crop_scale=float(min_crop_scale), flip=bool(flip),
+        seed=int(seed)) if IMAGE in resolved else None
+    load = _LoadExample(source, seed=seed, image_transform=image_transform, need_caption=TEXT in resolved,
+                        extras=extras, side_readers=side_readers)
     n_local = -(-len(source) // process_count)
     max_invalid = min(_MAX_CONSECUTIVE_INVALID, max(2 * n_local, 2 * local_batch_size))
 
@@ -241,7 +430,8 @@ def train_dataset_from_source(source: Any, *, tokenizer: Callable[[list[str]], n
     else:
         threads = min(4, os.cpu_count() or 1) if read_ahead else 0
         ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=read_ahead))
-    ds = _SkipCountBatchIterDataset(ds, local_batch_size, tokenizer, max_invalid)
+    ds = _SkipCountBatchIterDataset(ds, local_batch_size, resolved, tokenizer if TEXT in resolved else None,
+                                    max_invalid)
     if prefetch > 0:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
     return ds
@@ -293,20 +483,23 @@ def _close_live_iterators() -> None:
     gc.collect()
 
 
-def create_train_iterator(data_config: ml_collections.ConfigDict, *, tokenizer: Callable[[list[str]], np.ndarray],
-                          image_size: int, local_batch_size: int, seed: int,
-                          process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+def create_train_iterator(data_config: ml_collections.ConfigDict | Mapping[str, Any], *,
+                          tokenizer: Callable[[list[str]], np.ndarray] | None, image_size: int,
+                          local_batch_size: int, seed: int, process_index: int = 0, process_count: int = 1,
+                          fields: Mapping[str, FieldSpec] | None = None) -> grain.DatasetIterator:
     """Infinite, resumable iterator of this process's training batches.
 
-    Each ``next()`` gives ``{'image': uint8 [B, S, S, 3], 'text': int32 [B, L], 'skipped': int64}`` with
-    B = ``local_batch_size`` and S = ``image_size``; ``text = tokenizer(captions)``.
+    Each ``next()`` gives the declared ``fields`` batched (leading dimension B = ``local_batch_size``)
+    plus ``'skipped'`` (int64). With ``fields=None``: ``{'image': uint8 [B, S, S, 3], 'text': int32 [B, L],
+    'skipped'}`` with S = ``image_size`` and ``text = tokenizer(captions)``.
     """
     cfg = resolve_data_config(data_config)
     source = sources_lib.make_source(cfg)
     ds = train_dataset_from_source(
         source, tokenizer=tokenizer, image_size=image_size, local_batch_size=local_batch_size, seed=seed,
         process_index=process_index, process_count=process_count, min_crop_scale=cfg.min_crop_scale,
-        flip=cfg.flip, num_workers=int(cfg.num_workers), prefetch=int(cfg.prefetch))
+        flip=cfg.flip, num_workers=int(cfg.num_workers), prefetch=int(cfg.prefetch), fields=fields,
+        side_fields=dict(cfg.side_fields))
     it = _TrainIterator(iter(ds))
     _live_iterators.add(it)
     return it

@@ -14,6 +14,7 @@ Sources
   * ``TarShardSource``: WebDataset-style tar shards, indexed once with ``tarfile`` and read with
     ``os.pread`` so they support global shuffling.
   * ``SyntheticSource`` (``synthetic.py``) and the embedded dataset (``embedded.py``).
+  * ``SubsetSource``: any of these restricted to a list of record indices (``data.subset``).
 """
 from __future__ import annotations
 
@@ -267,11 +268,84 @@ class TarShardSource:
         return {"image": image, "caption": caption, "__key__": self._keys[i]}
 
 
+class SubsetSource:
+    """``base`` restricted to some of its records: record j is ``base[indices[j]]``.
+
+    ``indices`` is anything with ``len`` and integer ``[j]`` (an array or a ``SideFieldReader``, which
+    pickles as its path). Indices may repeat (a record drawn twice is two records of the subset).
+    ``original_index(j)`` is the index in the full source, by which side fields are keyed.
+    """
+
+    def __init__(self, base: Any, indices: Any, *, name: str = "subset"):
+        self._base = base
+        self._indices = indices
+        self._name = name
+        if len(indices) == 0:
+            raise ValueError(f"{name} is empty")
+
+    @property
+    def base(self) -> Any:
+        """The full source (the innermost one when subsets are nested)."""
+        return self._base.base if isinstance(self._base, SubsetSource) else self._base
+
+    def original_index(self, index: int) -> int:
+        i = int(self._indices[int(index)])
+        return self._base.original_index(i) if isinstance(self._base, SubsetSource) else i
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self._name}, records={len(self)}, base={self._base!r})"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._base[int(self._indices[int(index)])]
+
+
+def original_index(source: Any, index: int) -> int:
+    """Index in the full source of record ``index`` of ``source`` (itself unless it is a subset)."""
+    return source.original_index(index) if isinstance(source, SubsetSource) else int(index)
+
+
+def full_source(source: Any) -> Any:
+    """The source that record indices (and side files) refer to."""
+    return source.base if isinstance(source, SubsetSource) else source
+
+
+def load_subset_indices(path: str, num_records: int):
+    """The record indices at ``path`` (a ``.npy`` of integers, or a side-file directory with an ``index``
+    field), checked to be 1-D integers in ``[0, num_records)``; memory-mapped, not loaded."""
+    from clus_jax.data import side_fields
+
+    reader = side_fields.SideFieldReader(path, field=side_fields.INDEX_FIELD)
+    if reader.spec.shape != () or np.dtype(reader.spec.dtype).kind not in "iu":
+        raise ValueError(f"subset {reader.path!r} must hold one integer record index per row, got "
+                         f"{reader.spec.dtype}{list(reader.spec.shape)} rows")
+    if len(reader) == 0:
+        raise ValueError(f"subset {reader.path!r} is empty")
+    for chunk in reader.chunks():
+        lo, hi = int(chunk.min()), int(chunk.max())
+        if lo < 0 or hi >= num_records:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"subset {reader.path!r} holds record index {bad}, outside the source's "
+                             f"{num_records} records")
+    return reader
+
+
 def make_source(data_config: Any):
-    """Builds the source named by ``data_config['source']`` (see ``pipeline`` for the config keys).
+    """Builds the source named by ``data_config['source']``, restricted to ``data_config['subset']`` when
+    that is set (see ``pipeline`` for the config keys).
 
     ``data_config`` may be an ``ml_collections.ConfigDict`` or a plain mapping.
     """
+    source = _make_full_source(data_config)
+    subset = data_config.get("subset") or None
+    if subset:
+        source = SubsetSource(source, load_subset_indices(subset, len(source)), name=f"subset {subset!r}")
+    return source
+
+
+def _make_full_source(data_config: Any):
     from clus_jax.data import embedded, synthetic
 
     get = data_config.get

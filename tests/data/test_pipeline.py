@@ -67,7 +67,7 @@ def _assert_batches_equal(a, b):
 
 def test_default_config_has_the_contract_keys():
     keys = {"source", "path", "split", "tfds_data_dir", "image_key", "caption_key", "cache_dir", "num_workers",
-            "prefetch", "min_crop_scale", "flip", "synthetic_size"}
+            "prefetch", "min_crop_scale", "flip", "synthetic_size", "side_fields", "subset"}
     assert set(pipeline.default_data_config().keys()) == keys
     with pytest.raises(ValueError, match="unknown data config keys"):
         pipeline.resolve_data_config({"source": "synthetic", "batch_size": 3})
@@ -82,6 +82,24 @@ def test_batch_contract_synthetic():
     assert batch["text"].shape == (5, CONTEXT) and batch["text"].dtype == np.int32
     assert batch["skipped"].dtype == np.int64 and batch["skipped"].shape == () and batch["skipped"] == 0
     it.close()
+
+
+def test_declared_image_and_text_fields_give_the_default_batches(tmp_path):
+    """fields=None and an explicit {'image', 'text'} declaration are the same pipeline, batch for batch."""
+    from clus_jax.data.fields import image_field, text_field
+
+    path = _write(tmp_path, 10, bad={3: {"image": b"broken", "caption": "x"}})
+    cfg = _config(source="array_record", path=path, flip=True)
+    default = _iterator(cfg, batch=4)
+    declared = _iterator(cfg, batch=4, fields={"text": text_field(CONTEXT), "image": image_field(8)})
+    for _ in range(6):
+        a, b = next(default), next(declared)
+        assert list(a) == ["image", "text", "skipped"] and list(b) == ["text", "image", "skipped"]
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+            assert a[key].dtype == b[key].dtype
+    default.close()
+    declared.close()
 
 
 def test_epochs_are_fresh_permutations(tmp_path):

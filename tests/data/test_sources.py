@@ -152,13 +152,15 @@ def test_compressed_tar_is_rejected_with_path(tmp_path):
 _HAS_TFDS = importlib.util.find_spec("tensorflow_datasets") is not None
 
 
-@pytest.mark.skipif(_HAS_TFDS, reason="only meaningful without tensorflow-datasets")
-def test_tfds_missing_package_message():
+def test_tfds_missing_package_message(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # what an environment without it gives
     with pytest.raises(ImportError, match="tensorflow-datasets"):
         sources.TfdsSource("tiny_pairs", data_dir="/nonexistent")
 
 
-@pytest.mark.skipif(not _HAS_TFDS, reason="tensorflow-datasets is not installed")
+@pytest.mark.skipif(not _HAS_TFDS, reason="tensorflow-datasets is not installed (it is in the test extra)")
 def test_tfds_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
@@ -173,14 +175,15 @@ def test_tfds_data_source(tmp_path):
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(8, 8, 3)), "caption": tfds.features.Text()}))
+                "image": tfds.features.Image(shape=(8, 8, 3)), "caption": tfds.features.Text(),
+                "labels": tfds.features.Tensor(shape=(2,), dtype=np.int32)}))
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}
 
         def _generate_examples(self):
             for i in range(6):
-                yield i, {"image": image_paths[i], "caption": f"pair {i}"}
+                yield i, {"image": image_paths[i], "caption": f"pair {i}", "labels": np.asarray([i, -i], np.int32)}
 
     data_dir = str(tmp_path / "tfds")
     TinyPairs(data_dir=data_dir, file_format="array_record").download_and_prepare()
@@ -201,6 +204,19 @@ def test_tfds_data_source(tmp_path):
                                         image_size=8, local_batch_size=4, seed=0)
     batch = next(it)
     assert batch["image"].shape == (4, 8, 8, 3) and int(batch["skipped"]) == 0
+    it.close()
+
+    # A declared extra field comes from the TFDS feature of that name, with its own image.
+    from clus_jax.data.fields import FieldSpec, image_field
+
+    fields = {"image": image_field(8), "labels": FieldSpec((2,), "int32")}
+    it = pipeline.create_train_iterator(config, tokenizer=None, image_size=8, local_batch_size=6, seed=0,
+                                        fields=fields)
+    batch = next(it)
+    assert sorted(batch) == ["image", "labels", "skipped"]
+    pixel_index = batch["image"][:, 4, 4, 0].astype(int) // 20  # images are flat grey of value 20 * i
+    np.testing.assert_array_equal(batch["labels"], np.stack([pixel_index, -pixel_index], axis=1))
+    assert sorted(pixel_index.tolist()) == list(range(6))
     it.close()
 
 
