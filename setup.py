@@ -37,6 +37,10 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4"],
+        # tensorflow-datasets and sentencepiece are optional at run time (source='tfds', tokenizer
+        # 'sentencepiece'); the tests need them. TFDS's data_source needs no TensorFlow. TFDS 4.9.x imports
+        # importlib_resources, which recent etils no longer installs.
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9.7,<4.10",
+                 "importlib-resources>=6.0,<8", "sentencepiece>=0.2.0,<0.3"],
     },
 )

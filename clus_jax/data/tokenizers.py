@@ -1,8 +1,11 @@
 """Text tokenizers: CLIP byte-level BPE (id-exact with open_clip) and SentencePiece models.
 
-Every tokenizer maps a string or a list of strings to an int32 array ``[n, context_length]``, zero padded
-(SentencePiece pads with the model's pad id when it has one). ``create_tokenizer(name, context_length, path)``
-picks one by name: ``'clip'`` or ``'sentencepiece'``.
+Every tokenizer maps a string or a list of strings to an int32 array ``[n, context_length]``, padded with
+id 0 after the end token; that is what the text tower treats as padding (``models/text.py``: the run of 0s
+after a row's last other token). Id 0 inside a text is an ordinary token (CLIP's '!', SentencePiece's
+``<unk>`` in most models). A SentencePiece model with a pad piece at another id has that id and id 0
+swapped, so its padding is 0 as well. ``create_tokenizer(name, context_length, path)`` picks one by name:
+``'clip'`` or ``'sentencepiece'``.
 
 The CLIP vocabulary (``bpe_simple_vocab_16e6.txt.gz``, MIT, from OpenAI CLIP) is not part of the repository.
 It is resolved in this order:
@@ -302,8 +305,12 @@ class ClipTokenizer:
 class SentencePieceTokenizer:
     """A SentencePiece model loaded from a file (``sentencepiece`` is an optional dependency).
 
-    Rows are ``[bos] ids [eos]`` (each optional) padded with the model's pad id, or 0 when it has none; longer
-    texts are cut to ``context_length``, keeping eos last when ``add_eos``.
+    Rows are ``[bos] ids [eos]`` (each optional) padded with id 0; longer texts are cut to ``context_length``,
+    keeping eos last when ``add_eos``. Ids are the model's, except that a pad piece at id p > 0 trades places
+    with id 0 (in ``encode``, rows, the special ids and ``decode``): the text tower reads the 0s after the
+    last token as padding, and a pad piece is never produced by encoding, so no text then holds id 0. Without
+    a pad piece, padding is id 0 (usually ``<unk>``): an ``<unk>`` inside a text stays a token for the tower,
+    and with ``add_eos`` (the default) every row ends with eos, so padding is never ambiguous.
     """
 
     def __init__(self, model_path: str, context_length: int, add_bos: bool = False, add_eos: bool = True):
@@ -319,11 +326,13 @@ class SentencePieceTokenizer:
         self.add_bos = bool(add_bos)
         self.add_eos = bool(add_eos)
         self._sp = sentencepiece.SentencePieceProcessor(model_file=self.model_path)
+        self._swap = max(int(self._sp.pad_id()), 0)  # the model id that trades places with 0 (0: none)
         if self.add_bos and self._sp.bos_id() < 0:
             raise ValueError(f"{model_path} has no bos token, so add_bos=True is impossible")
         if self.add_eos and self._sp.eos_id() < 0:
             raise ValueError(f"{model_path} has no eos token, so add_eos=True is impossible")
-        logging.info("SentencePiece model: %s (vocab %d)", self.model_path, self.vocab_size)
+        logging.info("SentencePiece model: %s (vocab %d, pad id %d)", self.model_path, self.vocab_size,
+                     self._sp.pad_id())
 
     def __getstate__(self):
         return {"model_path": self.model_path, "context_length": self.context_length,
@@ -332,26 +341,31 @@ class SentencePieceTokenizer:
     def __setstate__(self, state):
         self.__init__(**state)
 
+    def _remap(self, i: int) -> int:
+        """Model id <-> tokenizer id (the swap is its own inverse)."""
+        return self._swap if i == 0 else 0 if i == self._swap else i
+
     @property
     def vocab_size(self) -> int:
         return int(self._sp.get_piece_size())
 
     @property
     def bos_token_id(self) -> int:
-        return int(self._sp.bos_id())
+        bos = int(self._sp.bos_id())
+        return self._remap(bos) if bos >= 0 else bos
 
     @property
     def eos_token_id(self) -> int:
-        return int(self._sp.eos_id())
+        eos = int(self._sp.eos_id())
+        return self._remap(eos) if eos >= 0 else eos
 
     @property
     def pad_token_id(self) -> int:
-        pad = int(self._sp.pad_id())
-        return pad if pad >= 0 else 0
+        return 0
 
     def encode(self, text: str) -> list[int]:
         """Piece ids of one text, without bos/eos and without truncation."""
-        return list(self._sp.encode(text))
+        return [self._remap(i) for i in self._sp.encode(text)]
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         """Tokenises a text or a batch of texts to int32 ``[n, context_length]``."""
@@ -359,7 +373,7 @@ class SentencePieceTokenizer:
             texts = [texts]
         prefix = [self.bos_token_id] if self.add_bos else []
         suffix = [self.eos_token_id] if self.add_eos else []
-        rows = [prefix + list(ids) + suffix for ids in self._sp.encode(list(texts))]
+        rows = [prefix + [self._remap(i) for i in ids] + suffix for ids in self._sp.encode(list(texts))]
         return _pack(rows, self.context_length, self.pad_token_id, self.eos_token_id if self.add_eos else None)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -368,7 +382,7 @@ class SentencePieceTokenizer:
         while seq and seq[-1] == self.pad_token_id:
             seq.pop()
         out = []
-        for i in seq:
+        for i in map(self._remap, seq):
             if i == self._sp.eos_id():
                 break
             if not self._sp.is_control(i) and i != self._sp.pad_id():

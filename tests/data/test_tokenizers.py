@@ -207,23 +207,41 @@ def test_registry(clip77):
 # ----------------------------------------------------------------------------------------- SentencePiece
 
 
-@pytest.fixture(scope="module")
-def sp_model():
-    pytest.importorskip("sentencepiece")
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("mistral-common (source of a test SentencePiece model) is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "tokenizer.model.v1"
-    if not path.is_file():
-        pytest.skip(f"{path.name} not shipped by this mistral-common")
+# Small models trained here with SentencePiece's own trainer (a fraction of a second each).
+SP_SENTENCES = [
+    "a red circle on a blue background", "a green square", "a small yellow triangle", "two blue circles",
+    "a purple square on a white background", "an orange circle", "a black triangle on a red background",
+]
+UNKNOWN_TEXT = "a red \u0436 circle"  # a letter the model never saw: <unk> inside the text
+
+
+def _train_sentencepiece(path: Path, **options) -> str:
+    sentencepiece = pytest.importorskip("sentencepiece")
+    with open(path, "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(SP_SENTENCES), model_writer=f, vocab_size=40, model_type="unigram",
+            hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2, **options)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """SentencePiece's default ids: <unk> 0, bos 1, eos 2 and no pad piece."""
+    return _train_sentencepiece(tmp_path_factory.mktemp("sp") / "default.model")
+
+
+@pytest.fixture(scope="module")
+def sp_model_with_pad(tmp_path_factory):
+    """A pad piece at id 3 (<unk> 0, bos 1, eos 2)."""
+    return _train_sentencepiece(tmp_path_factory.mktemp("sp") / "pad3.model", pad_id=3)
 
 
 def test_sentencepiece_rows(sp_model):
     tok = T.create_tokenizer("sentencepiece", 8, sp_model)
-    assert tok.vocab_size == 32000 and tok.eos_token_id == 2 and tok.pad_token_id == 0
+    assert tok.vocab_size == 40 and tok.eos_token_id == 2 and tok.pad_token_id == 0
     ids = tok.encode("a red circle")
-    rows = tok(["a red circle", "a very long sentence that goes on and on forever"])
+    assert ids == list(tok._sp.encode("a red circle")) and 0 < len(ids) < 7
+    rows = tok(["a red circle", "a purple square on a white background and a green square"])
     assert rows.dtype == np.int32 and rows.shape == (2, 8)
     assert rows[0].tolist() == ids + [2] + [0] * (7 - len(ids))
     assert rows[1, -1] == 2 and 0 not in rows[1].tolist()
@@ -233,10 +251,65 @@ def test_sentencepiece_rows(sp_model):
 
 def test_sentencepiece_bos_no_eos(sp_model):
     tok = T.SentencePieceTokenizer(sp_model, 6, add_bos=True, add_eos=False)
-    row = tok("a very long sentence that goes on and on forever")[0]
+    row = tok("a purple square on a white background and a green square")[0]
     assert row[0] == 1 and 2 not in row.tolist()
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(tok))("a red circle"), tok("a red circle"))
     assert tok.decode(tok("a red circle")[0]) == "a red circle"
+
+
+def test_sentencepiece_pad_piece_trades_places_with_zero(sp_model_with_pad):
+    tok = T.SentencePieceTokenizer(sp_model_with_pad, 12)
+    sp = tok._sp
+    assert (sp.unk_id(), sp.pad_id()) == (0, 3)
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 2)
+    raw = list(sp.encode(UNKNOWN_TEXT))
+    assert 0 in raw  # the unknown letter is <unk>
+    swapped = [3 if i == 0 else i for i in raw]
+    assert tok.encode(UNKNOWN_TEXT) == swapped
+    row = tok(UNKNOWN_TEXT)[0].tolist()
+    assert row == swapped + [2] + [0] * (11 - len(raw))  # padded with 0, and no 0 inside the text
+    assert tok.decode(row) == sp.decode(raw)
+    assert tok.decode(tok("a red circle")[0]) == "a red circle"
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(tok))(UNKNOWN_TEXT), tok(UNKNOWN_TEXT))
+
+
+def _text_tower(vocab_size, causal, pooling):
+    from clus_jax.models.text import TextTransformer
+
+    return TextTransformer(vocab_size=vocab_size, context_length=12, width=32, depth=2, heads=4, mlp_dim=64,
+                           causal=causal, pooling=pooling)
+
+
+@pytest.mark.parametrize("which", ["sp_model", "sp_model_with_pad"])
+@pytest.mark.parametrize("causal,pooling", [(True, "eot"), (False, "eot"), (False, "mean")])
+def test_sentencepiece_rows_mean_the_same_to_the_text_tower(request, which, causal, pooling):
+    """What the text tower makes of SentencePiece rows: padding is padding at every context length, and an
+    <unk> inside a text is a token like any other (not padding, not where EOT pooling stops)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    path = request.getfixturevalue(which)
+    texts = ["a red circle", "two blue circles", UNKNOWN_TEXT]
+    short, long = T.SentencePieceTokenizer(path, 10)(texts), T.SentencePieceTokenizer(path, 12)(texts)
+    model = _text_tower(T.SentencePieceTokenizer(path, 12).vocab_size, causal, pooling)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.asarray(long))["params"])
+    embed = lambda p, tokens: np.asarray(model.apply({"params": p}, jnp.asarray(tokens)))  # noqa: E731
+    np.testing.assert_allclose(embed(params, short), embed(params, long), atol=1e-5)
+
+    # Moving id 0's embedding row to an unused id k and renaming the 0s inside the texts k must not change
+    # anything: a 0 inside a text is a token, only the 0s after its end are padding.
+    used = set(long.reshape(-1).tolist())
+    k = next(i for i in range(1, 40) if i not in used)
+    table = params["token_embed"]
+    moved = {**params, "token_embed": table.at[k].set(table[0]).at[0].set(table[k])}
+    renamed = long.copy()
+    for row in renamed:
+        end = int(np.max(np.nonzero(row)[0]))
+        row[:end][row[:end] == 0] = k
+    if which == "sp_model":
+        assert (renamed != long).any()  # the <unk> of UNKNOWN_TEXT is id 0 here
+    np.testing.assert_allclose(embed(moved, renamed), embed(params, long), atol=1e-5)
 
 
 def test_sentencepiece_missing_model(tmp_path):
