@@ -16,6 +16,7 @@ from clus_jax.data.tokenizers import create_tokenizer
 from clus_jax.evaluate.runner import evaluate
 from clus_jax.experiment import build
 from clus_jax.objectives import registry
+from clus_jax.run_config import save_run_config
 from clus_jax.train import faults
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.train.eval_hook import make_encoders
@@ -87,6 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
     exp = build(config)
     check_workdir(workdir)
+    if jax.process_index() == 0: save_run_config(workdir, config)  # noqa: E701
 
     tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
     pcount, pindex = jax.process_count(), jax.process_index()
