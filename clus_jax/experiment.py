@@ -136,8 +136,11 @@ class Experiment:
         return flops.train_step_flops(self.config, batch_size, modalities=self.modalities, **kwargs)
 
 
-def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Experiment:
-    """Validates ``config`` (ConfigError naming the key) and builds the experiment on ``devices``."""
+def build(config: ml_collections.ConfigDict, devices: list | None = None, *, resuming: bool = False) -> Experiment:
+    """Validates ``config`` (ConfigError naming the key) and builds the experiment on ``devices``.
+
+    ``resuming``: the run restores its own checkpoint, so ``config.init_from`` is neither checked nor read.
+    """
     devices = list(devices) if devices is not None else jax.devices()
     config_check.validate(config, len(devices), jax.process_count())
     mesh = mesh_lib.create_mesh(dict(config.mesh), devices)
@@ -154,7 +157,7 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None) -> Exp
 
     obj_only = {name: obj for name, (obj, _) in objectives.items()}
     load = None
-    if init_from.enabled(config):
+    if init_from.enabled(config) and not resuming:
         paths = init_from.check(config, abstract_params(config))
         load = init_from.loader(config, paths)
     init_fn = boxed_init(config, model, obj_only, load)

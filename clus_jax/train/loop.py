@@ -86,11 +86,18 @@ def check_workdir(workdir: str) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
-    exp = build(config)
+    checkpoints = epath.Path(workdir) / "checkpoints"
+    resuming = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    exp = build(config, resuming=resuming)  # a resumed run neither checks nor reads config.init_from
     check_workdir(workdir)
-    if jax.process_index() == 0: save_run_config(workdir, config)  # noqa: E701
+    if jax.process_index() == 0:
+        save_run_config(workdir, config)  # the workdir describes itself (clus_jax.load reads it)
 
     tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
+    if tokenizer.vocab_size > int(config.model.text.vocab_size):  # ids past the table embed as NaN
+        raise registry.ConfigError(
+            f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the vocabulary of "
+            f"config.tokenizer.name={config.tokenizer.name!r} ({tokenizer.vocab_size} ids)")
     pcount, pindex = jax.process_count(), jax.process_index()
     data_iter = create_train_iterator(
         config.data, tokenizer=tokenizer, image_size=int(config.model.image.image_size),
@@ -98,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         fields=exp.fields,
     )
 
-    ckpt = Checkpointer(str(epath.Path(workdir) / "checkpoints"), keep=int(config.keep_checkpoints))
+    ckpt = Checkpointer(str(checkpoints), keep=int(config.keep_checkpoints))
     if ckpt.latest_step() is not None:
         start_step, state = ckpt.restore(exp.abstract_state, data_iter)
         log.info("resumed from step %d", start_step)

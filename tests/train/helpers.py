@@ -10,7 +10,8 @@ def tiny_config(objective: str = "clip", **overrides):
     c.batch_size = 16
     c.total_steps = 10
     c.model.image.update(dict(size="mu", image_size=16, patch_size=4))
-    c.model.text.update(dict(size="mu", context_length=8, vocab_size=64))
+    # The full CLIP vocabulary: the synthetic source's captions go through the real tokenizer.
+    c.model.text.update(dict(size="mu", context_length=8, vocab_size=49408))
     c.model.embed_dim = 32
     c.optim.warmup_steps = 2
     c.optim.lr = 3e-3

@@ -1,0 +1,145 @@
+"""config.init_from: a LiT stage from a CLIP run's workdir, partial loading, and errors before compiling."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from clus_jax import flops as flops_lib
+from clus_jax.experiment import build
+from clus_jax.objectives import teachers
+from clus_jax.objectives.registry import ConfigError
+from clus_jax.train import loop
+from clus_jax.train.optim import path_str
+
+import train_helpers as helpers  # registered by tests/conftest.py
+
+IMAGE_TOWER = r"^image(_proj)?/"
+
+
+def flat(tree):
+    return {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    """A finished tiny CLIP run (its newest checkpoint is the source of every test here)."""
+    workdir = str(tmp_path_factory.mktemp("clip_run"))
+    config = helpers.tiny_config("clip", total_steps=6, checkpoint_every=3, seed=1)
+    loop.train_and_evaluate(config, workdir)
+    return workdir, flat(teachers.load_params(workdir))
+
+
+def lit_config(workdir, **overrides):
+    c = helpers.tiny_config("clip", **{"total_steps": 5, "checkpoint_every": 5, **overrides})
+    c.init_from.path = workdir
+    c.init_from.include = IMAGE_TOWER
+    c.param_groups = [(IMAGE_TOWER, {"frozen": True})]
+    return c
+
+
+def test_lit_stage_keeps_the_loaded_image_tower_bit_identical(clip_run, tmp_path):
+    source, saved = clip_run
+    config = lit_config(source)
+    exp = build(config)
+    start = flat(exp.init_state()["params"])
+    fresh = flat(build(helpers.tiny_config("clip", total_steps=5)).init_state()["params"])
+    image_keys = [k for k in saved if k.startswith(("image/", "image_proj/"))]
+    text_keys = [k for k in saved if k.startswith(("text/", "text_proj/"))]
+    assert image_keys and text_keys
+    for k in image_keys:  # loaded from the CLIP run
+        np.testing.assert_array_equal(start[k], saved[k], err_msg=k)
+    for k in text_keys:  # not selected by include: initialised fresh, exactly as a run without init_from
+        np.testing.assert_array_equal(start[k], fresh[k], err_msg=k)
+
+    workdir = str(tmp_path / "lit")
+    loop.train_and_evaluate(config, workdir)
+    after = flat(teachers.load_params(workdir))
+    for k in image_keys:
+        np.testing.assert_array_equal(after[k], saved[k], err_msg=k)
+    changed = [k for k in text_keys if not np.array_equal(after[k], start[k])]
+    assert len(changed) == len(text_keys), sorted(set(text_keys) - set(changed))
+    # The frozen tower has no optimizer state at all.
+    opt_leaves = jax.tree_util.tree_leaves_with_path(exp.abstract_state["opt_state"])
+    assert not any("image/encoder" in jax.tree_util.keystr(p) for p, _ in opt_leaves)
+
+
+def test_frozen_tower_costs_less_compute_and_memory(clip_run):
+    source, _ = clip_run
+
+    def compiled(config):
+        exp = build(config)
+        return exp.step.jitted.lower(exp.abstract_state, exp.abstract_batch()).compile()
+
+    frozen = compiled(lit_config(source))
+    trainable_config = lit_config(source)
+    trainable_config.param_groups = []
+    trainable = compiled(trainable_config)
+    flops = [c.cost_analysis()["flops"] for c in (frozen, trainable)]
+    temps = [c.memory_analysis().temp_size_in_bytes for c in (frozen, trainable)]
+    # No backward pass through the image tower: the saving is about twice its forward FLOPs (XLA counts
+    # per device; the batch is split over all of them).
+    config = lit_config(source)
+    parts = flops_lib.forward_flops_per_example(config.model)
+    per_device = config.batch_size / jax.device_count()
+    image_forward = per_device * sum(v for k, v in parts.items() if k.startswith("image_"))
+    assert flops[1] - flops[0] > 1.6 * image_forward, (flops, image_forward)
+    assert temps[0] < temps[1], temps  # its activations are not kept for a gradient
+
+
+def test_resume_ignores_init_from(clip_run, tmp_path):
+    """A run that restarts from its own checkpoint never reads the init_from source again."""
+    source, _ = clip_run
+    copy = tmp_path / "source_copy"
+    shutil.copytree(source, copy)
+    workdir = str(tmp_path / "resume")
+    config = lit_config(str(copy), total_steps=4, checkpoint_every=2)
+    loop.train_and_evaluate(config, workdir)
+    shutil.rmtree(copy)  # would fail the restart if it were read
+    with pytest.raises(ConfigError, match="config.init_from.path"):
+        build(config)  # a fresh start does check the source
+    config.total_steps = 6
+    loop.train_and_evaluate(config, workdir)
+    saved = sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit())
+    assert saved[-1] == 6
+
+
+def test_shape_mismatch_fails_before_compiling_naming_the_parameter(clip_run):
+    source, _ = clip_run
+    config = lit_config(source)
+    config.model.embed_dim = 48  # the projections no longer fit
+    with pytest.raises(ConfigError, match=r"parameter image_proj/kernel is saved as \(64, 32\)"):
+        build(config)
+
+
+def test_exclude_and_fresh_parameters(clip_run):
+    """Everything but the logit scale comes from the source; a parameter the source lacks starts fresh."""
+    source, saved = clip_run
+    config = helpers.tiny_config("swap", total_steps=5)
+    config.objectives = {"clip": 1.0, "swap": 0.5}
+    config.swap.num_prototypes = (8,)
+    config.init_from.path = source
+    config.init_from.exclude = r"^logit_scale$"
+    params = flat(build(config).init_state()["params"])
+    fresh = flat(build(helpers.tiny_config("swap", total_steps=5, **{"swap.num_prototypes": (8,)})).init_state()["params"])
+    for k in saved:
+        if k == "logit_scale":
+            np.testing.assert_array_equal(params[k], fresh[k])
+        else:
+            np.testing.assert_array_equal(params[k], saved[k], err_msg=k)
+    assert params["swap/bank_0"].shape == (8, 32)
+
+
+def test_bad_source_and_selection_fail_naming_the_key(clip_run, tmp_path):
+    source, _ = clip_run
+    config = lit_config(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"config\.init_from\.path="):
+        build(config)
+    config = lit_config(source)
+    config.init_from.include = "^no_such_parameter"
+    with pytest.raises(ConfigError, match=r"config\.init_from\.include"):
+        build(config)
+    config.init_from.include = "(unclosed"
+    with pytest.raises(ConfigError, match=r"config\.init_from\.include=.*not a valid regex"):
+        build(config)
