@@ -6,7 +6,6 @@ field with the record the image came from.
 """
 import io
 import json
-import os
 import pickle
 
 import ml_collections
@@ -292,7 +291,8 @@ def test_side_files_must_match_the_declared_field_and_be_keyed_by_record_index(t
         tmp_path / "floats", {"cluster_labels": labels.astype(np.float32)})
     with pytest.raises(ValueError, match="floats.*float32\\[8\\].*int32\\[8\\]"):
         make_iterator(config)
-    config.side_fields.cluster_labels = side_fields.write_side_file(tmp_path / "wide", {"cluster_labels": labels[:, :4]})
+    config.side_fields.cluster_labels = side_fields.write_side_file(tmp_path / "wide",
+                                                                    {"cluster_labels": labels[:, :4]})
     with pytest.raises(ValueError, match="wide.*int32\\[4\\].*int32\\[8\\]"):
         make_iterator(config)
     # Embeddings of a shuffled run: rows are not record indices, so the file cannot serve as a side file.
