@@ -50,6 +50,15 @@ def metric_names(sets: Sequence[EvalSet]) -> list[str]:
     return names
 
 
+def sets_for(sets: Sequence[EvalSet], modalities: Sequence[str]) -> list[EvalSet]:
+    """The sets a run whose objectives read ``modalities`` can be scored on: zero-shot and retrieval need
+    both towers; probes need the image tower only (an image-only run is judged by its frozen features)."""
+    def usable(s: EvalSet) -> bool:
+        return "image" in modalities and (isinstance(s, ProbeSet) or "text" in modalities)
+
+    return [s for s in sets if usable(s)]
+
+
 def _embed(fn: Callable, inputs, what: str) -> np.ndarray:
     out = np.asarray(fn(inputs))
     if out.ndim != 2 or out.shape[0] != len(inputs):

@@ -13,7 +13,7 @@ from etils import epath
 
 from clus_jax.data.pipeline import create_train_iterator
 from clus_jax.data.tokenizers import create_tokenizer
-from clus_jax.evaluate.runner import evaluate
+from clus_jax.evaluate.runner import evaluate, sets_for
 from clus_jax.experiment import build
 from clus_jax.objectives import registry
 from clus_jax.run_config import save_run_config
@@ -121,7 +121,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def run_evals(step: int, state) -> dict[str, float]:
         nonlocal eval_sets
         if eval_sets is None:
-            eval_sets = load_eval_sets(config)
+            eval_sets = sets_for(load_eval_sets(config), exp.modalities)
         if not eval_sets:
             return {}
         t0 = time.time()
