@@ -10,41 +10,43 @@ With ``chunk_size`` set, the gathered side is also processed in column chunks: a
 are recomputed in the backward pass (``jax.checkpoint``), so no device ever holds more than
 [b_local, chunk_size] logits. Per-device memory then grows with the per-device batch and the chunk, not
 with the global batch (apart from the gathered [B, D] embeddings). The value is the same as unchunked to
-float32 rounding. Knob: ``config.<objective>.chunk_size`` (0 = unchunked).
+rounding. Knob: ``config.<objective>.chunk_size`` (0 = unchunked).
+
+Precision: logits and reductions are computed in the inputs' precision with float32 as the floor, so
+bfloat16 or float32 embeddings give float32 losses and float64 embeddings (with ``jax_enable_x64``) float64
+losses (``clus_jax.objectives.precision``).
 """
 from __future__ import annotations
 
 from functools import partial
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from clus_jax.objectives import registry
-
-AxisName = str | Sequence[str] | None
-
-
-def _axis_size(axis_name: AxisName) -> int:
-    return 1 if not axis_name else jax.lax.psum(1, axis_name)
-
-
-def _gather(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    return x if not axis_name else jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
-
-
-def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
-    return x if not axis_name else jax.lax.psum(x, axis_name)
+from clus_jax.objectives.precision import compute_dtype
+from clus_jax.parallel.collectives import (
+    AxisName,
+    all_gather_rows,
+    all_sum,
+    axis_size,
+    batch_spec,
+    shard_map_island,
+    shard_offset,
+)
 
 
-def _row_offset(local_rows: int, axis_name: AxisName) -> jax.Array:
-    return jnp.int32(0) if not axis_name else jax.lax.axis_index(axis_name) * local_rows
+def _logits(queries: jax.Array, keys: jax.Array, scale: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """scale * queries @ keys^T, accumulated in ``dtype``."""
+    return scale * jnp.einsum("bd,nd->bn", queries, keys, preferred_element_type=dtype)
 
 
-def _softmax_ce_rows(queries: jax.Array, keys: jax.Array, scale: jax.Array, offset: jax.Array) -> jax.Array:
+def _softmax_ce_rows(
+    queries: jax.Array, keys: jax.Array, scale: jax.Array, offset: jax.Array, dtype: jnp.dtype
+) -> jax.Array:
     """Sum over local query rows of CE(scale * q @ K^T, positive at column offset + row)."""
-    logits = scale * jnp.einsum("bd,nd->bn", queries, keys, preferred_element_type=jnp.float32)
+    logits = _logits(queries, keys, scale, dtype)
     positives = jnp.take_along_axis(logits, (offset + jnp.arange(queries.shape[0]))[:, None], axis=1)[:, 0]
     return jnp.sum(jax.nn.logsumexp(logits, axis=1) - positives)
 
@@ -59,7 +61,9 @@ def _key_chunks(keys: jax.Array, chunk_size: int) -> tuple[jax.Array, jax.Array]
     return padded, valid
 
 
-def _chunked_logsumexp_rows(queries: jax.Array, keys: jax.Array, scale: jax.Array, chunk_size: int) -> jax.Array:
+def _chunked_logsumexp_rows(
+    queries: jax.Array, keys: jax.Array, scale: jax.Array, chunk_size: int, dtype: jnp.dtype
+) -> jax.Array:
     """[b] log-sum-exp over all keys of scale * q @ k^T, holding at most [b, chunk_size] logits at a time."""
     chunks, valid = _key_chunks(keys, chunk_size)
 
@@ -67,26 +71,25 @@ def _chunked_logsumexp_rows(queries: jax.Array, keys: jax.Array, scale: jax.Arra
     def body(carry, xs):
         running_max, running_sum = carry
         k, ok = xs
-        logits = scale * jnp.einsum("bd,nd->bn", queries, k, preferred_element_type=jnp.float32)
-        logits = jnp.where(ok[None, :], logits, -jnp.inf)
+        logits = jnp.where(ok[None, :], _logits(queries, k, scale, dtype), -jnp.inf)
         # The shift is a constant for the gradient: m + log(sum exp(l - m)) differentiates to a softmax.
         new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(logits, axis=1)))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1)
         return (new_max, running_sum), None
 
     # Derived from the queries so that, inside shard_map, the carry varies over the same mesh axes.
-    zeros = queries[:, 0].astype(jnp.float32) * 0.0
+    zeros = queries[:, 0].astype(dtype) * 0.0
     init = (zeros - jnp.inf, zeros)
     (running_max, running_sum), _ = jax.lax.scan(body, init, (chunks, valid))
     return running_max + jnp.log(running_sum)
 
 
 def _softmax_ce_rows_chunked(
-    queries: jax.Array, keys: jax.Array, local_keys: jax.Array, scale: jax.Array, chunk_size: int
+    queries: jax.Array, keys: jax.Array, local_keys: jax.Array, scale: jax.Array, chunk_size: int, dtype: jnp.dtype
 ) -> jax.Array:
     """``_softmax_ce_rows`` without the [b, B] block: the positive of local row i is local key row i."""
-    positives = scale * jnp.sum(queries.astype(jnp.float32) * local_keys.astype(jnp.float32), axis=1)
-    return jnp.sum(_chunked_logsumexp_rows(queries, keys, scale, chunk_size) - positives)
+    positives = scale * jnp.sum(queries.astype(dtype) * local_keys.astype(dtype), axis=1)
+    return jnp.sum(_chunked_logsumexp_rows(queries, keys, scale, chunk_size, dtype) - positives)
 
 
 def _use_chunks(chunk_size: int | None, num_keys: int) -> bool:
@@ -101,22 +104,28 @@ def clip_loss(
 
     ``chunk_size``: process the gathered side in chunks of this many columns (None or 0: all at once).
     """
+    dtype = compute_dtype(image_emb, text_emb, logit_scale)
     b = image_emb.shape[0]
-    total = b * _axis_size(axis_name)
-    offset = _row_offset(b, axis_name)
-    texts, images = _gather(text_emb, axis_name), _gather(image_emb, axis_name)
+    total = b * axis_size(axis_name)
+    offset = shard_offset(b, axis_name)
+    texts, images = all_gather_rows(text_emb, axis_name), all_gather_rows(image_emb, axis_name)
     if _use_chunks(chunk_size, total):
-        i2t = _softmax_ce_rows_chunked(image_emb, texts, text_emb, logit_scale, chunk_size)
-        t2i = _softmax_ce_rows_chunked(text_emb, images, image_emb, logit_scale, chunk_size)
+        i2t = _softmax_ce_rows_chunked(image_emb, texts, text_emb, logit_scale, chunk_size, dtype)
+        t2i = _softmax_ce_rows_chunked(text_emb, images, image_emb, logit_scale, chunk_size, dtype)
     else:
-        i2t = _softmax_ce_rows(image_emb, texts, logit_scale, offset)
-        t2i = _softmax_ce_rows(text_emb, images, logit_scale, offset)
-    return _psum(i2t + t2i, axis_name) / (2 * total)
+        i2t = _softmax_ce_rows(image_emb, texts, logit_scale, offset, dtype)
+        t2i = _softmax_ce_rows(text_emb, images, logit_scale, offset, dtype)
+    return all_sum(i2t + t2i, axis_name) / (2 * total)
+
+
+def _labels(rows: jax.Array, columns: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """[rows, columns] SigLIP labels: +1 where the global row and column indices match, else -1."""
+    return (2.0 * (columns[None, :] == rows[:, None]) - 1.0).astype(dtype)
 
 
 def _siglip_chunked_sum(
     image_emb: jax.Array, texts: jax.Array, logit_scale: jax.Array, logit_bias: jax.Array, offset: jax.Array,
-    chunk_size: int,
+    chunk_size: int, dtype: jnp.dtype,
 ) -> jax.Array:
     """sum of log_sigmoid(label * logit) over [b, B], holding at most [b, chunk_size] logits at a time."""
     chunks, valid = _key_chunks(texts, chunk_size)
@@ -125,12 +134,12 @@ def _siglip_chunked_sum(
     @jax.checkpoint
     def body(total, xs):
         k, ok, start = xs
-        logits = logit_scale * jnp.einsum("bd,nd->bn", image_emb, k, preferred_element_type=jnp.float32) + logit_bias
-        labels = 2.0 * ((start + jnp.arange(chunk_size))[None, :] == rows[:, None]) - 1.0
+        logits = _logits(image_emb, k, logit_scale, dtype) + logit_bias
+        labels = _labels(rows, start + jnp.arange(chunk_size), dtype)
         return total + jnp.sum(jnp.where(ok[None, :], jax.nn.log_sigmoid(labels * logits), 0.0)), None
 
     starts = jnp.arange(chunks.shape[0]) * chunk_size
-    zero = image_emb[0, 0].astype(jnp.float32) * 0.0  # varies like the local rows inside shard_map
+    zero = image_emb[0, 0].astype(dtype) * 0.0  # varies like the local rows inside shard_map
     total, _ = jax.lax.scan(body, zero, (chunks, valid, starts))
     return total
 
@@ -143,22 +152,25 @@ def siglip_loss(
 
     ``chunk_size``: process the gathered texts in chunks of this many columns (None or 0: all at once).
     """
+    dtype = compute_dtype(image_emb, text_emb, logit_scale, logit_bias)
     b = image_emb.shape[0]
-    total = b * _axis_size(axis_name)
-    offset = _row_offset(b, axis_name)
-    texts = _gather(text_emb, axis_name)
+    total = b * axis_size(axis_name)
+    offset = shard_offset(b, axis_name)
+    texts = all_gather_rows(text_emb, axis_name)
     if _use_chunks(chunk_size, total):
-        return -_psum(_siglip_chunked_sum(image_emb, texts, logit_scale, logit_bias, offset, chunk_size), axis_name) / total
-    logits = logit_scale * jnp.einsum("bd,nd->bn", image_emb, texts, preferred_element_type=jnp.float32) + logit_bias
-    labels = 2.0 * (jnp.arange(texts.shape[0])[None, :] == (offset + jnp.arange(b))[:, None]) - 1.0
-    return -_psum(jnp.sum(jax.nn.log_sigmoid(labels * logits)), axis_name) / total
+        pairs = _siglip_chunked_sum(image_emb, texts, logit_scale, logit_bias, offset, chunk_size, dtype)
+        return -all_sum(pairs, axis_name) / total
+    logits = _logits(image_emb, texts, logit_scale, dtype) + logit_bias
+    labels = _labels(offset + jnp.arange(b), jnp.arange(texts.shape[0]), dtype)
+    return -all_sum(jnp.sum(jax.nn.log_sigmoid(labels * logits)), axis_name) / total
 
 
 def positive_pair_l2(image_emb: jax.Array, text_emb: jax.Array, *, axis_name: AxisName = None) -> jax.Array:
     """mean_i ||g(x_i) - h(y_i)||^2 over matched pairs only (no negatives, no stop-gradient)."""
-    total = image_emb.shape[0] * _axis_size(axis_name)
-    sq = jnp.sum(jnp.square(image_emb.astype(jnp.float32) - text_emb.astype(jnp.float32)))
-    return _psum(sq, axis_name) / total
+    dtype = compute_dtype(image_emb, text_emb)
+    total = image_emb.shape[0] * axis_size(axis_name)
+    sq = jnp.sum(jnp.square(image_emb.astype(dtype) - text_emb.astype(dtype)))
+    return all_sum(sq, axis_name) / total
 
 
 def clip_reg_loss(
@@ -172,18 +184,13 @@ def clip_reg_loss(
 
 
 def on_mesh(fn, ctx: registry.LossContext, *batch_args: jax.Array, replicated_args: tuple = ()) -> jax.Array:
-    """Runs ``fn(*batch_args, *replicated_args, axis_name=...)`` in a shard_map island over the batch axes."""
-    axes = ctx.batch_axes
-    if not axes:
-        return fn(*batch_args, *replicated_args, axis_name=None)
-    spec = P(axes)
-    mapped = jax.shard_map(
-        lambda *a: fn(*a, axis_name=axes),
-        mesh=ctx.mesh,
-        in_specs=tuple(spec for _ in batch_args) + tuple(P() for _ in replicated_args),
-        out_specs=P(),
-    )
-    return mapped(*batch_args, *replicated_args)
+    """Runs ``fn(*batch_args, *replicated_args, axis_name=...)`` in a shard_map island over the batch axes.
+
+    ``batch_args`` have their rows split over ``ctx.batch_axes``; ``replicated_args`` are whole on every
+    device. See ``clus_jax.parallel.collectives.shard_map_island`` for other layouts.
+    """
+    specs = (batch_spec(ctx.batch_axes),) * len(batch_args) + (P(),) * len(replicated_args)
+    return shard_map_island(fn, ctx.mesh, ctx.batch_axes, *batch_args, *replicated_args, in_specs=specs)
 
 
 def _chunk_size(ctx: registry.LossContext, name: str) -> int:

@@ -21,20 +21,22 @@ The plain algorithm forms ``exp(s / epsilon)``, which overflows float32 once ``s
 every normalisation is a max-shifted log-sum-exp, so any finite input gives finite codes that agree
 with the plain algorithm wherever the latter is finite.
 
+Precision. The codes are computed in the scores' dtype with float32 as the floor: bfloat16 or float32
+scores give float32 codes, float64 scores (with ``jax_enable_x64``) float64 codes.
+
 Fast path. The log domain needs an ``exp`` over the whole matrix in every normalisation. When the
-kernel fits float32 after a per-prototype shift, the same iteration runs on scaling vectors instead:
+kernel fits the compute dtype after a per-prototype shift, the same iteration runs on scaling vectors instead:
 ``E = exp(s / epsilon - c_k)`` with ``c_k`` the prototype's maximum over the batch (a per-prototype
 constant, which the first per-prototype normalisation cancels exactly), then every normalisation is a
 matrix-vector product (``v @ E`` for the prototypes, ``E @ u`` for the samples) and
 ``Q = diag(v) E diag(u)``: one ``exp`` in all, and reductions that run as fast GEMVs on every backend.
-Every sum is checked against the largest term that float32 could have flushed to zero; if any sum is
+Every sum is checked against the largest term that the compute dtype could have flushed to zero; if any sum is
 too small for that bound to be negligible (or anything is not finite), the log-domain path computes the
 codes instead (``lax.cond``, so only one branch runs).
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from functools import partial
 
 import jax
@@ -43,62 +45,20 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-AxisName = str | Sequence[str] | None
-
-
-def join_axis_names(*names: AxisName) -> str | tuple[str, ...] | None:
-    """Concatenates axis names (each a name, a sequence of names, or None) into one collective axis spec.
-
-    Empty sequences count as None, so the result is None, a single name, or a tuple of two or more.
-    """
-    flat: list[str] = []
-    for name in names:
-        if name is None:
-            continue
-        flat.extend((name,) if isinstance(name, str) else name)
-    if not flat:
-        return None
-    return flat[0] if len(flat) == 1 else tuple(flat)
-
-
-def axis_size(axis_name: AxisName) -> int:
-    """Number of shards along ``axis_name``: 1 when None, else the bound mesh axes' size (inside ``shard_map``)."""
-    axis_name = join_axis_names(axis_name)
-    return 1 if axis_name is None else lax.axis_size(axis_name)
-
-
-def global_sum(x: jax.Array, axis: int | Sequence[int] | None, axis_name: AxisName = None) -> jax.Array:
-    """``jnp.sum(x, axis, keepdims=True)`` where the reduced axes may be sharded over ``axis_name``."""
-    s = jnp.sum(x, axis=axis, keepdims=True)
-    axis_name = join_axis_names(axis_name)
-    return s if axis_name is None else lax.psum(s, axis_name)
-
-
-def global_max(x: jax.Array, axis: int | Sequence[int] | None, axis_name: AxisName = None) -> jax.Array:
-    """``jnp.max(x, axis, keepdims=True)`` over axes sharded on ``axis_name``, as a constant (no gradient)."""
-    m = lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-    axis_name = join_axis_names(axis_name)
-    return m if axis_name is None else lax.pmax(m, axis_name)
-
-
-def distributed_logsumexp(
-    x: jax.Array, axis: int | Sequence[int] | None, axis_name: AxisName = None
-) -> jax.Array:
-    """Max-shifted ``log(sum(exp(x)))`` over ``axis`` (kept as size-1 dims), sharded over ``axis_name``.
-
-    The shift is the global maximum (``pmax`` of the local maxima); it is treated as a constant, which
-    leaves the value and the gradient (a softmax) unchanged. Slices that are entirely ``-inf`` give
-    ``-inf`` rather than NaN.
-    """
-    m = global_max(x, axis, axis_name)
-    m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-    return m + jnp.log(global_sum(jnp.exp(x - m), axis, axis_name))
-
-
-def distributed_softmax(x: jax.Array, axis: int | Sequence[int], axis_name: AxisName = None) -> jax.Array:
-    """Max-shifted softmax over ``axis`` (sharded over ``axis_name``), normalised in the linear domain."""
-    e = jnp.exp(x - global_max(x, axis, axis_name))
-    return e / global_sum(e, axis, axis_name)
+from clus_jax.objectives.precision import compute_dtype
+from clus_jax.parallel.collectives import (
+    AxisName,
+    all_max,
+    all_min,
+    all_sum,
+    axis_size,
+    distributed_logsumexp,
+    distributed_softmax,
+    join_axis_names,
+)
+# Re-exported for callers that still import the collectives from here (objectives/swap.py, until it imports
+# them from clus_jax.parallel.collectives, their one home).
+from clus_jax.parallel.collectives import global_sum  # noqa: F401
 
 
 def sinkhorn_knopp(
@@ -110,7 +70,7 @@ def sinkhorn_knopp(
     proto_axis_name: AxisName = None,
     fast: bool = True,
 ) -> jax.Array:
-    """SwAV's Sinkhorn-Knopp codes for ``scores`` (B, K); float32 (B, K) rows summing to 1, no gradient.
+    """SwAV's Sinkhorn-Knopp codes for ``scores`` (B, K): (B, K) rows summing to 1, no gradient.
 
     Semantics are those of SwAV's ``distributed_sinkhorn``::
 
@@ -120,8 +80,9 @@ def sinkhorn_knopp(
         return (Q * B).T
 
     where B counts every row of the global batch (queue rows included, if the caller concatenated
-    them) and K every prototype. The computation is done in float32 whatever the input dtype, in the
-    log domain (see the module docstring), and under ``stop_gradient``.
+    them) and K every prototype. The computation is done in the scores' precision with float32 as the
+    floor (float64 scores give float64 codes, bfloat16 scores float32 codes), in the log domain or on
+    scaling vectors (see the module docstring), and under ``stop_gradient``.
 
     Args:
       scores: local block of the (B, K) score matrix, e.g. cosines between embeddings and prototypes.
@@ -129,10 +90,10 @@ def sinkhorn_knopp(
       num_iters: number of (prototype, sample) normalisation rounds; a static Python int.
       batch_axis_name: mesh axis name(s) the rows are sharded over, or None.
       proto_axis_name: mesh axis name(s) the prototype axis is sharded over, or None.
-      fast: use the scaling-vector path when float32 allows it (see the module docstring); False always
-        runs the log-domain iteration. Both give the same codes to float32 rounding.
+      fast: use the scaling-vector path when the compute dtype allows it (see the module docstring);
+        False always runs the log-domain iteration. Both give the same codes to rounding.
     """
-    scores = lax.stop_gradient(scores).astype(jnp.float32)
+    scores = lax.stop_gradient(scores).astype(compute_dtype(scores))
     num_local, k_local = scores.shape
     global_batch = num_local * axis_size(batch_axis_name)
     log_b = math.log(global_batch)
@@ -153,10 +114,10 @@ def sinkhorn_knopp(
 
         # SwAV's initial division by the total mass scales every entry by the same constant, which the
         # first per-prototype normalisation cancels exactly, so the first step starts from the raw kernel.
-        u = prototype_step(jnp.zeros((num_local, 1), jnp.float32))
+        u = prototype_step(jnp.zeros((num_local, 1), scores.dtype))
         u = lax.fori_loop(0, num_iters - 1, lambda _, u: prototype_step(sample_step(u)), u)
         # The last per-sample normalisation followed by ``* B`` is a softmax over the prototypes; doing it
-        # in the linear domain keeps row sums at 1 to float32 rounding even when the logits are huge.
+        # in the linear domain keeps row sums at 1 to rounding even when the logits are huge.
         return distributed_softmax(logits + u, axis=1, axis_name=proto_axis_name)
 
     if not fast:
@@ -165,10 +126,18 @@ def sinkhorn_knopp(
     return lax.cond(ok, lambda: kernel * (u[None, :] / row_sums[:, None]), log_domain)
 
 
-# A float32 term below this is flushed to zero (XLA enables flush-to-zero on CPU).
-_FLUSH = float(jnp.finfo(jnp.float32).tiny)
-# Largest accepted relative error of a sum from terms flushed to zero, per term count.
-_SUM_TOLERANCE = 1e-13
+# Largest accepted relative error of a sum from terms flushed to zero, per term count and compute dtype
+# (about a millionth of the dtype's epsilon).
+_SUM_TOLERANCE = {jnp.dtype(jnp.float32): 1e-13, jnp.dtype(jnp.float64): 1e-22}
+
+
+def _flush_bounds(dtype: jnp.dtype) -> tuple[float, float]:
+    """(bound below which ``dtype`` may flush a term to zero, accepted relative error per flushed term).
+
+    A term below the dtype's smallest normal number may be flushed to zero (XLA enables flush-to-zero on
+    CPU, for float64 as for float32).
+    """
+    return float(jnp.finfo(dtype).tiny), _SUM_TOLERANCE[jnp.dtype(dtype)]
 
 
 def column_max(x: jax.Array, rows_per_step: int = 32) -> jax.Array:
@@ -202,41 +171,34 @@ def _scaling_iterations(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Sinkhorn on scaling vectors: (kernel E, prototype scaling u, last row sums E @ u, all sums safe).
 
-    ``E = exp((scores - c) / epsilon)`` with ``c`` the per-prototype maximum over the global batch. The
-    codes are ``E * u / row_sums[:, None]``. ``ok`` is False when some sum could carry a relative error
-    above ``_SUM_TOLERANCE`` per term from flushed terms, or is not finite.
+    ``E = exp((scores - c) / epsilon)`` with ``c`` the per-prototype maximum over the global batch, in the
+    dtype of ``scores``. The codes are ``E * u / row_sums[:, None]``. ``ok`` is False when some sum could
+    carry a relative error above ``_SUM_TOLERANCE`` per term from flushed terms, or is not finite.
     """
     num_local, k_local = scores.shape
     global_b = num_local * axis_size(batch_axis_name)
     global_k = k_local * axis_size(proto_axis_name)
-    shift = column_max(scores)
     batch_axes, proto_axes = join_axis_names(batch_axis_name), join_axis_names(proto_axis_name)
-    if batch_axes is not None:
-        shift = lax.pmax(shift, batch_axes)
+    shift = all_max(column_max(scores), batch_axes)
     kernel = jnp.exp((scores - shift[None, :]) / epsilon)
     hi = lax.Precision.HIGHEST
 
     def col_sums(v: jax.Array) -> jax.Array:  # sum_b E_bk v_b over the global batch
-        s = jnp.dot(v, kernel, precision=hi)
-        return s if batch_axes is None else lax.psum(s, batch_axes)
+        return all_sum(jnp.dot(v, kernel, precision=hi), batch_axes)
 
     def row_sums(u: jax.Array) -> jax.Array:  # sum_k E_bk u_k over all prototypes
-        r = jnp.dot(kernel, u, precision=hi)
-        return r if proto_axes is None else lax.psum(r, proto_axes)
-
-    def gmax(x: jax.Array, axes) -> jax.Array:
-        m = jnp.max(x)
-        return m if axes is None else lax.pmax(m, axes)
+        return all_sum(jnp.dot(kernel, u, precision=hi), proto_axes)
 
     both = join_axis_names(batch_axis_name, proto_axis_name)
+    flush, tolerance = _flush_bounds(scores.dtype)
 
     def safe(sums: jax.Array, weights: jax.Array, weights_axes, terms: int) -> jax.Array:
-        # Each flushed term is below _FLUSH * max(1, weight); the sum must dwarf all of them together.
-        floor = terms * _FLUSH * jnp.maximum(gmax(weights, weights_axes), 1.0) / _SUM_TOLERANCE
+        # Each flushed term is below flush * max(1, weight); the sum must dwarf all of them together.
+        floor = terms * flush * jnp.maximum(all_max(jnp.max(weights), weights_axes), 1.0) / tolerance
         ok = (jnp.all(sums >= floor) & jnp.all(jnp.isfinite(sums))).astype(jnp.int32)  # NaN fails too
-        return (ok if both is None else lax.pmin(ok, both)) > 0
+        return all_min(ok, both) > 0
 
-    ones = jnp.ones((num_local,), jnp.float32)
+    ones = jnp.ones((num_local,), scores.dtype)
     s = col_sums(ones)
     ok = safe(s, ones, batch_axes, global_b)
     u = 1.0 / (global_k * s)

@@ -9,21 +9,17 @@ trained to predict the *other* view's codes through a temperature softmax over t
 Codes are targets only: gradients reach the scores through the log-softmax and never through the codes.
 Like ``sinkhorn``, every function runs inside ``jax.shard_map`` with rows sharded over
 ``batch_axis_name`` and prototypes over ``proto_axis_name``; the returned scalars are the global values,
-identical on every shard.
+identical on every shard. The math runs in the scores' precision with float32 as the floor (see
+``clus_jax.objectives.precision``).
 """
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
-from clus_jax.objectives.sinkhorn import (
-    AxisName,
-    axis_size,
-    distributed_logsumexp,
-    global_sum,
-    sinkhorn_knopp,
-)
+from clus_jax.objectives.precision import compute_dtype
+from clus_jax.objectives.sinkhorn import sinkhorn_knopp
+from clus_jax.parallel.collectives import AxisName, axis_size, distributed_logsumexp, global_sum
 
 
 def log_softmax(logits: jax.Array, *, proto_axis_name: AxisName = None) -> jax.Array:
@@ -39,13 +35,14 @@ def cross_entropy_with_codes(
     batch_axis_name: AxisName = None,
     proto_axis_name: AxisName = None,
 ) -> jax.Array:
-    """Global-batch mean of ``-sum_k codes * log_softmax(scores / temperature)``, in float32.
+    """Global-batch mean of ``-sum_k codes * log_softmax(scores / temperature)``, at least in float32.
 
     ``codes`` (B, K) are constant targets (stop-gradient); ``scores`` (B, K) receive the gradient.
     """
-    logits = scores.astype(jnp.float32) / temperature
+    dtype = compute_dtype(codes, scores)
+    logits = scores.astype(dtype) / temperature
     log_p = log_softmax(logits, proto_axis_name=proto_axis_name)
-    targets = lax.stop_gradient(codes).astype(jnp.float32)
+    targets = lax.stop_gradient(codes).astype(dtype)
     per_sample = global_sum(targets * log_p, -1, proto_axis_name)
     total = global_sum(per_sample, None, batch_axis_name)
     return -total.reshape(()) / (scores.shape[0] * axis_size(batch_axis_name))
