@@ -31,6 +31,7 @@ buffer is page-faulted in at a few GB/s on CPU; ``--malloc system`` times the gl
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
@@ -55,13 +56,24 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+@functools.cache
+def _swav_reference():
+    """The NumPy transcription of SwAV that the tests use as their oracle (``tests/objectives/swav_reference.py``)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "objectives",
+                        "swav_reference.py")
+    spec = importlib.util.spec_from_file_location("swav_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def swav_sinkhorn_numpy(out, epsilon: float, num_iters: int):
-    """SwAV ``distributed_sinkhorn`` on one process, float32 (``clus_jax.objectives.swav_reference``)."""
+    """SwAV ``distributed_sinkhorn`` on one process, float32 (``tests/objectives/swav_reference.py``)."""
     import numpy as np
 
-    from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as reference
-
-    return reference(out, epsilon, num_iters, dtype=np.float32)
+    return _swav_reference().swav_sinkhorn_numpy(out, epsilon, num_iters, dtype=np.float32)
 
 
 def cosine_scores(rng, batch: int, protos: int, dim: int):

@@ -1,8 +1,7 @@
 """CLIP, SigLIP and CLIP+Reg against float64 NumPy transcriptions of open_clip's ClipLoss / SigLipLoss.
 
-The references below are written from the published formulas (open_clip ``ClipLoss``: mean of the two
-cross-entropies with labels = arange(B); ``SigLipLoss``: -sum(logsigmoid(labels * logits)) / B with
-labels = 2*eye - 1), and the gradients are derived by hand, so none of them calls the code under test.
+The references (``tests/objectives/open_clip_reference.py``) are written from the published formulas and
+the gradients are derived by hand, so none of them calls the code under test.
 """
 import jax
 import jax.numpy as jnp
@@ -11,6 +10,10 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from clus_jax.objectives import clip_loss, clip_reg_loss, positive_pair_l2, siglip_loss
+from open_clip_reference import clip_loss_grads_numpy as ref_clip_grads  # registered by tests/conftest.py
+from open_clip_reference import clip_loss_numpy as ref_clip
+from open_clip_reference import siglip_loss_grads_numpy as ref_siglip_grads
+from open_clip_reference import siglip_loss_numpy as ref_siglip
 
 jax.config.update("jax_enable_x64", False)
 
@@ -18,47 +21,6 @@ jax.config.update("jax_enable_x64", False)
 def normalised(rng, b, d):
     x = rng.normal(size=(b, d))
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def logsumexp(x, axis):
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
-
-
-def softmax(x, axis):
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
-def ref_clip(img, txt, scale):
-    s = scale * img @ txt.T
-    i2t = np.mean(logsumexp(s, 1) - np.diag(s))
-    t2i = np.mean(logsumexp(s, 0) - np.diag(s))
-    return (i2t + t2i) / 2
-
-
-def ref_clip_grads(img, txt, scale):
-    """dL/dimg = s/(2B) (P Y + Q Y - 2Y) with P row-softmax, Q column-softmax of the logits."""
-    b = img.shape[0]
-    s = scale * img @ txt.T
-    p, q = softmax(s, 1), softmax(s, 0)
-    g_img = scale / (2 * b) * (p @ txt + q @ txt - 2 * txt)
-    g_txt = scale / (2 * b) * (p.T @ img + q.T @ img - 2 * img)
-    return g_img, g_txt
-
-
-def ref_siglip(img, txt, scale, bias):
-    z = scale * img @ txt.T + bias
-    labels = 2 * np.eye(len(img)) - 1
-    return -np.sum(-np.logaddexp(0, -labels * z)) / len(img)
-
-
-def ref_siglip_grads(img, txt, scale, bias):
-    b = len(img)
-    z = scale * img @ txt.T + bias
-    labels = 2 * np.eye(b) - 1
-    dz = -labels / (1 + np.exp(labels * z)) / b  # d/dz of -log sigmoid(l z) / B
-    return scale * dz @ txt, scale * dz.T @ img
 
 
 CASES = [(2, 4, 1.0), (8, 16, 14.3), (32, 8, 100.0), (64, 32, 50.0)]

@@ -9,28 +9,10 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clus_jax.objectives.sinkhorn import (
-    distributed_logsumexp,
-    sharded_sinkhorn_knopp,
-    sinkhorn_knopp,
-)
-from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
-
-
-def logdomain_sinkhorn_np(out, epsilon, num_iters):
-    """Float64 log-domain Sinkhorn (log-potentials), for inputs whose kernel underflows even in float64."""
-
-    def lse(x, axis):
-        m = x.max(axis=axis, keepdims=True)
-        return m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
-
-    logits = np.asarray(out, np.float64) / epsilon
-    B, K = logits.shape
-    log_q = logits - lse(logits, (0, 1))
-    for _ in range(num_iters):
-        log_q = log_q - lse(log_q, 0) - np.log(K)
-        log_q = log_q - lse(log_q, 1) - np.log(B)
-    return np.exp(log_q + np.log(B))
+from clus_jax.objectives import sharded_sinkhorn_knopp, sinkhorn_knopp
+from clus_jax.parallel.collectives import distributed_logsumexp
+from swav_reference import logdomain_sinkhorn_numpy as logdomain_sinkhorn_np  # registered by tests/conftest.py
+from swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
 
 
 def auto_mesh(shape, names):

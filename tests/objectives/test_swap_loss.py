@@ -9,30 +9,11 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss
-from clus_jax.objectives.swav_reference import log_softmax_numpy as log_softmax_np
-from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
-
-
-def swav_loss_np(scores_a, scores_b, temperature, epsilon, num_iters, codes_a=None, codes_b=None):
-    """SwAV ``main_swav.py`` with two crops, both used for assignment: mean over the two swapped CEs."""
-    q_a = swav_sinkhorn_np(scores_a, epsilon, num_iters) if codes_a is None else np.asarray(codes_a, np.float64)
-    q_b = swav_sinkhorn_np(scores_b, epsilon, num_iters) if codes_b is None else np.asarray(codes_b, np.float64)
-    loss = 0.0
-    for q, other in ((q_a, scores_b), (q_b, scores_a)):
-        loss -= np.mean(np.sum(q * log_softmax_np(np.asarray(other, np.float64) / temperature), axis=1))
-    return loss / 2, q_a, q_b
-
-
-def swav_loss_grad_np(scores_a, scores_b, temperature, q_a, q_b):
-    """d loss / d scores with codes held fixed: (softmax(s / tau) * sum_k q - q) / (2 tau B)."""
-    batch = scores_a.shape[0]
-
-    def grad(scores, q):
-        p = np.exp(log_softmax_np(np.asarray(scores, np.float64) / temperature))
-        return (p * q.sum(axis=1, keepdims=True) - q) / (2 * temperature * batch)
-
-    return grad(scores_a, q_b), grad(scores_b, q_a)
+from clus_jax.objectives import cross_entropy_with_codes, swapped_prediction_loss
+from swav_reference import log_softmax_numpy as log_softmax_np  # registered by tests/conftest.py
+from swav_reference import swav_loss_grad_numpy as swav_loss_grad_np
+from swav_reference import swav_loss_numpy as swav_loss_np
+from swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
 
 
 def auto_mesh(shape, names):
