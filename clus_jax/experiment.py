@@ -13,6 +13,7 @@ Nothing is allocated by ``build``; ``Experiment.init_state()`` materialises the 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Mapping
 
 import jax
@@ -131,9 +132,18 @@ class Experiment:
         """The towers' entries of ``params`` (what ``model.apply`` takes)."""
         return registry.model_params(params)
 
+    def frozen_towers(self) -> tuple[str, ...]:
+        """The towers whose every parameter is frozen for the run (they run forward only)."""
+        frozen = dict(jax.tree_util.tree_leaves_with_path(optim.frozen_mask(self.abstract_state["params"], self.param_groups)))
+        frozen = {optim.path_str(p): f for p, f in frozen.items()}
+        return tuple(m for m, pattern in TOWER_PATTERNS.items()
+                     if all(f for p, f in frozen.items() if re.search(pattern, p)))
+
     def train_step_flops(self, batch_size: int | None = None, **kwargs) -> float:
-        """Analytic model FLOPs of one step (towers in use + objectives), for MFU."""
-        return flops.train_step_flops(self.config, batch_size, modalities=self.modalities, **kwargs)
+        """Analytic model FLOPs of one step (towers in use, without the backward of frozen ones, and the
+        objectives), for MFU."""
+        return flops.train_step_flops(self.config, batch_size, modalities=self.modalities,
+                                      frozen=self.frozen_towers(), **kwargs)
 
 
 def build(config: ml_collections.ConfigDict, devices: list | None = None, *, resuming: bool = False) -> Experiment:

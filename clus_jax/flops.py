@@ -102,23 +102,34 @@ def forward_flops_per_example(model_config: Mapping[str, Any], causal_attention_
     return parts
 
 
+def towers_forward_flops(config: Mapping[str, Any], batch_size: int, modalities: tuple[str, ...] = ("image", "text"),
+                         causal_attention_factor: float = 0.5) -> float:
+    """Forward matmul FLOPs of the towers in ``modalities`` on a batch (e.g. a teacher's copy of them)."""
+    parts = forward_flops_per_example(config["model"], causal_attention_factor)
+    return batch_size * sum(v for k, v in parts.items() if k != "total" and k.split("_")[0] in modalities)
+
+
 def train_step_flops(config: Mapping[str, Any], batch_size: int | None = None, *,
                      causal_attention_factor: float = 0.5, include_objectives: bool = True,
-                     modalities: tuple[str, ...] = ("image", "text")) -> float:
-    """Model FLOPs of one train step on the global batch: 3 x (towers + objectives) forward.
+                     modalities: tuple[str, ...] = ("image", "text"), frozen: tuple[str, ...] = ()) -> float:
+    """Model FLOPs of one train step on the global batch: 3 x (towers + objectives) forward, plus what
+    runs without a gradient (a tower frozen for the run, a teacher's forward) once.
 
-    Only the towers in ``modalities`` count (an image-only run never runs the text tower); each
-    objective declares its own FLOPs (``Objective.forward_flops``).
+    Only the towers in ``modalities`` count (an image-only run never runs the text tower); those also in
+    ``frozen`` have no backward pass. Each objective declares its own FLOPs (``Objective.forward_flops``,
+    ``Objective.no_grad_flops``).
     """
     b = int(batch_size if batch_size is not None else _get(config, "batch_size"))
-    parts = forward_flops_per_example(config["model"], causal_attention_factor)
-    fwd = b * sum(v for k, v in parts.items() if k != "total" and k.split("_")[0] in modalities)
+    trained = tuple(m for m in modalities if m not in frozen)
+    fwd = towers_forward_flops(config, b, trained, causal_attention_factor)
+    no_grad = towers_forward_flops(config, b, tuple(m for m in modalities if m in frozen), causal_attention_factor)
     if include_objectives:
         from clus_jax.objectives import registry
 
-        objectives = dict(_get(config, "objectives", {}))
-        fwd += sum(registry.get(name).forward_flops(config, b) for name, w in objectives.items() if float(w))
-    return 3.0 * fwd
+        used = [registry.get(name) for name, w in dict(_get(config, "objectives", {})).items() if float(w)]
+        fwd += sum(obj.forward_flops(config, b) for obj in used)
+        no_grad += sum(obj.no_grad_flops(config, b) for obj in used)
+    return 3.0 * fwd + no_grad
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:

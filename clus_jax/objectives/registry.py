@@ -88,7 +88,13 @@ class Objective:
         return []
 
     def forward_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
-        """Matmul FLOPs of this objective's forward on a global batch (for MFU; 0 when negligible)."""
+        """Matmul FLOPs of this objective's differentiated forward on a global batch (logits, scores); the
+        train step counts them 3x, for the backward pass (for MFU; 0 when negligible)."""
+        return 0.0
+
+    def no_grad_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
+        """Matmul FLOPs this objective runs without a gradient on a global batch (a teacher's or momentum
+        towers' forward), counted once."""
         return 0.0
 
     def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:

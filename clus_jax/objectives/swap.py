@@ -293,6 +293,12 @@ class Swap(registry.Objective):
         d = int(config.model.embed_dim)
         return 2.0 * 2.0 * batch_size * d * sum(prototypes.bank_sizes(config.swap))
 
+    def no_grad_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
+        """A teacher's forward of both towers (the EMA or checkpoint teacher computes the codes)."""
+        from clus_jax.flops import towers_forward_flops
+
+        return towers_forward_flops(config, batch_size) if config.swap.teacher != "none" else 0.0
+
     def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         return prototypes.normalize_banks(params)
 
