@@ -1,0 +1,325 @@
+"""python -m clus_jax.embed: embeds every record of a data source with a trained model, into shards on disk.
+
+    python -m clus_jax.embed --workdir RUN --out DIR [--data.KEY=VALUE ...] [--modality image,text]
+        [--batch-size N] [--step S] [--shard-size N] [--process-index P --process-count N] [--workers N]
+
+The data source is the run's own training data (``data`` of ``RUN/config.json``) unless ``--data.*``
+overrides change it (``--data.source=array_record --data.path='shards-*.array_record'``). Records are read
+by random access (``data.sources.make_source``); images get the evaluation's preparation
+(``inference.eval_image``), captions the evaluation's cleaning and the run's tokenizer, both encoders are
+``clus_jax.load``'s, so a row equals ``model.encode_image`` / ``encode_text`` of the same input.
+
+Output, the side-file directory format (``clus_jax/data/side_fields.py`` reads it)::
+
+    DIR/manifest.json   {"num_records": N, "fields": {"image_emb": {"shape": [D], "dtype": "float32"},
+                         "text_emb": ..., "index": {"shape": [], "dtype": "int64"},
+                         "valid": {"shape": [], "dtype": "bool"}},
+                         "shards": [{"start": s, "end": e, "files": {"image_emb": "image_emb-00000.npy", ...}}]}
+    DIR/<field>-<shard>.npy   rows for record indices [start, end), in order
+    DIR/embed.json      what was embedded (run, step, data config, modalities, shard size)
+
+``index`` holds each row's record index (in the full source when the source is a subset); a record whose
+image cannot be decoded or whose caption is missing gets zero rows and ``valid`` False. Shards have a fixed
+size; process P of N embeds its own contiguous run of shards, so the processes write disjoint ranges that
+together cover every record. Each file is written under a temporary name and renamed, so a re-run skips
+the shards that are complete; ``manifest.json`` is written once every shard is (by whichever process
+completes the last one). A progress line (records done / total, rate, ETA) goes to stderr and a JSON
+summary to stdout. A mistyped command exits with one ``error: ...`` line (code 2), a run or data path
+that cannot be used with one such line and code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from etils import epath
+
+from clus_jax import cli
+
+MODALITIES = ("image", "text")
+EMBEDDING_FIELDS = {"image": "image_emb", "text": "text_emb"}
+INDEX_FIELD = "index"
+VALID_FIELD = "valid"
+MANIFEST = "manifest.json"
+SPEC_FILE = "embed.json"
+DEFAULT_SHARD_SIZE = 8192
+
+
+class RunError(RuntimeError):
+    """What the command names cannot be used (a checkpoint that does not match its config.json)."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        cli.fail(message)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    """(arguments, ``--data.KEY=VALUE`` overrides as (key, text) in order); exits 2 on a mistyped command."""
+    p = _ArgumentParser(prog="python -m clus_jax.embed", allow_abbrev=False,
+                        description="Embeds every record of a data source with a trained clus_jax model.")
+    p.add_argument("--workdir", required=True, help="the run: a workdir, its checkpoints folder or one step's folder")
+    p.add_argument("--out", required=True, help="output directory (side-file format)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--modality", default="image,text", help="comma-separated: image, text or both")
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: config.evals.batch_size)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="records per output shard")
+    p.add_argument("--process-index", type=int, default=0, help="this process (0-based) of --process-count")
+    p.add_argument("--process-count", type=int, default=1, help="number of processes sharing the work")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads reading records")
+    args, rest = p.parse_known_args(argv)
+    overrides, i = [], 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--data."):
+            cli.fail(f"unrecognized argument {arg!r} (data config overrides are --data.KEY=VALUE)")
+        key, eq, value = arg[len("--data."):].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                cli.fail(f"{arg} needs a value (--data.{key}=VALUE)")
+            value, i = rest[i + 1], i + 1
+        overrides.append((key, value))
+        i += 1
+    modalities = [m.strip() for m in args.modality.split(",") if m.strip()]
+    bad = [m for m in modalities if m not in MODALITIES]
+    if bad or not modalities:
+        cli.fail(f"--modality={args.modality!r}: expected a comma-separated list of {', '.join(MODALITIES)}")
+    args.modality = tuple(m for m in MODALITIES if m in modalities)
+    for name in ("batch_size", "shard_size", "process_count", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            cli.fail(f"--{name.replace('_', '-')}={value} must be at least 1")
+    if not 0 <= args.process_index < args.process_count:
+        cli.fail(f"--process-index={args.process_index} must be in [0, --process-count={args.process_count})")
+    return args, overrides
+
+
+def data_config_with(data_config: Any, overrides: Sequence[tuple[str, str]]):
+    """The run's data config with ``--data.KEY=VALUE`` overrides, typed like the values they replace, resolved.
+
+    Raises ``cli.UsageError`` naming the key for unknown keys and unparsable or invalid values.
+    """
+    from clus_jax.config_base import parse_value
+    from clus_jax.data.pipeline import resolve_data_config
+
+    try:
+        data = resolve_data_config(data_config)
+    except ValueError as e:
+        raise cli.UsageError(f"the run's data config: {cli.exception_text(e)}") from None
+    for key, text in overrides:
+        problem = cli.unknown_key(data, key)
+        if problem:
+            raise cli.UsageError(f"--data.{key}: {problem.replace('config has', 'the data config has')}")
+        try:
+            data[key] = parse_value(text, data[key])
+        except (TypeError, ValueError) as e:
+            raise cli.UsageError(f"--data.{key}={text}: {cli.exception_text(e)}") from None
+    try:
+        return resolve_data_config(data)
+    except ValueError as e:
+        raise cli.UsageError(cli.exception_text(e)) from None
+
+
+def shard_ranges(num_records: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) of every shard: fixed size, the last one shorter."""
+    return [(s, min(s + shard_size, num_records)) for s in range(0, num_records, shard_size)]
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    """The contiguous run of shard numbers that process ``process_index`` of ``process_count`` embeds."""
+    return range(num_shards * process_index // process_count, num_shards * (process_index + 1) // process_count)
+
+
+def shard_file(field: str, shard: int) -> str:
+    return f"{field}-{shard:05d}.npy"
+
+
+def _write_atomically(path: epath.Path, write) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with tmp.open("wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def _check_spec(out: epath.Path, spec: Mapping[str, Any]) -> None:
+    """Writes ``DIR/embed.json``, or checks that an earlier run into ``DIR`` embedded the same thing."""
+    path = out / SPEC_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        differ = sorted(k for k in set(spec) | set(old) if old.get(k) != spec.get(k))
+        if differ:
+            raise cli.UsageError(f"--out {os.fspath(out)} holds embeddings of something else (different "
+                                 f"{', '.join(differ)} in {SPEC_FILE}); pass another --out")
+        return
+    _write_atomically(path, lambda f: f.write(json.dumps(spec, indent=1).encode()))
+
+
+class _Progress:
+    """Prints 'embed: done/total records, rate, ETA' to stderr, at most every ``every`` seconds."""
+
+    def __init__(self, total: int, done: int, every: float = 5.0):
+        self.total, self.done, self.every = total, done, every
+        self.t0 = self.last = time.time()
+        self.start_done = done
+
+    def update(self, n: int, *, force: bool = False) -> None:
+        self.done += n
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else 0.0
+        eta = f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
+        pct = 100.0 * self.done / max(self.total, 1)
+        print(f"embed: {self.done}/{self.total} records ({pct:.0f}%)  {rate:.1f} records/s  eta {eta}",
+              file=sys.stderr, flush=True)
+
+
+def _read_record(source: Any, index: int, image_size: int,
+                 modalities: tuple[str, ...]) -> tuple[np.ndarray | None, str | None] | None:
+    """(image, caption) of one record prepared as the evaluation prepares them; None when it is invalid.
+
+    Only the modalities asked for are read: an image-only run does not need captions.
+    """
+    from clus_jax.data import transforms
+    from clus_jax.inference import eval_image
+
+    try:
+        record = source[index]
+    except Exception as e:  # a damaged record is an invalid row, never the end of the job
+        print(f"warning: record {index} could not be read: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return None
+    if not isinstance(record, Mapping):
+        return None
+    image = caption = None
+    if "text" in modalities:
+        caption = transforms.clean_caption(record.get("caption"))
+        if caption is None:
+            return None
+    if "image" in modalities:
+        try:
+            image = eval_image(record.get("image"), image_size)
+        except transforms.InvalidRecord:
+            return None
+    return image, caption
+
+
+def embed_range(model: Any, source: Any, start: int, end: int, modalities: tuple[str, ...], batch_size: int,
+                pool: concurrent.futures.Executor, progress: _Progress | None = None) -> dict[str, np.ndarray]:
+    """Rows of every field for records [start, end) of ``source``: embeddings, ``index`` and ``valid``."""
+    n, dim = end - start, model.embed_dim
+    original = getattr(source, "original_index", None)
+    out = {EMBEDDING_FIELDS[m]: np.zeros((n, dim), np.float32) for m in modalities}
+    out[INDEX_FIELD] = np.asarray([original(i) if original else i for i in range(start, end)], np.int64)
+    out[VALID_FIELD] = np.zeros((n,), bool)
+    for lo in range(start, end, batch_size):
+        hi = min(lo + batch_size, end)
+        read = list(pool.map(lambda i: _read_record(source, i, model.image_size, modalities), range(lo, hi)))
+        rows = [j for j, r in enumerate(read) if r is not None]
+        at = np.asarray(rows, np.int64) + (lo - start)
+        if "image" in modalities:
+            out["image_emb"][at] = model.encode_image(np.stack([read[j][0] for j in rows]) if rows else [])
+        if "text" in modalities:
+            out["text_emb"][at] = model.encode_text([read[j][1] for j in rows])
+        out[VALID_FIELD][at] = True
+        if progress is not None:
+            progress.update(hi - lo)
+    return out
+
+
+def _shard_complete(out: epath.Path, shard: int, fields: Sequence[str]) -> bool:
+    return all((out / shard_file(f, shard)).exists() for f in fields)
+
+
+def _write_shard(out: epath.Path, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+    for field, array in arrays.items():
+        _write_atomically(out / shard_file(field, shard), lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
+
+
+def _count_invalid(out: epath.Path, shard: int) -> int:
+    with (out / shard_file(VALID_FIELD, shard)).open("rb") as f:
+        return int((~np.load(f)).sum())
+
+
+def _write_manifest_if_complete(out: epath.Path, num_records: int, specs: Mapping[str, dict],
+                                ranges: Sequence[tuple[int, int]]) -> bool:
+    if not all(_shard_complete(out, k, list(specs)) for k in range(len(ranges))):
+        return False
+    manifest = {"num_records": num_records, "fields": dict(specs),
+                "shards": [{"start": s, "end": e, "files": {f: shard_file(f, k) for f in specs}}
+                           for k, (s, e) in enumerate(ranges)]}
+    _write_atomically(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    return True
+
+
+def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Embeds this process's shards of the records into ``args.out``; returns the summary."""
+    from clus_jax.data.sources import make_source
+    from clus_jax.inference import load
+    from clus_jax.run_config import load_run_config
+
+    data = data_config_with(load_run_config(args.workdir).data, overrides)
+    try:
+        model = load(args.workdir, args.step, batch_size=args.batch_size)
+    except ValueError as e:
+        raise RunError(cli.exception_text(e)) from None
+    try:
+        source = make_source(data)
+    except ValueError as e:
+        raise cli.UsageError(cli.exception_text(e)) from None
+    num_records = len(source)
+    ranges = shard_ranges(num_records, int(args.shard_size))
+    mine = process_shards(len(ranges), args.process_index, args.process_count)
+    specs = {EMBEDDING_FIELDS[m]: {"shape": [model.embed_dim], "dtype": "float32"} for m in args.modality}
+    specs[INDEX_FIELD] = {"shape": [], "dtype": "int64"}
+    specs[VALID_FIELD] = {"shape": [], "dtype": "bool"}
+
+    out = epath.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = {"workdir": os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir,
+            "step": model.step, "data": data.to_dict(), "modality": list(args.modality),
+            "shard_size": int(args.shard_size), "num_records": num_records, "fields": specs}
+    _check_spec(out, json.loads(json.dumps(spec)))  # as read back from the file: tuples are lists
+
+    todo = [k for k in mine if not _shard_complete(out, k, list(specs))]
+    total = sum(ranges[k][1] - ranges[k][0] for k in mine)
+    progress = _Progress(total, total - sum(ranges[k][1] - ranges[k][0] for k in todo))
+    if len(todo) < len(mine):
+        print(f"embed: {len(mine) - len(todo)} of {len(mine)} shards already complete, skipped",
+              file=sys.stderr, flush=True)
+    batch_size = int(args.batch_size or model.config.evals.batch_size)
+    with concurrent.futures.ThreadPoolExecutor(int(args.workers)) as pool:
+        for k in todo:
+            start, end = ranges[k]
+            _write_shard(out, k, embed_range(model, source, start, end, args.modality, batch_size, pool, progress))
+    progress.update(0, force=True)
+    complete = _write_manifest_if_complete(out, num_records, specs, ranges)
+    return {"out": os.fspath(out), "process": args.process_index, "processes": args.process_count,
+            "records": total, "embedded": sum(ranges[k][1] - ranges[k][0] for k in todo),
+            "skipped_shards": len(mine) - len(todo), "invalid": sum(_count_invalid(out, k) for k in mine),
+            "num_records": num_records, "complete": complete}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    try:
+        summary = run(args, overrides)
+    except cli.UsageError as e:
+        cli.fail(str(e))
+    except RunError as e:
+        cli.fail(str(e), code=1)
+    except (FileNotFoundError, PermissionError) as e:
+        cli.fail(f"{type(e).__name__}: {cli.exception_text(e)}", code=1)
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
