@@ -210,8 +210,15 @@ def _contrastive_metrics(ctx: registry.LossContext) -> dict[str, jax.Array]:
     return {"pos_cosine": jnp.mean(jnp.sum(img * txt, axis=-1))}
 
 
+class _Contrastive(registry.Objective):
+    """What the three contrastive objectives share: one [B, B] logit matrix of the global batch."""
+
+    def forward_flops(self, config, batch_size: int) -> float:
+        return 2.0 * batch_size * batch_size * int(config.model.embed_dim)
+
+
 @registry.register
-class Clip(registry.Objective):
+class Clip(_Contrastive):
     name = "clip"
     defaults = {"chunk_size": 0}
 
@@ -226,7 +233,7 @@ class Clip(registry.Objective):
 
 
 @registry.register
-class SigLip(registry.Objective):
+class SigLip(_Contrastive):
     name = "siglip"
     defaults = {"chunk_size": 0}
 
@@ -245,7 +252,7 @@ class SigLip(registry.Objective):
 
 
 @registry.register
-class ClipReg(registry.Objective):
+class ClipReg(_Contrastive):
     name = "clip_reg"
     defaults = {"reg_weight": 0.1, "chunk_size": 0}
 
