@@ -1,5 +1,6 @@
 """The loop end to end on synthetic data: metrics files, exact resume after a preemption, NaN handling."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -9,11 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clus_jax.parallel import multihost, partitioning
+from clus_jax.experiment import build
 from clus_jax.train import loop
 from clus_jax.train.metrics_writer import read_metrics
-from clus_jax.train.state import create_train_state
-from clus_jax.train.step import build_train_step
 
 import train_helpers as helpers  # registered by tests/conftest.py
 
@@ -41,8 +40,13 @@ class PreemptAfter:
         return self.calls >= self.n
 
 
+def checkpoint_steps(workdir):
+    """Steps of the completed checkpoints (orbax renames a step's folder to its number when it is done)."""
+    return sorted(int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit())
+
+
 @pytest.mark.slow
-def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
+def test_preempted_run_resumes_exactly(tmp_path, monkeypatch, caplog):
     full = str(tmp_path / "full")
     loop.train_and_evaluate(loop_config(), full)
     expected = train_losses(full)
@@ -52,8 +56,16 @@ def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "_Preemption", lambda: PreemptAfter(4))
     loop.train_and_evaluate(loop_config(), resumed)  # stops after step 4 with a checkpoint
     assert max(train_losses(resumed)) == 4
+    assert checkpoint_steps(resumed)[-1] == 4  # the periodic one (3) and the preemption save (4)
+    logged_before = len(read_metrics(resumed))
     monkeypatch.setattr(loop, "_Preemption", lambda: PreemptAfter(10**9))
+    caplog.set_level(logging.INFO, logger="clus_jax")
     loop.train_and_evaluate(loop_config(), resumed)
+    # The restart began at the preemption checkpoint: it says so and logs only the steps after it
+    # (a restart from step 0 would log 1..6 again, with the same losses, and pass the comparison below).
+    assert any("resumed from step 4" in m for m in caplog.messages), caplog.messages
+    restarted = [r["step"] for r in read_metrics(resumed)[logged_before:] if "train/loss" in r]
+    assert restarted == [5, 6]
     got = train_losses(resumed)
     # Same data order and same arithmetic on CPU: the losses after the restart are bit-identical.
     for step in range(1, 7):
@@ -62,16 +74,15 @@ def test_preempted_run_resumes_exactly(tmp_path, monkeypatch):
 
 def test_nonfinite_step_is_skipped_and_counted():
     config = helpers.tiny_config("clip")
-    mesh, rules, objectives, model, tx, schedule = loop.build(config)
-    state, shardings = create_train_state(config, model, tx, {k: o for k, (o, _) in objectives.items()}, mesh, rules)
-    step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
+    exp = build(config)
+    state, step = exp.init_state(), exp.step
     before = jax.device_get(state)
     # A NaN logit scale poisons the loss and every gradient.
     bad_params = jax.tree.map(lambda x: x, state["params"])
     bad_params["logit_scale"] = jnp.full_like(state["params"]["logit_scale"], jnp.nan)
     state = {**state, "params": bad_params}
     before["params"]["logit_scale"] = np.float32(np.nan)
-    batch = multihost.make_global_batch(helpers.random_batches(config, 1)[0], lambda nd: partitioning.batch_sharding(mesh, rules, nd))
+    batch = exp.global_batch(helpers.random_batches(config, 1)[0])
     new_state, metrics = step(state, batch)
     assert int(metrics["nonfinite"]) == 1
     after = jax.device_get(new_state)
