@@ -44,7 +44,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from clus_jax.objectives import feature_queue, prototypes, registry, teachers
-from clus_jax.objectives.sinkhorn import AxisName, axis_size, global_sum, join_axis_names, sinkhorn_knopp
+from clus_jax.objectives.sinkhorn import sinkhorn_knopp
+from clus_jax.parallel.collectives import AxisName, axis_size, global_sum, join_axis_names, shard_map_island, shard_offset
 from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss
 
 PyTree = Any
@@ -58,7 +59,7 @@ def used_clusters(codes: jax.Array, *, batch_axis_name: AxisName = None, proto_a
     on the mesh.
     """
     k_local = codes.shape[-1]
-    offset = 0 if proto_axis_name is None else lax.axis_index(proto_axis_name) * k_local
+    offset = shard_offset(k_local, proto_axis_name)
     local_max = jnp.max(codes, axis=-1)
     local_arg = jnp.argmax(codes, axis=-1).astype(jnp.int32) + offset
     if proto_axis_name is None:
@@ -148,13 +149,8 @@ def _bank_on_mesh(args: dict[str, jax.Array], ctx: registry.LossContext, proto_a
             specs[key] = P()
         else:
             specs[key] = P(batch)
-    fn = jax.shard_map(
-        partial(bank_loss, batch_axis_name=batch, proto_axis_name=proto_axis, **knobs),
-        mesh=ctx.mesh,
-        in_specs=(specs,),
-        out_specs=P(),
-    )
-    return fn(args)
+    return shard_map_island(partial(bank_loss, proto_axis_name=proto_axis, **knobs), ctx.mesh, ctx.batch_axes, args,
+                            in_specs=(specs,), axis_name_arg="batch_axis_name")
 
 
 def _teacher_outputs(ctx: registry.LossContext) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
