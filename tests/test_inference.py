@@ -133,3 +133,9 @@ def test_a_run_without_a_finished_checkpoint_is_named(tmp_path):
     run_config.save_run_config(str(tmp_path), helpers.tiny_config("clip"))
     with pytest.raises(FileNotFoundError, match="checkpoint"):
         inference.load(str(tmp_path))
+
+
+def test_a_step_is_picked_by_number(run):
+    assert clus_jax.load(run, step=4).step == 4
+    with pytest.raises(FileNotFoundError, match="no checkpoint step 3"):
+        clus_jax.load(run, step=3)
