@@ -110,12 +110,16 @@ def arch_config(arch: str, objective: str = "clip", *, batch_size: int | None = 
 
 
 def configure_objective(config, objective: str, num_prototypes: int = 3000) -> None:
-    """Sets what an objective needs beyond its own defaults (SigLIP's bias, the Clus prototype bank)."""
+    """Sets what an objective needs beyond its own defaults (SigLIP's bias, the Clus prototype bank, the
+    BriVL queue length as a multiple of the batch)."""
     config.objectives = {objective: 1.0}
     if objective == "siglip" and config.model.get("logit_bias_init") is None:
         config.model.logit_bias_init = -10.0
     if objective == "swap":
         config.swap.num_prototypes = (int(num_prototypes),)
+    if objective == "brivl":  # BriVL's 9600-key queues, rounded to a multiple of the batch
+        batch = int(config.batch_size)
+        config.brivl.queue_length = max(1, round(9600 / batch)) * batch
 
 
 def random_batch(config, seed: int = 0) -> dict[str, Any]:
