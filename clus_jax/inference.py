@@ -120,9 +120,10 @@ def _step_of(checkpoint: str) -> int | None:
 
 def model_params_shapes(module: Any, config: ml_collections.ConfigDict) -> PyTree:
     """The model's parameters as boxed ``jax.ShapeDtypeStruct`` (logical-axis boxes kept), nothing allocated."""
-    size, length = int(config.model.image.image_size), int(config.model.text.context_length)
-    images, tokens = np.zeros((1, size, size, 3), np.uint8), np.ones((1, length), np.int32)
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), images, tokens)["params"]
+    from clus_jax.models.towers import init_inputs
+
+    inputs = init_inputs(config.model)
+    return jax.eval_shape(module.init, jax.random.PRNGKey(0), inputs["image"], inputs["text"])["params"]
 
 
 def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int | None = None) -> Model:
@@ -152,7 +153,7 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
     if missing:
         raise ValueError(f"checkpoint {checkpoint!r} holds no {missing} of the model that config.json describes "
                          f"(it has {sorted(saved)})")
-    params = teachers.load_params(path, step, exclude=tuple(k for k in saved if k not in shapes))
+    params = teachers.load_params(path, step, include=tuple(shapes))
     problems = teachers.shape_mismatches(shapes, params)
     if problems:
         raise ValueError(f"checkpoint {checkpoint!r} does not match config.json's model: " + "; ".join(problems[:10]))
