@@ -23,3 +23,4 @@ _register("train_helpers", "train", "helpers.py")
 # Float64 NumPy transcriptions of the reference losses, the oracles of tests/objectives.
 _register("open_clip_reference", "objectives", "open_clip_reference.py")
 _register("swav_reference", "objectives", "swav_reference.py")
+_register("moco_reference", "objectives", "moco_reference.py")
