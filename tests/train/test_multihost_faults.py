@@ -1,5 +1,6 @@
 """Several processes (jax.distributed on 127.0.0.1, gloo): a dead peer stops the others quickly with a
-clear error, and restarting all of them resumes from the last checkpoint with the same losses."""
+clear error, and restarting all of them resumes from the last completed checkpoint (each says so, and the
+restart logs only the steps after it) with the same losses."""
 import json
 import os
 import socket
@@ -45,6 +46,22 @@ def logged_losses(workdir):
     return seen
 
 
+def completed_checkpoints(workdir):
+    """Steps whose save finished (orbax renames '<step>.orbax-checkpoint-tmp...' to '<step>' at the end)."""
+    folder = os.path.join(workdir, "checkpoints")
+    return sorted(int(s) for s in os.listdir(folder) if s.isdigit()) if os.path.isdir(folder) else []
+
+
+def wait_for_checkpoint(workdir, procs, total, timeout=120):
+    """Waits for a periodic checkpoint (not the one at the end) to be complete while training still runs."""
+    deadline = time.time() + timeout
+    while not completed_checkpoints(workdir):
+        assert all(p.poll() is None for p in procs), "a process ended before any checkpoint was completed"
+        assert time.time() < deadline, "no checkpoint was completed"
+        time.sleep(0.2)
+    assert completed_checkpoints(workdir)[0] < total, f"no periodic checkpoint, only {completed_checkpoints(workdir)}"
+
+
 def wait_for_step(workdir, step, procs, timeout=300):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -60,6 +77,8 @@ def test_dead_peer_stops_the_survivor_and_restart_resumes(tmp_path):
     procs = start(workdir, 16, logs)
     try:
         wait_for_step(workdir, 9, procs)
+        # Saves at 4 and 8 were started (the one at 8 waits for 4 to finish): the kill must find one complete.
+        wait_for_checkpoint(workdir, procs, 16)
         procs[1].kill()
         t0 = time.time()
         rc = procs[0].wait(timeout=120)
@@ -73,16 +92,21 @@ def test_dead_peer_stops_the_survivor_and_restart_resumes(tmp_path):
         survivor = f.read()
     assert "another task died" in survivor or "stopped sending heartbeats" in survivor
 
-    checkpoints = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    checkpoints = completed_checkpoints(workdir)
+    assert checkpoints and checkpoints[-1] >= 4, checkpoints
+    latest = checkpoints[-1]
     before = logged_losses(workdir)
+    offsets = [os.path.getsize(os.path.join(logs, f"p{i}.log")) for i in range(2)]
     procs = start(workdir, 16, logs)
     assert [p.wait(timeout=600) for p in procs] == [0, 0]
-    with open(os.path.join(logs, "p0.log")) as f:
-        restarted = f.read()
-    if checkpoints:
-        assert f"resumed from step {checkpoints[-1]}" in restarted
+    for i, offset in enumerate(offsets):
+        with open(os.path.join(logs, f"p{i}.log")) as f:
+            f.seek(offset)
+            restarted = f.read()
+        assert f"resumed from step {latest}" in restarted, (i, restarted[-3000:])
     after = logged_losses(workdir)[len(before):]
-    assert after[-1][0] == 16
+    # The restart began at the checkpoint: it logged the later steps only, each once.
+    assert [s for s, _ in after] == list(range(latest + 1, 17)), after
     # Steps replayed after the restart give exactly the losses logged before the crash.
     first = dict(before)
     replayed = [(s, l) for s, l in after if s in first]
