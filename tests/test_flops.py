@@ -1,13 +1,12 @@
 """Analytic train-step FLOPs: a hand count for the tiny config, and agreement with XLA's cost analysis."""
-import os
-
 import jax
 import pytest
 
 from clus_jax import flops
+from clus_jax.objectives import registry
 
 import train_helpers as helpers  # registered by tests/conftest.py
-tiny_config, random_batches = helpers.tiny_config, helpers.random_batches
+tiny_config = helpers.tiny_config
 
 
 def test_hand_count_tiny_config():
@@ -28,9 +27,20 @@ def test_hand_count_tiny_config():
     assert parts["image_patch_embed"] == 98304 and parts["text_attention"] == 32768
     logits = 2 * 16 * 16 * 32
     assert flops.train_step_flops(c, causal_attention_factor=1.0) == 3 * (16 * (image + text) + logits)
+    assert flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False) == 3 * 16 * (image + text)
     # maxtext's convention halves the causal text attention only.
     halved = flops.train_step_flops(c)
     assert flops.train_step_flops(c, causal_attention_factor=1.0) - halved == 3 * 16 * 32768 / 2
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip", "clip_reg"])
+def test_contrastive_logits_are_counted(objective):
+    """One [B, B] logit matrix per contrastive objective: 2 B^2 D on top of the towers."""
+    c = tiny_config(objective)
+    logits = 2 * 16 * 16 * 32
+    assert registry.get(objective).forward_flops(c, 16) == logits
+    towers = flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False)
+    assert flops.train_step_flops(c, causal_attention_factor=1.0) == towers + 3 * logits
 
 
 def test_hand_count_pooled_last_block():
@@ -53,31 +63,35 @@ def test_hand_count_pooled_last_block():
 
 def test_objective_flops_and_mfu():
     c = tiny_config()
-    assert flops.objective_forward_flops("clip", 16, c.model) == 2 * 16 * 16 * 32
-    c.model.num_prototypes = (100, 50)
-    assert flops.objective_forward_flops("swap", 16, c.model) == 2 * 2 * 16 * 32 * 150
-    assert flops.objective_forward_flops("unknown", 16, c.model) == 0
+    assert registry.get("clip").forward_flops(c, 16) == 2 * 16 * 16 * 32
+    c.swap.num_prototypes = (100, 50)
+    assert registry.get("swap").forward_flops(c, 16) == 2 * 2 * 16 * 32 * 150
+    assert registry.Objective().forward_flops(c, 16) == 0  # an objective that declares none counts none
     assert flops.mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
+
+
+def test_only_the_towers_in_use_count():
+    c = tiny_config()
+    parts = flops.forward_flops_per_example(c.model, causal_attention_factor=1.0)
+    image = sum(v for k, v in parts.items() if k.startswith("image_"))
+    both = flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False)
+    image_only = flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False, modalities=("image",))
+    assert both == 3 * 16 * parts["total"]
+    assert image_only == 3 * 16 * image < both
 
 
 @pytest.mark.parametrize("size,pooling,pooled_last", [("mu", "cls", True), ("mu", "cls", False), ("nano", "gap", True),
                                                       ("mu", "map", True)])
 def test_agrees_with_xla_cost_analysis(size, pooling, pooled_last):
     """XLA counts every op (normalisations, softmax, AdamW) on top of the matmuls: a little above, never below."""
-    from clus_jax.parallel import multihost, partitioning
-    from clus_jax.train.loop import build
-    from clus_jax.train.state import create_train_state
-    from clus_jax.train.step import build_train_step
+    from clus_jax.experiment import build
 
+    # A small vocabulary: the gather and scatter-add of a 49408-row token table are not matmuls.
     c = tiny_config(**{"model.image.size": size, "model.text.size": size, "model.image.pooling": pooling,
-                       "model.pooled_last_block": pooled_last})
-    devices = jax.devices()[:1]
-    mesh, rules, objectives, model, tx, schedule = build(c, devices)
-    obj_only = {name: obj for name, (obj, _) in objectives.items()}
-    state, shardings = create_train_state(c, model, tx, obj_only, mesh, rules, materialize=False)
-    step = build_train_step(c, model, tx, schedule, objectives, mesh, rules, shardings)
-    batch = multihost.make_global_batch(random_batches(c, 1)[0], lambda nd: partitioning.batch_sharding(mesh, rules, nd))
-    cost = step.jitted.lower(state, batch).compile().cost_analysis()
+                       "model.pooled_last_block": pooled_last, "model.text.vocab_size": 64})
+    exp = build(c, jax.devices()[:1])
+    cost = exp.step.jitted.lower(exp.abstract_state, exp.abstract_batch()).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     analytic = flops.train_step_flops(c, causal_attention_factor=1.0)
+    assert exp.train_step_flops(causal_attention_factor=1.0) == analytic
     assert analytic <= cost["flops"] <= 1.25 * analytic, (cost["flops"], analytic)

@@ -15,7 +15,7 @@ def model_config(**overrides):
         dict(
             image=dict(size="mu", image_size=16, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0),
             text=dict(size="mu", context_length=8, vocab_size=50, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0),
-            embed_dim=32, logit_scale_init=2.0, logit_bias_init=None, max_logit_scale=100.0, num_prototypes=None,
+            embed_dim=32, logit_scale_init=2.0, logit_bias_init=None, max_logit_scale=100.0,
             dtype="float32", remat=False,
         )
     )
@@ -44,7 +44,7 @@ def test_outputs_are_normalised_embeddings(pooling):
 
 
 def test_every_parameter_carries_logical_axes():
-    model = build_model(model_config(**{"image.pooling": "map", "num_prototypes": [7, 9], "logit_bias_init": -10.0}))
+    model = build_model(model_config(**{"image.pooling": "map", "logit_bias_init": -10.0}))
     images, text = inputs()
     boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
@@ -53,16 +53,14 @@ def test_every_parameter_carries_logical_axes():
     for leaf in leaves:
         if isinstance(leaf, nn.LogicallyPartitioned):
             assert len(leaf.names) == leaf.value.ndim, (leaf.names, leaf.value.shape)
-    protos = nn.meta.unbox(boxed)["prototypes"]
-    assert protos["bank_0"].shape == (7, 32) and protos["bank_1"].shape == (9, 32)
 
 
-def test_prototype_rows_start_on_the_sphere():
-    model = build_model(model_config(num_prototypes=5))
+def test_the_model_holds_no_method_parameters():
+    """Towers, projections and the logit scale/bias only: prototype banks belong to the swap objective."""
+    model = build_model(model_config(logit_bias_init=-10.0))
     images, text = inputs()
-    params = model.init(jax.random.key(0), images, text)["params"]
-    bank = nn.meta.unbox(params)["prototypes"]["bank_0"]
-    np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=1e-5)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), images, text))["params"]
+    assert set(params) == {"image", "text", "image_proj", "text_proj", "logit_scale", "logit_bias"}
 
 
 def test_text_padding_does_not_change_the_embedding():

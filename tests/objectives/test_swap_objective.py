@@ -1,30 +1,30 @@
-"""The 'swap' objective (Clus): loss against float64 NumPy, prototype rewrite and freeze, queue, teachers,
-sharded training equal to one device, and checkpoints."""
+"""The 'swap' objective (Clus): its own prototype banks, loss against float64 NumPy, prototype rewrite and
+freeze, queue, teachers, sharded training equal to one device, and checkpoints."""
 import math
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 from clus_jax import config_base, config_check
-from clus_jax.models.towers import bank_sizes
+from clus_jax.experiment import build
 from clus_jax.objectives import prototypes, registry, teachers
 from clus_jax.objectives.registry import ConfigError, LossContext
-from clus_jax.objectives.swav_reference import log_softmax_numpy as log_softmax_np
-from clus_jax.objectives.swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
 from clus_jax.parallel import mesh as mesh_lib
-from clus_jax.parallel import multihost, partitioning
+from clus_jax.parallel import partitioning
 from clus_jax.train.checkpoint import Checkpointer
-from clus_jax.train.loop import build
-from clus_jax.train.state import create_train_state
-from clus_jax.train.step import build_train_step, make_apply_model
+from clus_jax.train.step import make_apply_model
 
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import train_helpers as helpers  # registered by tests/conftest.py
-REPO = os.path.dirname(_TESTS)
+from swav_reference import log_softmax_numpy as log_softmax_np
+from swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -77,10 +77,8 @@ SWAP = registry.get("swap")
 
 
 def swap_config(**overrides):
-    c = helpers.tiny_config("clip", **overrides)
+    c = helpers.tiny_config("clip", **{"swap.num_prototypes": (12, 6), **overrides})
     c.objectives = {"clip": 1.0, "swap": 0.5}
-    if c.model.num_prototypes is None:
-        c.model.num_prototypes = [12, 6]
     return c
 
 
@@ -126,7 +124,7 @@ def test_loss_and_metrics_match_numpy(mesh_shape):
     image, text = paired_embeddings(rng, 16)
     banks = scaled_banks(rng, (12, 6))  # 12 splits over tensor=4, 6 does not (stays replicated)
     loss, metrics, new_state = run_objective(config, mesh_shape, {"image_emb": image, "text_emb": text},
-                                             {"prototypes": banks}, {})
+                                             {prototypes.PARAMS_KEY: banks}, {})
     want, per_bank = swap_loss_np(image, text, list(banks.values()), within=0.3)
     np.testing.assert_allclose(loss, want, rtol=2e-5)
     for i, ref in enumerate(per_bank):
@@ -144,7 +142,7 @@ def test_cross_modal_direction_and_within_knob():
     rng = np.random.default_rng(1)
     image, text = paired_embeddings(rng, 16, noise=1.0)
     banks = scaled_banks(rng, (12,))
-    loss, _, _ = run_objective(swap_config(), MESHES_1[0], {"image_emb": image, "text_emb": text}, {"prototypes": banks}, {})
+    loss, _, _ = run_objective(swap_config(), MESHES_1[0], {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}, {})
     bank = unit(banks["bank_0"])
     q = {m: swav_sinkhorn_np(x @ bank.T, 0.05, 3) for m, x in (("image", image), ("text", text))}
     swapped = 0.5 * (ce_np(q["text"], image @ bank.T, 0.1) + ce_np(q["image"], text @ bank.T, 0.1))
@@ -152,7 +150,7 @@ def test_cross_modal_direction_and_within_knob():
     np.testing.assert_allclose(loss, swapped, rtol=2e-5)
     assert abs(swapped - unswapped) > 1e-3
     with_within, _, _ = run_objective(swap_config(**{"swap.within_modality_weight": 1.0}), MESHES_1[0],
-                                      {"image_emb": image, "text_emb": text}, {"prototypes": banks}, {})
+                                      {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}, {})
     np.testing.assert_allclose(with_within, swapped + unswapped, rtol=2e-5)
 
 
@@ -170,13 +168,13 @@ def test_teacher_codes_are_the_targets(teacher_prototypes):
     image, text = paired_embeddings(rng, 16)
     t_image, t_text = paired_embeddings(rng, 16)
     banks = scaled_banks(rng, (12, 6))
-    teacher = {"image_emb": t_image, "text_emb": t_text}
+    teacher = {"towers": {"image_emb": t_image, "text_emb": t_text}}
     if teacher_prototypes == "teacher":
-        teacher["prototypes"] = scaled_banks(rng, (12, 6))
+        teacher["banks"] = scaled_banks(rng, (12, 6))
     queue = {m: sphere(rng, 2, 16, 32) for m in ("image", "text")}
-    outputs, params = {"image_emb": image, "text_emb": text}, {"prototypes": banks}
+    outputs, params = {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}
     state = {"teacher": teacher, "queue": {**queue, "filled": np.int32(2)}}
-    code_banks = list(teacher["prototypes"].values()) if teacher_prototypes == "teacher" else None
+    code_banks = list(teacher["banks"].values()) if teacher_prototypes == "teacher" else None
     want, _ = swap_loss_np(image, text, list(banks.values()), code_rows={"image": t_image, "text": t_text},
                            code_banks=code_banks, queues={m: q.reshape(-1, 32) for m, q in queue.items()})
     for mesh_shape in MESHES_1[:2]:
@@ -190,7 +188,7 @@ def test_teacher_codes_are_the_targets(teacher_prototypes):
     own, _ = swap_loss_np(image, text, list(banks.values()), queues={m: q.reshape(-1, 32) for m, q in queue.items()})
     assert abs(own - want) > 1e-3
     # ... and a different teacher gives a different loss for the same student.
-    other = {**state, "teacher": {**teacher, "image_emb": sphere(rng, 16, 32)}}
+    other = {**state, "teacher": {**teacher, "towers": {**teacher["towers"], "image_emb": sphere(rng, 16, 32)}}}
     changed, _, _ = run_objective(config, MESHES_1[0], outputs, params, other, apply_model=fake_apply)
     assert abs(changed - loss) > 1e-3
 
@@ -200,9 +198,9 @@ def test_teacher_equal_to_student_gives_the_swav_loss():
     rng = np.random.default_rng(3)
     image, text = paired_embeddings(rng, 16)
     banks = scaled_banks(rng, (12, 6))
-    outputs, params = {"image_emb": image, "text_emb": text}, {"prototypes": banks}
+    outputs, params = {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}
     plain, _, _ = run_objective(swap_config(), MESHES_1[0], outputs, params, {})
-    teacher = {"image_emb": image, "text_emb": text, "prototypes": banks}
+    teacher = {"towers": {"image_emb": image, "text_emb": text}, "banks": banks}
     taught, _, _ = run_objective(swap_config(**{"swap.teacher": "ema"}), MESHES_1[0], outputs, params,
                                  {"teacher": teacher}, apply_model=fake_apply)
     np.testing.assert_allclose(taught, plain, rtol=1e-6)
@@ -216,7 +214,7 @@ def test_queue_rows_enter_the_codes_once_full(mesh_shape):
     image, text = paired_embeddings(rng, batch)
     queue_rows = {m: sphere(rng, slots, batch, 32) for m in ("image", "text")}
     banks = scaled_banks(rng, (12, 6))
-    outputs, params = {"image_emb": image, "text_emb": text}, {"prototypes": banks}
+    outputs, params = {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}
 
     def state(filled):
         return {"queue": {**queue_rows, "filled": np.int32(filled)}}
@@ -250,8 +248,8 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"config\.swap\.queue_length=24 must be a multiple of the global batch"):
         config_check.validate(config, 1)
     config = swap_config()
-    config.model.num_prototypes = None
-    with pytest.raises(ConfigError, match=r"config\.model\.num_prototypes"):
+    config.swap.num_prototypes = None
+    with pytest.raises(ConfigError, match=r"config\.swap\.num_prototypes"):
         config_check.validate(config, 1)
     for key, value in (("teacher", "momentum"), ("temperature", 0.0), ("teacher_momentum", 1.5)):
         with pytest.raises(ConfigError, match=rf"config\.swap\.{key}"):
@@ -282,6 +280,39 @@ def test_prototype_mesh_axis_follows_the_logical_rule():
     assert prototypes.mesh_axis(16, config, mesh, batch) is None  # 'data' already splits the batch
 
 
+def test_init_banks_unit_rows_and_logical_axes():
+    banks = prototypes.init_banks(jax.random.key(0), (7, 9), 32)
+    assert sorted(banks) == ["bank_0", "bank_1"]
+    for name, k in (("bank_0", 7), ("bank_1", 9)):
+        box = banks[name]
+        assert isinstance(box, nn.LogicallyPartitioned) and tuple(box.names) == ("prototypes", "proj")
+        assert box.value.shape == (k, 32) and box.value.dtype == jnp.float32
+        np.testing.assert_allclose(np.linalg.norm(box.value, axis=-1), 1.0, rtol=1e-5)
+        assert np.linalg.matrix_rank(np.asarray(box.value)) == k  # random directions, not one repeated row
+    assert not np.allclose(banks["bank_0"].value[:7], banks["bank_1"].value[:7])  # one key per bank
+    assert prototypes.bank_sizes(ml_collections.ConfigDict({"num_prototypes": 5})) == (5,)
+    assert prototypes.bank_sizes(swap_config().swap) == (12, 6)
+
+
+def test_swap_objective_owns_its_banks():
+    """The banks live at params['swap'], sized by config.swap.num_prototypes and placed by their logical axes."""
+    config = swap_config(**{"swap.num_prototypes": (16, 6)})
+    own = SWAP.init_params(jax.random.key(0), config)
+    assert {k: v.value.shape for k, v in own.items()} == {"bank_0": (16, 32), "bank_1": (6, 32)}
+    config.mesh.update(dict(data=2, fsdp=1, tensor=4))
+    exp = build(config)
+    params = exp.abstract_state["params"]
+    assert {k: v.shape for k, v in params[prototypes.PARAMS_KEY].items()} == {"bank_0": (16, 32), "bank_1": (6, 32)}
+    assert prototypes.PARAMS_KEY not in exp.model_params(params) and "image" in exp.model_params(params)
+    assert exp.shardings["params"][prototypes.PARAMS_KEY]["bank_0"].spec == P("tensor")
+    assert exp.shardings["params"][prototypes.PARAMS_KEY]["bank_1"].spec == P()  # 4 does not divide 6
+    banks = jax.device_get(exp.init_state()["params"][prototypes.PARAMS_KEY])
+    for bank in banks.values():
+        np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=1e-5)
+    # A run without the swap objective has no banks at all.
+    assert prototypes.PARAMS_KEY not in build(helpers.tiny_config("clip")).abstract_state["params"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training: clip + swap with two banks, a queue, an EMA teacher and a prototype freeze.
 # ----------------------------------------------------------------------------------------------------
@@ -290,7 +321,7 @@ STEPS, FREEZE, QUEUE_START = 4, 2, 1
 
 
 def train_config(**overrides):
-    settings = {"model.num_prototypes": [16, 24], "swap.queue_length": 32, "swap.queue_start_step": QUEUE_START,
+    settings = {"swap.num_prototypes": (16, 24), "swap.queue_length": 32, "swap.queue_start_step": QUEUE_START,
                 "swap.freeze_prototypes_steps": FREEZE, "swap.teacher": "ema", "swap.teacher_momentum": 0.9,
                 "swap.teacher_momentum_final": 0.99}
     return swap_config(**{**settings, **overrides})
@@ -298,11 +329,11 @@ def train_config(**overrides):
 
 def scale_prototype_rows(state, shardings):
     """Stored banks with rows of length 0.5-2: every step must rewrite them to unit rows first."""
-    params = dict(state["params"])
-    params["prototypes"] = {
+    params, key = dict(state["params"]), prototypes.PARAMS_KEY
+    params[key] = {
         name: jax.device_put(bank * (1.0 + 0.5 * jnp.sin(jnp.arange(bank.shape[0], dtype=jnp.float32)))[:, None],
-                             shardings["params"]["prototypes"][name])
-        for name, bank in state["params"]["prototypes"].items()
+                             shardings["params"][key][name])
+        for name, bank in state["params"][key].items()
     }
     return {**state, "params": params}
 
@@ -312,12 +343,10 @@ class Run:
 
     def __init__(self, config, devices, batches):
         self.config = config
-        self.mesh, self.rules, objectives, self.model, tx, schedule = build(config, devices)
-        obj = {k: o for k, (o, _) in objectives.items()}
-        state, self.shardings = create_train_state(config, self.model, tx, obj, self.mesh, self.rules)
-        self.abstract, _ = create_train_state(config, self.model, tx, obj, self.mesh, self.rules, materialize=False)
-        self.step_fn = build_train_step(config, self.model, tx, schedule, objectives, self.mesh, self.rules, self.shardings)
-        state = scale_prototype_rows(state, self.shardings)
+        self.exp = build(config, devices)
+        self.model, self.shardings, self.abstract, self.step_fn = (
+            self.exp.model, self.exp.shardings, self.exp.abstract_state, self.exp.step)
+        state = scale_prototype_rows(self.exp.init_state(), self.shardings)
         self.batches, self.states, self.metrics = batches, [jax.device_get(state)], []
         for local in batches:
             state, metrics = self.step_fn(state, self.global_batch(local))
@@ -325,7 +354,7 @@ class Run:
             self.metrics.append({k: float(v) for k, v in metrics.items()})
 
     def global_batch(self, local):
-        return multihost.make_global_batch(local, lambda nd: partitioning.batch_sharding(self.mesh, self.rules, nd))
+        return self.exp.global_batch(local)
 
     def on_device(self, host_state):
         return jax.device_put(host_state, self.shardings)
@@ -338,7 +367,7 @@ def reference():
     return Run(config, jax.devices()[:1], helpers.random_batches(config, STEPS))
 
 
-def adam_leaves(opt_state, pattern="prototypes"):
+def adam_leaves(opt_state, pattern=f"[{prototypes.PARAMS_KEY!r}]"):
     """Float leaves of the optimizer state that belong to prototype banks (moments), by path."""
     return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(opt_state)
             if pattern in jax.tree_util.keystr(p) and np.asarray(x).dtype == np.float32}
@@ -346,26 +375,31 @@ def adam_leaves(opt_state, pattern="prototypes"):
 
 @pytest.mark.slow
 def test_prototypes_unit_rows_and_freeze(reference):
-    states = reference.states
-    before = states[0]["params"]["prototypes"]
+    states, key = reference.states, prototypes.PARAMS_KEY
+    before = states[0]["params"][key]
     assert any(abs(np.linalg.norm(b, axis=1) - 1).max() > 0.1 for b in before.values())
     moments = adam_leaves(states[0]["opt_state"])
     assert moments and all(np.all(v == 0) for v in moments.values())
     for t in range(1, FREEZE + 1):  # frozen steps: the stored banks are the re-normalised rows, moments stay zero
-        for name, bank in states[t]["params"]["prototypes"].items():
+        for name, bank in states[t]["params"][key].items():
             np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, atol=1e-6)
             np.testing.assert_allclose(bank, unit(before[name]), atol=1e-6)
         assert all(np.all(v == 0) for v in adam_leaves(states[t]["opt_state"]).values())
     # Other parameters did train meanwhile.
     assert np.abs(states[FREEZE]["params"]["text"]["token_embed"] - states[0]["params"]["text"]["token_embed"]).max() > 0
     # After the freeze: banks move (from their unit rows, by at most a few learning-rate steps) and moments fill.
-    after = states[FREEZE + 1]["params"]["prototypes"]
+    after = states[FREEZE + 1]["params"][key]
     for name, bank in after.items():
-        delta = np.abs(bank - states[FREEZE]["params"]["prototypes"][name]).max()
+        delta = np.abs(bank - states[FREEZE]["params"][key][name]).max()
         assert 0 < delta < 0.05
         # The step started from unit rows; only this step's update separates the stored rows from the sphere.
         assert np.abs(np.linalg.norm(bank, axis=1) - 1).max() < 0.05
     assert all(np.any(v != 0) for v in adam_leaves(states[FREEZE + 1]["opt_state"]).values())
+
+
+def teacher_source(params):
+    """What the EMA teacher tracks: the student's towers and its banks."""
+    return {"towers": registry.model_params(params), "banks": params[prototypes.PARAMS_KEY]}
 
 
 @pytest.mark.slow
@@ -376,19 +410,20 @@ def test_ema_teacher_follows_the_student(reference):
                        * (math.cos(math.pi * t / reference.config.total_steps) + 1) / 2)
         old, new = reference.states[t], reference.states[t + 1]
         want = jax.tree.map(lambda tch, s: m * tch + (np.float32(1) - m) * s,
-                            old["objective_states"]["swap"]["teacher"], new["params"])
+                            old["objective_states"]["swap"]["teacher"], teacher_source(new["params"]))
         for (path, got), exp in zip(jax.tree_util.tree_leaves_with_path(new["objective_states"]["swap"]["teacher"]),
                                     jax.tree.leaves(want)):
             np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-8, err_msg=f"step {t} {jax.tree_util.keystr(path)}")
     # The teacher starts as a copy of the student (whose stored banks this test rescaled after init).
     first = reference.states[0]
     teacher = first["objective_states"]["swap"]["teacher"]
-    for key, value in first["params"].items():
-        if key != "prototypes":
-            for a, b in zip(jax.tree.leaves(teacher[key]), jax.tree.leaves(value)):
-                np.testing.assert_array_equal(a, b)
-    for name, bank in first["params"]["prototypes"].items():
-        np.testing.assert_allclose(teacher["prototypes"][name], unit(bank), atol=1e-6)
+    assert set(teacher) == {"towers", "banks"}
+    towers = registry.model_params(first["params"])
+    assert set(teacher["towers"]) == set(towers) and prototypes.PARAMS_KEY not in towers
+    for a, b in zip(jax.tree.leaves(teacher["towers"]), jax.tree.leaves(towers)):
+        np.testing.assert_array_equal(a, b)
+    for name, bank in first["params"][prototypes.PARAMS_KEY].items():
+        np.testing.assert_allclose(teacher["banks"][name], unit(bank), atol=1e-6)
 
 
 @pytest.mark.slow
@@ -397,7 +432,8 @@ def test_queue_fills_fifo_with_teacher_embeddings(reference):
     apply = jax.jit(make_apply_model(reference.model))
     emb = []
     for t, local in enumerate(reference.batches):
-        out = apply(reference.states[t]["objective_states"]["swap"]["teacher"], {k: jnp.asarray(v) for k, v in local.items()})
+        out = apply(reference.states[t]["objective_states"]["swap"]["teacher"]["towers"],
+                    {k: jnp.asarray(v) for k, v in local.items()})
         emb.append({m: np.asarray(out[f"{m}_emb"]) for m in ("image", "text")})
     slots = reference.config.swap.queue_length // reference.config.batch_size
     for t in range(STEPS):
@@ -424,8 +460,8 @@ def test_meshes_match_one_device(reference, mesh_shape):
     config.mesh.update(mesh_shape)
     run = Run(config, jax.devices(), reference.batches)
     if mesh_shape["tensor"] == 4:
-        assert run.shardings["params"]["prototypes"]["bank_0"].spec == P("tensor")
-        assert run.shardings["objective_states"]["swap"]["teacher"]["prototypes"]["bank_1"].spec == P("tensor")
+        assert run.shardings["params"][prototypes.PARAMS_KEY]["bank_0"].spec == P("tensor")
+        assert run.shardings["objective_states"]["swap"]["teacher"]["banks"]["bank_1"].spec == P("tensor")
     assert run.shardings["objective_states"]["swap"]["queue"]["image"].spec == P(None, ("data", "fsdp") if mesh_shape["fsdp"] > 1 else "data")
     for key in ("loss", "clip/loss", "swap/loss", "swap/bank_0/loss", "swap/bank_1/loss"):
         np.testing.assert_allclose([m[key] for m in run.metrics], [m[key] for m in reference.metrics], rtol=1e-5, err_msg=key)
@@ -478,20 +514,23 @@ def test_checkpoint_teacher_is_loaded_and_frozen(reference, tmp_path):
 
     config = train_config(**{"swap.teacher": "checkpoint", "swap.teacher_checkpoint": workdir})
     config.mesh.update(dict(data=2, fsdp=1, tensor=4))
-    mesh, rules, objectives, model, tx, schedule = build(config)
-    obj = {k: o for k, (o, _) in objectives.items()}
-    state, shardings = create_train_state(config, model, tx, obj, mesh, rules)
-    assert shardings["objective_states"]["swap"]["teacher"]["prototypes"]["bank_0"].spec == P("tensor")
+    exp = build(config)
+    state = exp.init_state()
+    assert exp.shardings["objective_states"]["swap"]["teacher"]["banks"]["bank_0"].spec == P("tensor")
+
+    def as_saved(teacher):  # the teacher laid out as the saved student's parameters
+        return {**teacher["towers"], prototypes.PARAMS_KEY: teacher["banks"]}
+
     teacher = jax.device_get(state["objective_states"]["swap"]["teacher"])
-    for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(saved["params"])):
+    assert set(as_saved(teacher)) == set(saved["params"])
+    for a, b in zip(jax.tree.leaves(as_saved(teacher)), jax.tree.leaves(saved["params"])):
         np.testing.assert_array_equal(a, b)
-    step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings)
-    batch = multihost.make_global_batch(reference.batches[0], lambda nd: partitioning.batch_sharding(mesh, rules, nd))
+    batch = exp.global_batch(reference.batches[0])
     for _ in range(2):
-        state, metrics = step(state, batch)
+        state, metrics = exp.step(state, batch)
         assert np.isfinite(float(metrics["swap/loss"]))
     after = jax.device_get(state)
-    for a, b in zip(jax.tree.leaves(after["objective_states"]["swap"]["teacher"]), jax.tree.leaves(saved["params"])):
+    for a, b in zip(jax.tree.leaves(as_saved(after["objective_states"]["swap"]["teacher"])), jax.tree.leaves(saved["params"])):
         np.testing.assert_array_equal(a, b)
     assert int(after["objective_states"]["swap"]["queue"]["filled"]) == 1
 
@@ -501,8 +540,7 @@ def test_checkpoint_teacher_without_banks_needs_student_prototypes(tmp_path):
     """A CLIP run saved without prototype banks can teach when codes use the student's banks."""
     clip = helpers.tiny_config("clip")
     clip.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    mesh, rules, objectives, model, tx, _ = build(clip, jax.devices()[:1])
-    state, _ = create_train_state(clip, model, tx, {k: o for k, (o, _) in objectives.items()}, mesh, rules)
+    state = build(clip, jax.devices()[:1]).init_state()
     ckpt = Checkpointer(str(tmp_path / "clip" / "checkpoints"))
     ckpt.save(7, state, force=True)
     ckpt.close()
@@ -511,24 +549,24 @@ def test_checkpoint_teacher_without_banks_needs_student_prototypes(tmp_path):
     assert teachers.resolve_checkpoint(os.path.join(path, "checkpoints", "7")) == teachers.resolve_checkpoint(path)
 
     config = swap_config(**{"swap.teacher": "checkpoint", "swap.teacher_checkpoint": path})
-    with pytest.raises(ConfigError, match=r"teacher_checkpoint.*prototypes.*teacher_prototypes='student'"):
+    with pytest.raises(ConfigError, match=r"teacher_checkpoint.*swap.*bank_0.*teacher_prototypes='student'"):
         config_check.validate(config, 8)
     config.swap.teacher_prototypes = "student"
     config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-    mesh, rules, objectives, model, tx, _ = build(config, jax.devices()[:1])
-    new, _ = create_train_state(config, model, tx, {k: o for k, (o, _) in objectives.items()}, mesh, rules)
+    new = build(config, jax.devices()[:1]).init_state()
     teacher = jax.device_get(new["objective_states"]["swap"]["teacher"])
-    assert "prototypes" not in teacher
-    for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(jax.device_get(state["params"]))):
+    assert set(teacher) == {"towers"}  # no banks: the codes are scored with the student's
+    assert set(teacher["towers"]) == set(state["params"])
+    for a, b in zip(jax.tree.leaves(teacher["towers"]), jax.tree.leaves(jax.device_get(state["params"]))):
         np.testing.assert_array_equal(a, b)
 
 
 def test_clus_config_is_valid():
     config = config_base.load_config(os.path.join(REPO, "configs", "clus.py"))
     assert dict(config.objectives) == {"clip": 1.0, "swap": 0.5}
-    assert config.swap.teacher == "ema" and len(bank_sizes(config.model)) == 2
+    assert config.swap.teacher == "ema" and len(prototypes.bank_sizes(config.swap)) == 2
     config_check.validate(config, 8)
     short = config_base.load_config(os.path.join(REPO, "configs", "clus.py") + ":steps=40,protos=32+64+128,queue=512")
-    assert short.model.num_prototypes == [32, 64, 128] and short.swap.queue_length == 512
+    assert prototypes.bank_sizes(short.swap) == (32, 64, 128) and short.swap.queue_length == 512
     assert short.swap.freeze_prototypes_steps <= 4
     config_check.validate(short, 8)

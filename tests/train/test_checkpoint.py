@@ -6,19 +6,15 @@ import jax
 import numpy as np
 import pytest
 
+from clus_jax.experiment import build
 from clus_jax.train.checkpoint import Checkpointer, CheckpointError
-from clus_jax.train.loop import build
-from clus_jax.train.state import create_train_state
 
 import train_helpers as helpers  # registered by tests/conftest.py
 
 
 def make_state(config, devices):
-    mesh, rules, objectives, model, tx, _ = build(config, devices)
-    objs = {k: o for k, (o, _) in objectives.items()}
-    state, _ = create_train_state(config, model, tx, objs, mesh, rules)
-    abstract, _ = create_train_state(config, model, tx, objs, mesh, rules, materialize=False)
-    return state, abstract
+    exp = build(config, devices)
+    return exp.init_state(), exp.abstract_state
 
 
 def assert_trees_equal(a, b):

@@ -1,10 +1,11 @@
-"""Optimizer: schedule shape, weight-decay mask, and freezing by masking (moments and decay untouched)."""
+"""Optimizer: schedule shape, weight-decay mask, and a trainable window by masking (moments and decay untouched)."""
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
+from clus_jax.objectives import prototypes
 from clus_jax.train.optim import build_optimizer, decay_mask, learning_rate_schedule
 
 
@@ -45,15 +46,15 @@ def test_adamw_matches_optax_adamw():
 
 def test_frozen_group_is_untouched_then_trains_like_a_fresh_adam():
     cfg = optim_config(warmup_steps=0, schedule="constant")
-    tx, _ = build_optimizer(cfg, total_steps=10, freeze_rules=[("prototypes", 3)])
-    params = {"prototypes": {"bank_0": jnp.ones((2, 2))}, "w": jnp.ones((2, 2))}
+    tx, _ = build_optimizer(cfg, total_steps=10, groups=[(prototypes.PARAM_PATTERN, {"trainable_from": 3})])
+    params = {prototypes.PARAMS_KEY: {"bank_0": jnp.ones((2, 2))}, "w": jnp.ones((2, 2))}
     state = tx.init(params)
     history = []
     for _ in range(5):
         grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
         updates, state = tx.update(grads, state, params)
         params = optax.apply_updates(params, updates)
-        history.append(float(params["prototypes"]["bank_0"][0, 0]))
+        history.append(float(params[prototypes.PARAMS_KEY]["bank_0"][0, 0]))
     # Frozen for 3 steps: no update and no weight decay (decay alone would have moved it).
     assert history[:3] == [1.0, 1.0, 1.0]
     # Step 4 is the group's first Adam step: bias-corrected update = lr * (1 + wd * p) exactly.
