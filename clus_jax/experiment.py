@@ -73,9 +73,12 @@ def param_groups(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str,
     """
     used = modalities(config)
     groups = [(TOWER_PATTERNS[m], {"frozen": True}) for m in fields_lib.MODALITIES if m not in used]
-    groups += [(str(p), dict(o)) for p, o in (config.get("param_groups") or [])]
-    for obj, _ in objectives_of(config).values():
-        groups += [(str(p), dict(o)) for p, o in obj.param_groups(config)]
+    declared = [("config.param_groups", list(config.get("param_groups") or []))]
+    declared += [(f"objective {name!r} param_groups", list(obj.param_groups(config)))
+                 for name, (obj, _) in objectives_of(config).items()]
+    for key, entries in declared:
+        optim.check_param_groups(entries, key)  # each entry named by its own list's index
+        groups += [(str(p), dict(o)) for p, o in entries]
     return groups
 
 
@@ -158,9 +161,8 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None, *, res
     objectives = objectives_of(config)
     model = build_model(config.model)
     fields = batch_fields(config)
-    groups = param_groups(config)
     try:
-        optim.check_param_groups(groups)
+        groups = param_groups(config)
     except ValueError as e:
         raise registry.ConfigError(str(e)) from None
     tx, schedule = optim.build_optimizer(config.optim, int(config.total_steps), groups)

@@ -195,8 +195,6 @@ def test_image_only_objective_freezes_and_skips_the_text_tower():
     assert image_only <= cost["flops"] <= 1.25 * image_only, (cost["flops"], image_only, both)
 
 
-@pytest.mark.xfail(strict=True, reason="experiment.param_groups puts the unused towers' frozen groups first and "
-                   "optim.check_param_groups numbers the combined list, so config.param_groups[0] is reported as [1]")
 def test_bad_param_group_is_named_by_its_config_index_when_a_tower_is_unused():
     config = config_with({"test_image_only": 1.0}, **{"mesh.data": 1})
     config.param_groups = [(r"^image/", {"lr_multiplier": 2.0})]

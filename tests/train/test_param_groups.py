@@ -164,9 +164,7 @@ def test_frozen_for_the_run(recording):
     ([(r"^image/", {"lr_mult": -1.0})], 0, "lr_mult"),
     ([(r"^image/", {"trainable_from": 5, "trainable_until": 2})], 0, "trainable_from <= trainable_until"),
     ([(r"^image/", {"decay": "yes"})], 0, "decay"),
-    pytest.param([(r"^image/", {}), r"^text/"], 1, "pair", marks=pytest.mark.xfail(
-        strict=True, raises=ValueError, reason="experiment.param_groups unpacks each entry before "
-        "optim.check_param_groups sees it: a non-pair fails with a bare ValueError")),
+    ([(r"^image/", {}), r"^text/"], 1, "pair"),
 ])
 def test_bad_group_fails_in_build_naming_the_entry(groups, index, message):
     with pytest.raises(ConfigError, match=re.escape(f"config.param_groups[{index}]") + ".*" + re.escape(message)):
