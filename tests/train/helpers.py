@@ -1,7 +1,14 @@
 """Shared test helpers: a tiny config and random batches (imported by the train tests)."""
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from clus_jax import config_base
+from clus_jax.train import optim
 
 
 def tiny_config(objective: str = "clip", **overrides):
@@ -38,3 +45,30 @@ def random_batches(config, n, seed=0):
         text[:, rng.integers(3, t) :] = 0
         out.append({"image": rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8), "text": text})
     return out
+
+
+class Recorded(NamedTuple):
+    grads: Any
+
+
+def record_gradients() -> optax.GradientTransformation:
+    """A pass-through transformation that keeps this step's raw gradients in its state."""
+    return optax.GradientTransformation(
+        lambda params: Recorded(jax.tree.map(jnp.zeros_like, params)),
+        lambda updates, state, params=None: (updates, Recorded(updates)),
+    )
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    """``experiment.build`` puts ``record_gradients`` in front of the real optimizer: ``opt_state[0].grads``.
+
+    Use it by importing it into a test module: ``from train_helpers import recording``.
+    """
+    real = optim.build_optimizer
+
+    def build_optimizer(cfg, total_steps, groups=()):
+        tx, schedule = real(cfg, total_steps, groups)
+        return optax.chain(record_gradients(), tx), schedule
+
+    monkeypatch.setattr(optim, "build_optimizer", build_optimizer)

@@ -6,10 +6,8 @@ pass-through first transformation): on a group's first Adam step the bias-correc
 so the AdamW update is -lr * lr_mult * (g / (|g| + eps) + weight_decay * p * decayed).
 """
 import re
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -20,29 +18,9 @@ from clus_jax.objectives.registry import ConfigError
 from clus_jax.train import optim
 
 import train_helpers as helpers  # registered by tests/conftest.py
+from train_helpers import recording  # noqa: F401 (a pytest fixture)
 
 LR, WD, EPS = 3e-3, 0.5, 1e-6
-
-
-class Recorded(NamedTuple):
-    grads: Any
-
-
-def record_gradients() -> optax.GradientTransformation:
-    return optax.GradientTransformation(lambda p: Recorded(jax.tree.map(jnp.zeros_like, p)),
-                                        lambda u, state, params=None: (u, Recorded(u)))
-
-
-@pytest.fixture
-def recording(monkeypatch):
-    """``experiment.build`` puts a gradient recorder in front of the real optimizer: ``opt_state[0].grads``."""
-    real = optim.build_optimizer
-
-    def build_optimizer(cfg, total_steps, groups=()):
-        tx, schedule = real(cfg, total_steps, groups)
-        return optax.chain(record_gradients(), tx), schedule
-
-    monkeypatch.setattr(optim, "build_optimizer", build_optimizer)
 
 
 def group_config(groups, **overrides):

@@ -6,12 +6,9 @@ that is 8x too large moves the parameters the same way): the optimizer built by 
 wrapped by a first transformation that records the gradient it is given into the optimizer state. The
 step, its loss, its shard_map islands, its backward pass and the real optimizer all run unchanged.
 """
-from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -20,33 +17,10 @@ from clus_jax.objectives import prototypes
 from clus_jax.train import optim
 
 import train_helpers as helpers  # registered by tests/conftest.py
+from train_helpers import recording  # noqa: F401 (a pytest fixture)
 
 MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1), dict(data=2, fsdp=1, tensor=4)]
 STEPS = 2
-
-
-class Recorded(NamedTuple):
-    grads: Any
-
-
-def record_gradients() -> optax.GradientTransformation:
-    """Passes updates through unchanged and keeps them (the raw gradients, when first in the chain)."""
-    return optax.GradientTransformation(
-        lambda params: Recorded(jax.tree.map(jnp.zeros_like, params)),
-        lambda updates, state, params=None: (updates, Recorded(updates)),
-    )
-
-
-@pytest.fixture
-def recording(monkeypatch):
-    """``experiment.build`` puts ``record_gradients`` in front of the real optimizer."""
-    real = optim.build_optimizer
-
-    def build_optimizer(cfg, total_steps, groups=()):
-        tx, schedule = real(cfg, total_steps, groups)
-        return optax.chain(record_gradients(), tx), schedule
-
-    monkeypatch.setattr(optim, "build_optimizer", build_optimizer)
 
 
 def sharded_config(objective):
