@@ -1,0 +1,38 @@
+"""Clustering on the device mesh: k-means up to a million centres, top-l assignment, balanced and
+two-level clustering, and the quality figures of a clustering. Depends on ``clus_jax.parallel`` and
+``clus_jax.data`` only (nothing of the objectives).
+
+API (``from clus_jax import clustering``):
+
+``kmeans(points, k, *, num_iters=20, metric="euclidean", init="random", seed=0, mesh=None, tol=None,
+balanced=False, checkpoint_dir=None, progress=None) -> KMeansResult(centers, assignments, inertia, sizes,
+num_iters_run)``
+    Lloyd's algorithm, squared-euclidean or cosine (spherical: unit centres, nearest = largest dot product).
+    ``points`` is an array [N, D] or an ``EmbeddingShards`` (any re-iterable of [n_i, D] arrays), streamed one
+    pass per iteration. ``init``: ``"random"`` (k distinct points), ``"kmeans++"``, or an array [k, D] of
+    initial centres. ``tol`` stops when the relative inertia change falls below it. Empty clusters are
+    re-seeded from the largest clusters (faiss-style split). ``balanced=True`` assigns with exact sizes N/k
+    (``balanced_assign``) while estimating centres. ``checkpoint_dir`` saves (centres, iteration, pass
+    position, partial sums) with orbax and resumes from there. ``progress(iteration, pass_fraction,
+    inertia)`` is called as a pass advances. ``mesh``: points over the data axes (``data``, ``fsdp``), centres
+    over the remaining ones; the assignment is a blocked matmul with a running top-1, so no [N, K] array is
+    ever formed, and the update is a segment sum reduced over the data axes, in float32.
+
+``assign(features, centers, metric="euclidean", *, mesh=None) -> ids [N]``
+``assign_topk(features, centers, l, metric="euclidean", *, mesh=None) -> (ids [N, l], sims [N, l])``
+    Nearest centre(s), best first. ``sims`` are similarities: the dot product with unit centres for
+    ``"cosine"``, minus the squared distance for ``"euclidean"``.
+
+``balanced_assign(cost [N, M]) -> ids [N]``
+    Every column receives exactly N / M rows at minimal total cost (auction algorithm, ε-optimal with ε
+    below the cost resolution).
+
+``two_level(points, m, n, *, balanced=False, metric="euclidean", num_iters=20, coarse_iters=None, seed=0,
+mesh=None) -> TwoLevelResult(fine_centers, coarse_centers, fine_to_coarse, fine_assignments)``
+    MoDE's hierarchy: k-means into m fine centres, then the fine centres into n coarse ones.
+
+``EmbeddingShards(directory, field="embedding")``: the shards written by ``python -m clus_jax.embed``, read
+one at a time (re-iterable, with a start position for resume).
+
+``quality``: ``nmi``, ``adjusted_rand_index``, ``purity``, ``inertia``, ``cluster_sizes``.
+"""
