@@ -17,6 +17,8 @@
 #   GPU_PER_PROCESS=1 pin to the GPU of this task's local rank (SLURM_LOCALID or LOCAL_RANK)
 #   CONFIG, WORKDIR   config spec and run directory on a filesystem all nodes share (required)
 #   EXTRA_ARGS        more trainer arguments, e.g. "--config.mesh.fsdp=8"
+#   MODULE            python module to run (default clus_jax.train); any other module (clus_jax.cluster)
+#                     gets EXTRA_ARGS alone and needs no CONFIG or WORKDIR
 #   MEM_FRACTION      XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.9)
 #   XLA_FLAGS         extra XLA flags; they come after the defaults below, so they override them
 #   PYTHON            interpreter (default python3)
@@ -37,9 +39,12 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
-for v in CONFIG WORKDIR; do
-  [[ -n ${!v:-} ]] || { echo "gpu_multinode.sh: set $v" >&2; usage >&2; exit 2; }
-done
+MODULE=${MODULE:-clus_jax.train}
+if [[ $MODULE == clus_jax.train ]]; then
+  for v in CONFIG WORKDIR; do
+    [[ -n ${!v:-} ]] || { echo "gpu_multinode.sh: set $v" >&2; usage >&2; exit 2; }
+  done
+fi
 
 # XLA flags that matter for multi-GPU throughput (all checked against XLA's flag list by the tests).
 GPU_XLA_FLAGS=(
@@ -86,7 +91,11 @@ fi
 [[ -n ${LOCAL_GPU:-} ]] && envs+=("CUDA_VISIBLE_DEVICES=$LOCAL_GPU")
 
 read -r -a extra_words <<< "${EXTRA_ARGS:-}"
-cmd=("$PYTHON" -m clus_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${extra_words[@]}" "${TRAIN_EXTRA[@]}")
+if [[ $MODULE == clus_jax.train ]]; then
+  cmd=("$PYTHON" -m clus_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${extra_words[@]}" "${TRAIN_EXTRA[@]}")
+else
+  cmd=("$PYTHON" -m "$MODULE" "${extra_words[@]}" "${TRAIN_EXTRA[@]}")
+fi
 
 quote() {
   local out="" a

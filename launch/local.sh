@@ -16,8 +16,10 @@
 #   PYTHON         interpreter (default: python3)
 #   PLAN=1         run the pre-flight memory plan (python -m clus_jax.plan) first and stop if it fails
 #   DEVICE_MEMORY_GB  memory limit per device for the plan (default: none, the plan only reports)
+#   MODULE         the python module every process runs (default clus_jax.train; e.g. clus_jax.cluster)
+#   LOG_DIR        where the process logs go (default WORKDIR/logs)
 #
-# Each process logs to WORKDIR/logs/process_<i>.log (WORKDIR from --workdir), and its lines are also
+# Each process logs to LOG_DIR/process_<i>.log (WORKDIR from --workdir), and its lines are also
 # printed here prefixed with [i]. If one process fails, the others are stopped (SIGTERM, then SIGKILL
 # after KILL_GRACE seconds) and the script exits with the failing status; 124 on timeout.
 set -euo pipefail
@@ -51,7 +53,9 @@ for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
     --workdir) WORKDIR=${TRAIN_ARGS[i+1]:-} ;;
   esac
 done
-if [[ -z $WORKDIR ]]; then echo "local.sh: the train arguments need --workdir DIR" >&2; exit 2; fi
+MODULE=${MODULE:-clus_jax.train}
+if [[ -z $WORKDIR && -z ${LOG_DIR:-} ]]; then echo "local.sh: the train arguments need --workdir DIR (or set LOG_DIR)" >&2; exit 2; fi
+LOG_DIR=${LOG_DIR:-$WORKDIR/logs}
 
 # Shell-quotes a command for printing, readable and safe to paste back.
 quote() {
@@ -86,17 +90,17 @@ env_for() {  # env_for I -> the environment of process I, as NAME=VALUE words
     "CLUS_JAX_COORDINATOR=127.0.0.1:$port" "CLUS_JAX_NUM_PROCESSES=$NPROC" "CLUS_JAX_PROCESS_ID=$1"
 }
 
-train_cmd=("$PYTHON" -m clus_jax.train "${TRAIN_ARGS[@]}")
+train_cmd=("$PYTHON" -m "$MODULE" "${TRAIN_ARGS[@]}")
 if [[ $DRY_RUN == 1 ]]; then
-  echo "# $NPROC processes x $LOCAL_DEVICES CPU devices on 127.0.0.1:$port, logs in $WORKDIR/logs"
+  echo "# $NPROC processes x $LOCAL_DEVICES CPU devices on 127.0.0.1:$port, logs in $LOG_DIR"
   for ((i = 0; i < NPROC; i++)); do
     mapfile -t envs < <(env_for "$i")
-    echo "+ $(quote env "${envs[@]}" "${train_cmd[@]}") 2>&1 | tee $(quote "$WORKDIR/logs/process_$i.log")"
+    echo "+ $(quote env "${envs[@]}" "${train_cmd[@]}") 2>&1 | tee $(quote "$LOG_DIR/process_$i.log")"
   done
   exit 0
 fi
 
-mkdir -p "$WORKDIR/logs"
+mkdir -p "$LOG_DIR"
 pids=()
 # Each process leads its own process group (setsid, where available), so stopping it also stops its children.
 group=()
@@ -120,10 +124,10 @@ stop_all() {  # SIGTERM every process, SIGKILL the stragglers after KILL_GRACE s
 }
 trap 'echo "local.sh: interrupted, stopping processes" >&2; stop_all; exit 130' INT TERM
 
-echo "local.sh: $NPROC processes x $LOCAL_DEVICES CPU devices, coordinator 127.0.0.1:$port, logs in $WORKDIR/logs"
+echo "local.sh: $NPROC processes x $LOCAL_DEVICES CPU devices, coordinator 127.0.0.1:$port, logs in $LOG_DIR"
 for ((i = 0; i < NPROC; i++)); do
   mapfile -t envs < <(env_for "$i")
-  log="$WORKDIR/logs/process_$i.log"
+  log="$LOG_DIR/process_$i.log"
   "${group[@]}" env "${envs[@]}" "${train_cmd[@]}" > >(tee "$log" | sed -u "s/^/[$i] /") 2>&1 &
   pids+=("$!")
 done
@@ -140,7 +144,7 @@ while [[ $remaining -gt 0 ]]; do
     rc=0; wait "$pid" || rc=$?
     done_pid[$pid]=1; remaining=$((remaining - 1))
     if [[ $rc != 0 ]]; then
-      echo "local.sh: process $i exited with status $rc (log: $WORKDIR/logs/process_$i.log); stopping the others" >&2
+      echo "local.sh: process $i exited with status $rc (log: $LOG_DIR/process_$i.log); stopping the others" >&2
       status=$rc
       stop_all
       break 2

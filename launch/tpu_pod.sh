@@ -12,9 +12,11 @@
 #   ZONE              zone of the slice (required)
 #   ACCELERATOR_TYPE  slice type, e.g. v4-32, v5p-32, v5litepod-16, v6e-16 (default v5p-32)
 #   RUNTIME_VERSION   TPU VM software version (default chosen from ACCELERATOR_TYPE)
-#   CONFIG            config spec, e.g. configs/clip.py:size=B/16,batch=4096 (required)
-#   WORKDIR           run directory every worker can reach, e.g. gs://BUCKET/run (required)
+#   CONFIG            config spec, e.g. configs/clip.py:size=B/16,batch=4096 (required for training)
+#   WORKDIR           run directory every worker can reach, e.g. gs://BUCKET/run (required for training)
 #   EXTRA_ARGS        more trainer arguments, e.g. "--config.optim.lr=3e-4 --config.mesh.fsdp=4"
+#   MODULE            python module to run on every worker (default clus_jax.train); any other module
+#                     (e.g. clus_jax.cluster) gets EXTRA_ARGS alone, needs no CONFIG or WORKDIR, and no plan
 #   RUN_NAME          names the local log file (default: TPU_NAME)
 #   LOG_FILE          local log file (default runs/logs/tpu_<RUN_NAME>_<time>.log)
 #   SYNC              scp (default: the working tree, tracked and untracked-but-not-ignored files)
@@ -51,8 +53,11 @@ while [[ $# -gt 0 ]]; do
   shift
 done
 
+MODULE=${MODULE:-clus_jax.train}
+required=(TPU_NAME ZONE)
+if [[ $MODULE == clus_jax.train ]]; then required+=(CONFIG WORKDIR); else SKIP_PLAN=1; fi
 missing=()
-for v in TPU_NAME ZONE CONFIG WORKDIR; do [[ -n ${!v:-} ]] || missing+=("$v"); done
+for v in "${required[@]}"; do [[ -n ${!v:-} ]] || missing+=("$v"); done
 if [[ ${#missing[@]} -gt 0 ]]; then
   echo "tpu_pod.sh: set ${missing[*]}" >&2; usage >&2; exit 2
 fi
@@ -81,7 +86,11 @@ RUNTIME_VERSION=${RUNTIME_VERSION:-$runtime}
 DEVICE_MEMORY_GB=${DEVICE_MEMORY_GB:-$hbm}
 
 read -r -a extra_words <<< "${EXTRA_ARGS:-}"
-TRAIN_ARGS=(--config "$CONFIG" --workdir "$WORKDIR" "${extra_words[@]}" "${TRAIN_EXTRA[@]}")
+if [[ $MODULE == clus_jax.train ]]; then
+  TRAIN_ARGS=(--config "$CONFIG" --workdir "$WORKDIR" "${extra_words[@]}" "${TRAIN_EXTRA[@]}")
+else
+  TRAIN_ARGS=("${extra_words[@]}" "${TRAIN_EXTRA[@]}")
+fi
 
 # Shell-quotes words for printing: readable, and safe to paste back.
 quote() {
@@ -153,7 +162,7 @@ fi
 # 5. Train on all workers at once; jax.distributed finds the pod's coordinator from the TPU metadata.
 tpu_env=""
 [[ -n ${LIBTPU_INIT_ARGS:-} ]] && tpu_env="LIBTPU_INIT_ARGS=$(quote "$LIBTPU_INIT_ARGS") "
-train_remote="cd $(quote "$REMOTE_DIR") && . .venv/bin/activate && ${tpu_env}CLUS_JAX_DISTRIBUTED=auto python -m clus_jax.train $(quote "${TRAIN_ARGS[@]}")"
+train_remote="cd $(quote "$REMOTE_DIR") && . .venv/bin/activate && ${tpu_env}CLUS_JAX_DISTRIBUTED=auto python -m $(quote "$MODULE") $(quote "${TRAIN_ARGS[@]}")"
 echo "# output of all workers is appended to $LOG_FILE"
 status=0
 if [[ $DRY_RUN == 1 ]]; then
