@@ -1,0 +1,78 @@
+"""The JAX all-MiniLM-L6-v2 against sentence-transformers' own embeddings of recorded sentences.
+
+``minilm_vectors.npz`` was written by ``make_minilm_vectors.py`` (beside this file) with torch and
+sentence-transformers in a separate environment; this test runs without either.
+"""
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from clus_jax.models import minilm
+
+VECTORS = pathlib.Path(__file__).with_name("minilm_vectors.npz")
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    with np.load(VECTORS) as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return minilm.load_encoder()
+
+
+def test_tokens_equal_sentence_transformers(encoder, vectors):
+    ids = encoder.tokenize(list(vectors["sentences"]))
+    assert encoder.max_seq_length == int(vectors["max_seq_length"]) == 256
+    for i, (row, n) in enumerate(zip(ids, vectors["lengths"])):
+        assert row == vectors["input_ids"][i, :n].tolist(), f"sentence {i}: {vectors['sentences'][i]!r}"
+    assert max(len(r) for r in ids) == 256  # the truncated sentence is among them
+
+
+def test_embeddings_equal_sentence_transformers(encoder, vectors):
+    # batch 8 over 20 sentences: three batches of different lengths and a partial one padded with empty rows
+    emb = minilm.encode_captions(list(vectors["sentences"]), batch_size=8)
+    ref = vectors["embeddings"]
+    assert emb.shape == (20, 384) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-6)
+    cosine = (emb.astype(np.float64) * ref).sum(1) / np.linalg.norm(ref, axis=1)
+    assert cosine.min() >= 0.99999, cosine
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    assert "torch" not in sys.modules
+
+
+def test_a_row_does_not_depend_on_its_batch(encoder, vectors):
+    sentences = list(vectors["sentences"])
+    alone = encoder.encode_captions([sentences[6]], batch_size=1)
+    np.testing.assert_allclose(alone[0], vectors["embeddings"][6], atol=1e-5)
+    assert encoder.encode_captions([], batch_size=4).shape == (0, 384)
+
+
+def test_weight_conversion_splits_heads_like_hugging_face():
+    # Query weight whose output unit j is (head j // 2, dim j % 2): the fused kernel must put it there.
+    config = minilm.BertConfig(vocab_size=3, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=5, max_position_embeddings=6)
+    rng = np.random.default_rng(0)
+    shapes = {"embeddings.word_embeddings.weight": (3, 4), "embeddings.position_embeddings.weight": (6, 4),
+              "embeddings.token_type_embeddings.weight": (2, 4)}
+    for name in ("embeddings.LayerNorm", "encoder.layer.0.attention.output.LayerNorm", "encoder.layer.0.output.LayerNorm"):
+        shapes[name + ".weight"] = shapes[name + ".bias"] = (4,)
+    for n in ("query", "key", "value"):
+        shapes[f"encoder.layer.0.attention.self.{n}.weight"], shapes[f"encoder.layer.0.attention.self.{n}.bias"] = (4, 4), (4,)
+    shapes.update({"encoder.layer.0.attention.output.dense.weight": (4, 4), "encoder.layer.0.attention.output.dense.bias": (4,),
+                   "encoder.layer.0.intermediate.dense.weight": (5, 4), "encoder.layer.0.intermediate.dense.bias": (5,),
+                   "encoder.layer.0.output.dense.weight": (4, 5), "encoder.layer.0.output.dense.bias": (4,)})
+    weights = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    params = minilm.convert_bert_weights(weights, config)
+    q = weights["encoder.layer.0.attention.self.query.weight"]
+    kernel = params["layer_0"]["attn"]["qkv_kernel"]  # [in, 3, heads, head_dim]
+    for j in range(4):
+        np.testing.assert_array_equal(kernel[:, 0, j // 2, j % 2], q[j])
+    o = weights["encoder.layer.0.attention.output.dense.weight"]  # [out, in = heads*head_dim]
+    for j in range(4):
+        np.testing.assert_array_equal(params["layer_0"]["attn"]["out_kernel"][j // 2, j % 2], o[:, j])
+    np.testing.assert_array_equal(params["layer_0"]["mlp"]["fc1"]["kernel"], weights["encoder.layer.0.intermediate.dense.weight"].T)
