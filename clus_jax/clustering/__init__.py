@@ -36,3 +36,12 @@ one at a time (re-iterable, with a start position for resume).
 
 ``quality``: ``nmi``, ``adjusted_rand_index``, ``purity``, ``inertia``, ``cluster_sizes``.
 """
+from clus_jax.clustering import quality
+from clus_jax.clustering.assign import assign, assign_topk
+from clus_jax.clustering.balanced import balanced_assign
+from clus_jax.clustering.hierarchy import TwoLevelResult, two_level
+from clus_jax.clustering.kmeans import KMeansResult, kmeans
+from clus_jax.clustering.shards import EmbeddingShards
+
+__all__ = ["EmbeddingShards", "KMeansResult", "TwoLevelResult", "assign", "assign_topk", "balanced_assign",
+           "kmeans", "quality", "two_level"]

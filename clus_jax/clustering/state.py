@@ -1,0 +1,80 @@
+"""The resumable state of a k-means run and its orbax checkpoints.
+
+State = centres (split over the centre axes), the pass's partial sums and counts (per data shard), the
+iteration, the next chunk of the pass, the inertia summed so far, the previous pass's inertia (for ``tol``)
+and whether ``tol`` has stopped the run. A checkpoint also records a fingerprint of the clustering (k, D,
+N, metric, chunk size, seed, iterations); resuming a different clustering from the same directory fails
+with a message instead of mixing the two.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from clus_jax.clustering import blocked as blocked
+
+_STEP_PER_ITERATION = 1_000_000_000  # checkpoint step = iteration * this + chunk (ordered by progress)
+
+
+@dataclasses.dataclass
+class KMeansState:
+    centers: jax.Array
+    center_sq: jax.Array
+    sums: jax.Array
+    counts: jax.Array
+    iteration: int
+    chunk: int
+    inertia_sum: float
+    previous_inertia: float
+    done: bool
+
+
+class KMeansCheckpoints:
+    """Saves and restores ``KMeansState`` under ``directory`` (no-op when ``directory`` is None)."""
+
+    def __init__(self, directory: str | None, layout: blocked.Layout, dim: int, fingerprint: dict[str, Any]):
+        self.layout, self.dim, self.fingerprint = layout, dim, {k: v for k, v in fingerprint.items()}
+        self.manager = None
+        if directory:
+            options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+            self.manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
+                                                 item_names=("arrays", "meta"))
+
+    def save(self, state: KMeansState) -> None:
+        if self.manager is None:
+            return
+        arrays = {"centers": state.centers, "sums": state.sums, "counts": state.counts}
+        meta = {"iteration": state.iteration, "chunk": state.chunk, "inertia_sum": state.inertia_sum,
+                "previous_inertia": None if state.previous_inertia != state.previous_inertia else state.previous_inertia,
+                "done": state.done, "fingerprint": self.fingerprint}
+        step = state.iteration * _STEP_PER_ITERATION + state.chunk
+        self.manager.save(step, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self) -> KMeansState | None:
+        if self.manager is None or self.manager.latest_step() is None:
+            return None
+        step = self.manager.latest_step()
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta["fingerprint"] != self.fingerprint:
+            raise ValueError(f"checkpoint_dir {self.manager.directory} holds a different clustering "
+                             f"{meta['fingerprint']}; this one is {self.fingerprint} (use another directory)")
+        layout = self.layout
+        ctr = layout.sharding(layout.centers_spec())
+        acc = layout.sharding(layout.accumulator_spec())
+        abstract = {
+            "centers": jax.ShapeDtypeStruct((layout.padded_k, self.dim), "float32", sharding=ctr),
+            "sums": jax.ShapeDtypeStruct((layout.point_shards, layout.padded_k, self.dim), "float32", sharding=acc),
+            "counts": jax.ShapeDtypeStruct((layout.point_shards, layout.padded_k), "int32", sharding=acc),
+        }
+        arrays = self.manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(abstract)))["arrays"]
+        center_sq = jax.jit(blocked.center_sqnorms, out_shardings=ctr)(arrays["centers"])
+        previous = meta["previous_inertia"]
+        return KMeansState(arrays["centers"], center_sq, arrays["sums"], arrays["counts"], int(meta["iteration"]),
+                           int(meta["chunk"]), float(meta["inertia_sum"]),
+                           float("nan") if previous is None else float(previous), bool(meta["done"]))
