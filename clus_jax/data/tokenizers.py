@@ -79,16 +79,17 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pip_download_wheel(dest_dir: str | Path) -> Path:
-    """Downloads the open-clip-torch wheel (no dependencies) into ``dest_dir`` with pip; returns its path."""
+def pip_download_wheel(dest_dir: str | Path, requirement: str = CLIP_VOCAB_WHEEL_REQUIREMENT) -> Path:
+    """Downloads a wheel (no dependencies; default open-clip-torch's) into ``dest_dir`` with pip; returns its path."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           CLIP_VOCAB_WHEEL_REQUIREMENT, "-d", str(dest_dir)]
+           requirement, "-d", str(dest_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr.strip()}")
-    wheels = sorted(Path(dest_dir).glob("open_clip_torch-*.whl"))
+    name = requirement.split("=")[0].split("<")[0].split(">")[0].strip().replace("-", "_")
+    wheels = sorted(Path(dest_dir).glob(f"{name}-*.whl"))
     if not wheels:
-        raise RuntimeError(f"pip download of {CLIP_VOCAB_WHEEL_REQUIREMENT} produced no wheel in {dest_dir}")
+        raise RuntimeError(f"pip download of {requirement} produced no wheel in {dest_dir}")
     return wheels[0]
 
 
