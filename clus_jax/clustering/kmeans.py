@@ -87,9 +87,9 @@ def accumulate_fn(layout: blocked.Layout, metric: str):
 
 def zero_accumulators(layout: blocked.Layout, dim: int) -> tuple[jax.Array, jax.Array]:
     sharding = layout.sharding(layout.accumulator_spec())
-    sums = jax.jit(lambda: jnp.zeros((layout.point_shards, layout.padded_k, dim), jnp.float32),
-                   out_shardings=sharding)()
-    counts = jax.jit(lambda: jnp.zeros((layout.point_shards, layout.padded_k), jnp.int32), out_shardings=sharding)()
+    # jnp.zeros(device=...) is cached by shape; a fresh jitted lambda would compile again every iteration.
+    sums = jnp.zeros((layout.point_shards, layout.padded_k, dim), jnp.float32, device=sharding)
+    counts = jnp.zeros((layout.point_shards, layout.padded_k), jnp.int32, device=sharding)
     return sums, counts
 
 
