@@ -1,4 +1,5 @@
-"""Evaluation metrics on embeddings: zero-shot classification, retrieval recall, linear probe, k-NN.
+"""Evaluation metrics on embeddings: zero-shot classification (accuracy, predictions, confusion matrix,
+per-class accuracy), retrieval recall, linear probe, k-NN, and a 2-D PCA projection for plots.
 
 Pure functions on NumPy arrays (float32 or float64; JAX arrays are accepted and converted). Accuracies and
 recalls are fractions in [0, 1].
@@ -58,6 +59,52 @@ def zeroshot_accuracy(image_embs, labels, classifier, ks: Sequence[int] = (1, 5)
     ranks = np.concatenate([_ranks_of(x[i:i + _CHUNK] @ w.T, y[i:i + _CHUNK])
                             for i in range(0, len(y), _CHUNK)] or [np.zeros(0, np.int64)])
     return {f"top{k}": float(np.mean(ranks < k)) if len(y) else float("nan") for k in ks}
+
+
+def zeroshot_predictions(image_embs, classifier) -> np.ndarray:
+    """Predicted class ``argmax(image @ classifier.T)`` per image (ties: lower class index, as in the ranks)."""
+    x = l2_normalize(image_embs)
+    w = np.asarray(classifier)
+    preds = [np.argmax(x[i:i + _CHUNK] @ w.T, axis=1) for i in range(0, x.shape[0], _CHUNK)]
+    return np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    """int64 ``[C, C]`` counts: row = true class, column = predicted class."""
+    y = np.asarray(labels).astype(np.int64).reshape(-1)
+    p = np.asarray(predictions).astype(np.int64).reshape(-1)
+    if y.shape != p.shape:
+        raise ValueError(f"{len(y)} labels but {len(p)} predictions")
+    for what, v in (("labels", y), ("predictions", p)):
+        if len(v) and (v.min() < 0 or v.max() >= num_classes):
+            raise ValueError(f"{what} must lie in [0, {num_classes}), got range [{v.min()}, {v.max()}]")
+    return np.bincount(y * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
+    """Recall of each true class (diagonal / row sum); NaN for a class with no examples."""
+    c = np.asarray(confusion, np.float64)
+    rows = c.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(rows > 0, np.diag(c) / np.where(rows > 0, rows, 1.0), np.nan)
+
+
+def pca_2d(x) -> tuple[np.ndarray, np.ndarray]:
+    """Projection of the rows of ``x`` onto their first two principal axes, and the variance ratio each explains.
+
+    Centred, computed in float64 by SVD; the sign of each axis is fixed so its largest-magnitude loading is
+    positive (the picture does not flip between evaluations). Fewer than two dimensions are padded with zeros.
+    """
+    x = np.asarray(x, np.float64)
+    centred = x - x.mean(axis=0, keepdims=True) if len(x) else x
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:2]
+    axes = axes * np.sign(axes[np.arange(len(axes)), np.argmax(np.abs(axes), axis=1)])[:, None]
+    points = centred @ axes.T
+    total = float(np.sum(s ** 2))
+    ratio = (s[:2] ** 2) / total if total > 0 else np.zeros(len(s[:2]))
+    pad = 2 - points.shape[1]
+    return np.pad(points, ((0, 0), (0, pad))), np.pad(ratio, (0, pad))
 
 
 def retrieval_recall(image_embs, text_embs, caption_to_image,

@@ -1,11 +1,15 @@
 """Runs evaluation sets through two encoders and returns flat, stable metric names.
 
-``evaluate(sets, encode_images, encode_texts)`` accepts any mix of ``ClassificationSet``, ``RetrievalSet`` and
+``evaluate(sets, encode_images, encode_texts, banks=None)`` accepts any mix of ``ClassificationSet``, ``RetrievalSet`` and
 ``ProbeSet`` (see ``datasets.py``) and returns ``{name: float}`` with these names (values are fractions in
 [0, 1]; ``<set>`` is the set's ``name``):
 
 - ``zeroshot/<set>/top1``, ``zeroshot/<set>/top5``: zero-shot classification with the class-name prompts
   (one text per class and template, templates averaged CLIP style);
+- ``zeroshot/<set>/mean_per_class_top1``: top-1 recall averaged over the classes present (balanced accuracy);
+- ``cluster/<set>/kmeans_{nmi,ari,purity}`` and, with ``banks``, ``cluster/<set>/bank_<i>_{nmi,ari,purity}``
+  for every classification set: the set's image embeddings clustered by k-means (k = classes) and by each
+  prototype bank's arg-max, scored against the labels (``cluster_eval``);
 - ``retrieval/<set>/i2t_r1``, ``i2t_r5``, ``i2t_r10``: image->text recall@k (an image is correct when any
   of its captions is in the top k);
 - ``retrieval/<set>/t2i_r1``, ``t2i_r5``, ``t2i_r10``: text->image recall@k;
@@ -15,16 +19,20 @@
 The encoders belong to the caller, which handles tokenisation, batching, padding and multi-host: each is
 called once per array or list with the whole of it. ``encode_images`` gets uint8 ``[n, H, W, 3]``,
 ``encode_texts`` a ``list[str]``; both return ``[n, D]``. Outputs are L2-normalised again here.
+
+``run`` returns the same metrics with what the report draws: per classification set, the zero-shot confusion
+matrix and per-class accuracy, and a 2-D PCA projection of its image embeddings (``artifacts`` saves them).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from absl import logging
 
-from clus_jax.evaluate import metrics
+from clus_jax.evaluate import cluster_eval, metrics
 from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
 
 EvalSet = ClassificationSet | RetrievalSet | ProbeSet
@@ -35,12 +43,33 @@ RETRIEVAL_KS = (1, 5, 10)
 ZEROSHOT_KS = (1, 5)
 
 
-def metric_names(sets: Sequence[EvalSet]) -> list[str]:
-    """The keys ``evaluate`` returns for ``sets``, in the same order."""
+@dataclasses.dataclass
+class ClassArrays:
+    """What one classification set leaves besides its scalars: the zero-shot confusion matrix and a 2-D
+    picture of its image embeddings."""
+
+    classnames: list[str]
+    confusion: np.ndarray  # int64 [C, C], row = true class, column = zero-shot prediction
+    per_class_accuracy: np.ndarray  # float64 [C], NaN for a class without examples
+    projection: np.ndarray  # float32 [N, 2], image embeddings on their first two principal axes
+    explained_variance: np.ndarray  # float64 [2], variance ratio of each axis
+    labels: np.ndarray  # int64 [N]
+
+
+@dataclasses.dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    arrays: dict[str, ClassArrays]  # by classification set name
+
+
+def metric_names(sets: Sequence[EvalSet], bank_names: Sequence[str] = ()) -> list[str]:
+    """The keys ``evaluate`` returns for ``sets`` (and prototype banks named ``bank_names``), in order."""
     names = []
     for s in sets:
         if isinstance(s, ClassificationSet):
             names += [f"zeroshot/{s.name}/top{k}" for k in ZEROSHOT_KS]
+            names += [f"zeroshot/{s.name}/mean_per_class_top1"]
+            names += cluster_eval.metric_names(s.name, bank_names)
         elif isinstance(s, RetrievalSet):
             names += [f"retrieval/{s.name}/{d}_r{k}" for d in ("i2t", "t2i") for k in RETRIEVAL_KS]
         elif isinstance(s, ProbeSet):
@@ -66,7 +95,8 @@ def _embed(fn: Callable, inputs, what: str) -> np.ndarray:
     return metrics.l2_normalize(out.astype(np.float32, copy=False))
 
 
-def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: TextEncoder) -> dict[str, float]:
+def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: TextEncoder,
+              banks: Mapping[str, np.ndarray]) -> tuple[dict[str, float], ClassArrays]:
     bad = [t for t in s.templates if "{}" not in t]
     if bad or not s.templates:
         raise ValueError(f"set {s.name!r}: every template needs a '{{}}' for the class name; got {bad or 'none'}")
@@ -74,8 +104,18 @@ def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: T
     text_embs = _embed(encode_texts, texts, "text")
     classifier = metrics.zeroshot_classifier(text_embs.reshape(len(s.classnames), len(s.templates), -1))
     image_embs = _embed(encode_images, s.images, "image")
-    acc = metrics.zeroshot_accuracy(image_embs, s.labels, classifier, ks=ZEROSHOT_KS)
-    return {f"zeroshot/{s.name}/top{k}": acc[f"top{k}"] for k in ZEROSHOT_KS}
+    labels = np.asarray(s.labels).astype(np.int64).reshape(-1)
+    acc = metrics.zeroshot_accuracy(image_embs, labels, classifier, ks=ZEROSHOT_KS)
+    confusion = metrics.confusion_matrix(labels, metrics.zeroshot_predictions(image_embs, classifier),
+                                         len(s.classnames))
+    per_class = metrics.per_class_accuracy(confusion)
+    out = {f"zeroshot/{s.name}/top{k}": acc[f"top{k}"] for k in ZEROSHOT_KS}
+    out[f"zeroshot/{s.name}/mean_per_class_top1"] = float(np.nanmean(per_class)) if len(labels) else float("nan")
+    out.update(cluster_eval.cluster_metrics(s.name, image_embs, labels, len(s.classnames), banks))
+    projection, explained = metrics.pca_2d(image_embs)
+    arrays = ClassArrays(classnames=list(s.classnames), confusion=confusion, per_class_accuracy=per_class,
+                         projection=projection.astype(np.float32), explained_variance=explained, labels=labels)
+    return out, arrays
 
 
 def _retrieval(s: RetrievalSet, encode_images: ImageEncoder, encode_texts: TextEncoder) -> dict[str, float]:
@@ -97,16 +137,27 @@ def _probe(s: ProbeSet, encode_images: ImageEncoder, knn_k: int) -> dict[str, fl
 
 
 def evaluate(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
-             knn_k: int = 20) -> dict[str, float]:
+             knn_k: int = 20, banks: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
     """Evaluates every set and returns the flat metrics named in the module docstring."""
-    names = metric_names(sets)
+    return run(sets, encode_images, encode_texts, knn_k=knn_k, banks=banks).metrics
+
+
+def run(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
+        knn_k: int = 20, banks: Mapping[str, np.ndarray] | None = None) -> Evaluation:
+    """Evaluates every set: the metrics of ``evaluate`` and each classification set's ``ClassArrays``.
+
+    ``banks``: prototype banks ``{'bank_<i>': [K_i, D]}`` (the swap objective's), in bank order.
+    """
+    banks = dict(banks or {})
+    names = metric_names(sets, list(banks))
     if len(set(names)) != len(names):
         raise ValueError(f"two evaluation sets of the same kind share a name: {[s.name for s in sets]}")
     results: dict[str, float] = {}
+    arrays: dict[str, ClassArrays] = {}
     for s in sets:
         start = time.perf_counter()
         if isinstance(s, ClassificationSet):
-            out = _zeroshot(s, encode_images, encode_texts)
+            out, arrays[s.name] = _zeroshot(s, encode_images, encode_texts, banks)
         elif isinstance(s, RetrievalSet):
             out = _retrieval(s, encode_images, encode_texts)
         else:
@@ -114,4 +165,4 @@ def evaluate(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts:
         logging.info("eval %s (%.1fs): %s", s.name, time.perf_counter() - start,
                      ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.4f}" for k, v in out.items()))
         results.update(out)
-    return {k: float(results[k]) for k in names}
+    return Evaluation(metrics={k: float(results[k]) for k in names}, arrays=arrays)

@@ -13,13 +13,13 @@ from etils import epath
 
 from clus_jax.data.pipeline import create_train_iterator
 from clus_jax.data.tokenizers import create_tokenizer
-from clus_jax.evaluate.runner import evaluate, sets_for
+from clus_jax.evaluate.runner import sets_for
 from clus_jax.experiment import build
 from clus_jax.objectives import registry
 from clus_jax.run_config import save_run_config
 from clus_jax.train import faults
 from clus_jax.train.checkpoint import Checkpointer
-from clus_jax.train.eval_hook import make_encoders
+from clus_jax.train.eval_hook import evaluate_and_save, make_encoders
 from clus_jax.train.metrics_writer import MetricWriter
 
 log = logging.getLogger("clus_jax")
@@ -125,7 +125,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if not eval_sets:
             return {}
         t0 = time.time()
-        results = evaluate(eval_sets, *bind_encoders(exp.model_params(state["params"])))
+        results = evaluate_and_save(eval_sets, bind_encoders(exp.model_params(state["params"])), state["params"],
+                                    workdir, step)
         results["eval/seconds"] = time.time() - t0
         writer.write(step, results)
         return results

@@ -179,3 +179,51 @@ def test_knn_separable_clusters():
     trx, try_ = _clusters(rng, 20, centers, 0.3)
     tex, tey = _clusters(rng, 10, centers, 0.3)
     assert M.knn_accuracy(trx, try_, tex, tey, k=20) == 1.0
+
+
+# ------------------------------------------------------------------------- confusion matrix and PCA
+
+
+def test_zeroshot_predictions_break_ties_to_the_lower_class_like_the_ranks():
+    classifier = np.eye(3)
+    images = np.array([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.2, 0.1, 0.9]])  # image 0 ties classes 1 and 2
+    np.testing.assert_array_equal(M.zeroshot_predictions(images, classifier), [1, 0, 2])
+    top1 = M.zeroshot_accuracy(images, [1, 0, 2], classifier, ks=(1,))["top1"]
+    assert top1 == 1.0
+
+
+def test_confusion_matrix_and_per_class_accuracy_by_hand():
+    labels = [0, 0, 0, 1, 1, 3]
+    preds = [0, 2, 0, 1, 0, 3]
+    conf = M.confusion_matrix(labels, preds, 4)
+    np.testing.assert_array_equal(conf, [[2, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
+    acc = M.per_class_accuracy(conf)
+    np.testing.assert_allclose(acc[[0, 1, 3]], [2 / 3, 1 / 2, 1.0])
+    assert np.isnan(acc[2])  # no example of class 2
+    with pytest.raises(ValueError, match="predictions must lie"):
+        M.confusion_matrix([0], [4], 4)
+    with pytest.raises(ValueError, match="1 labels but 2"):
+        M.confusion_matrix([0], [0, 1], 4)
+
+
+def test_pca_2d_against_the_covariance_eigenvectors():
+    rng = np.random.default_rng(0)
+    # Variance 9 along (1, 1, 0)/sqrt2, 1 along z, 0.01 along (1, -1, 0)/sqrt2, shifted off the origin.
+    u = np.array([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, -1.0, 0.0]])
+    u[[0, 2]] /= np.sqrt(2.0)
+    x = (rng.normal(size=(500, 3)) * [3.0, 1.0, 0.1]) @ u + 5.0
+    points, ratio = M.pca_2d(x)
+    cov = np.cov(x.T, bias=True)
+    eigs, vecs = np.linalg.eigh(cov)  # ascending
+    top = vecs[:, ::-1][:, :2]
+    centred = x - x.mean(0)
+    np.testing.assert_allclose(np.abs(points), np.abs(centred @ top), atol=1e-9)
+    np.testing.assert_allclose(ratio, eigs[::-1][:2] / eigs.sum(), rtol=1e-9)
+    assert ratio[0] == pytest.approx(9 / 10.01, abs=0.05)
+    # Signs are fixed: the largest-magnitude loading of each axis is positive, whatever the input sign.
+    flipped, _ = M.pca_2d(-x)
+    np.testing.assert_allclose(flipped, -points, atol=1e-9)
+    axis_0 = np.linalg.lstsq(centred, points[:, 0], rcond=None)[0]
+    assert axis_0[np.argmax(np.abs(axis_0))] > 0
+    one_dim, ratio_1 = M.pca_2d(x[:, :1])
+    assert one_dim.shape == (500, 2) and np.all(one_dim[:, 1] == 0) and ratio_1[1] == 0

@@ -78,7 +78,8 @@ def test_known_numbers_and_exact_keys():
     sets = [zeroshot_set(), retrieval_set(), probe_set()]
     out = evaluate(sets, enc.images, enc.text, knn_k=5)
     assert list(out) == metric_names(sets) == [
-        "zeroshot/colors/top1", "zeroshot/colors/top5",
+        "zeroshot/colors/top1", "zeroshot/colors/top5", "zeroshot/colors/mean_per_class_top1",
+        "cluster/colors/kmeans_nmi", "cluster/colors/kmeans_ari", "cluster/colors/kmeans_purity",
         "retrieval/shapes/i2t_r1", "retrieval/shapes/i2t_r5", "retrieval/shapes/i2t_r10",
         "retrieval/shapes/t2i_r1", "retrieval/shapes/t2i_r5", "retrieval/shapes/t2i_r10",
         "probe/jitter/linear_top1", "probe/jitter/knn_top1",

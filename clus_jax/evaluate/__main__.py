@@ -1,0 +1,45 @@
+"""``python -m clus_jax.evaluate WORKDIR [--step S] [--sets embedded] [--batch-size B] [--no-append]``: re-evaluates a run
+(``clus_jax.evaluate.reevaluate``) and prints one JSON line of its metrics."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from clus_jax import cli
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        cli.fail(message)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = _ArgumentParser(prog="python -m clus_jax.evaluate", description=__doc__)
+    p.add_argument("workdir", help="the run's workdir (holds config.json and checkpoints/)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest finished one)")
+    p.add_argument("--sets", default=None, help="evaluation sets instead of the run's config.evals.sets")
+    p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: config.evals.batch_size)")
+    p.add_argument("--no-append", dest="append", action="store_false",
+                   help="do not append the metrics to <workdir>/metrics.jsonl (the arrays are still written)")
+    args = p.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        cli.fail(f"--batch-size={args.batch_size} must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    from clus_jax.evaluate.reevaluate import reevaluate
+    from clus_jax.objectives import registry
+
+    try:
+        step, metrics = reevaluate(args.workdir, args.step, batch_size=args.batch_size, append=args.append,
+                                   sets=args.sets)
+    except (FileNotFoundError, ValueError, registry.ConfigError) as e:
+        cli.fail(cli.exception_text(e), code=1)
+    print(json.dumps({"step": step, **metrics}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

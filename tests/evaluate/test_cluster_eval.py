@@ -1,0 +1,109 @@
+"""Cluster quality in the evaluation: k-means and prototype-bank assignments of the image embeddings, scored
+against the labels, through the runner with toy encoders whose embeddings are known.
+
+NMI, ARI and purity themselves are tested in tests/clustering (hand-computed values, label permutations);
+here the figures are hand-computed for the wiring: which embeddings are clustered, with which k and which
+banks, under which names.
+"""
+import numpy as np
+import pytest
+
+from clus_jax.evaluate import cluster_eval
+from clus_jax.evaluate.datasets import ClassificationSet
+from clus_jax.evaluate.runner import evaluate, metric_names, run
+from clus_jax.train import eval_hook
+
+NUM_CLASSES = 4
+LABELS = np.array([0, 1, 2, 3, 0, 1, 2, 3, 2, 0, 3, 1])
+CLASSNAMES = ["w", "x", "y", "z"]
+
+
+def onehot_set(labels=LABELS, name="toy"):
+    """Images that encode their label: pixel value = label, so the toy encoder can embed them as one-hots."""
+    images = np.broadcast_to(np.asarray(labels, np.uint8)[:, None, None, None], (len(labels), 2, 2, 3)).copy()
+    return ClassificationSet(name=name, images=images, labels=np.asarray(labels), classnames=CLASSNAMES,
+                             templates=["{}"])
+
+
+def onehot_images(images):
+    return np.eye(NUM_CLASSES)[images[:, 0, 0, 0].astype(int)]
+
+
+def onehot_texts(texts):
+    return np.eye(NUM_CLASSES)[[CLASSNAMES.index(t) for t in texts]]
+
+
+def test_class_one_hot_embeddings_cluster_perfectly_by_kmeans_and_by_a_bank_of_class_rows():
+    # Bank 0: one row per class, in a shuffled order and of unequal lengths (rows are re-normalised).
+    # Bank 1: the first two classes share a prototype, the others get one each, plus an unused row.
+    bank_0 = np.eye(NUM_CLASSES)[[2, 0, 3, 1]] * np.array([[3.0], [0.5], [1.0], [7.0]])
+    bank_1 = np.array([[1.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0], [-1.0, -1.0, -1.0, -1.0]])
+    out = evaluate([onehot_set()], onehot_images, onehot_texts, banks={"bank_0": bank_0, "bank_1": bank_1})
+    names = metric_names([onehot_set()], ["bank_0", "bank_1"])
+    assert list(out) == names
+    assert [k for k in names if k.startswith("cluster/")] == [
+        f"cluster/toy/{source}_{score}" for source in ("kmeans", "bank_0", "bank_1") for score in ("nmi", "ari", "purity")]
+    for source in ("kmeans", "bank_0"):
+        assert out[f"cluster/toy/{source}_nmi"] == pytest.approx(1.0)
+        assert out[f"cluster/toy/{source}_ari"] == pytest.approx(1.0)
+        assert out[f"cluster/toy/{source}_purity"] == 1.0
+    # Bank 1 merges classes w and x (3 examples each of 12): by hand,
+    # purity = (3 + 3 + 3) / 12; H(T) = log 4, H(P) = -(1/2 log 1/2 + 2 * 1/4 log 1/4) = 1.5 log 2,
+    # I = H(T) - H(T|P) = 2 log 2 - 1/2 log 2 = 1.5 log 2, so NMI = 1.5 / ((2 + 1.5) / 2) = 6/7;
+    # ARI: pairs inside cells 4 * C(3,2) = 12, within classes 4 * C(3,2) = 12, within clusters C(6,2) + 2 * 3 = 21;
+    # expected 12 * 21 / 66, max (12 + 21) / 2, ARI = (12 - 252/66) / (16.5 - 252/66).
+    assert out["cluster/toy/bank_1_purity"] == pytest.approx(9 / 12)
+    assert out["cluster/toy/bank_1_nmi"] == pytest.approx(6 / 7)
+    assert out["cluster/toy/bank_1_ari"] == pytest.approx((12 - 252 / 66) / (16.5 - 252 / 66))
+
+
+def test_hand_computed_scores_for_a_zero_shot_set_with_wrong_labels():
+    # Six images of three distinct embeddings, labelled [0, 0, 1, 2, 1, 2]: k-means (k = 3 classes) finds
+    # the three embeddings: clusters {0, 1}, {2, 5}, {3, 4}. By hand: purity = (2 + 1 + 1) / 6;
+    # NMI = (log 3 - 2/3 log 2) / log 3; ARI: 1 pair inside cells, 3 within classes, 3 within clusters,
+    # 15 in all: (1 - 9/15) / (3 - 9/15) = 1/6. Zero-shot: predictions = embeddings [0, 0, 1, 2, 2, 1].
+    labels = np.array([0, 0, 1, 2, 1, 2])
+    embedding_of = np.array([0, 0, 1, 2, 2, 1])
+    images = np.broadcast_to(embedding_of.astype(np.uint8)[:, None, None, None], (6, 2, 2, 3)).copy()
+    s = ClassificationSet(name="wrong", images=images, labels=labels, classnames=CLASSNAMES[:3], templates=["{}"])
+    evaluation = run([s], lambda x: np.eye(3)[x[:, 0, 0, 0]], lambda t: np.eye(3)[[CLASSNAMES.index(c) for c in t]])
+    out = evaluation.metrics
+    assert out["cluster/wrong/kmeans_purity"] == pytest.approx(4 / 6)
+    assert out["cluster/wrong/kmeans_nmi"] == pytest.approx((np.log(3) - 2 / 3 * np.log(2)) / np.log(3))
+    assert out["cluster/wrong/kmeans_ari"] == pytest.approx(1 / 6)
+    assert out["zeroshot/wrong/top1"] == pytest.approx(4 / 6)
+    assert out["zeroshot/wrong/mean_per_class_top1"] == pytest.approx((1 + 0.5 + 0.5) / 3)
+    a = evaluation.arrays["wrong"]
+    np.testing.assert_array_equal(a.confusion, [[2, 0, 0], [0, 1, 1], [0, 1, 1]])
+    np.testing.assert_allclose(a.per_class_accuracy, [1.0, 0.5, 0.5])
+    assert a.classnames == CLASSNAMES[:3] and a.projection.shape == (6, 2)
+    np.testing.assert_array_equal(a.labels, labels)
+
+
+def test_relabelling_the_classes_changes_no_cluster_score():
+    rng = np.random.default_rng(0)  # the shapes of the one-hot test: k-means compiles once for both
+    embeddings = rng.normal(size=(len(LABELS), NUM_CLASSES))
+    labels = LABELS
+    bank = rng.normal(size=(6, NUM_CLASSES))
+    renamed = np.array([3, 0, 2, 1])[labels]
+    a = cluster_eval.cluster_metrics("s", embeddings, labels, 4, {"bank_0": bank})
+    b = cluster_eval.cluster_metrics("s", embeddings, renamed, 4, {"bank_0": bank})
+    assert a == pytest.approx(b)
+    # Permuting the bank's rows renames its clusters only.
+    c = cluster_eval.cluster_metrics("s", embeddings, labels, 4, {"bank_0": bank[::-1]})
+    assert {k: v for k, v in c.items() if "bank" in k} == pytest.approx({k: v for k, v in a.items() if "bank" in k})
+
+
+def test_bank_assignment_uses_unit_rows():
+    # Unnormalised, the long row 1 would win both points; with unit rows each point takes its own row.
+    bank = np.array([[1.0, 0.0], [10.0, 10.0]])
+    x = np.array([[1.0, 0.0], [0.6, 0.8]])
+    np.testing.assert_array_equal(cluster_eval.bank_assignments(x, bank), [0, 1])
+
+
+def test_prototype_banks_in_bank_order_from_a_params_tree():
+    params = {"image": {}, "swap": {f"bank_{i}": np.full((2, 3), i, np.float32) for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)}}
+    banks = eval_hook.prototype_banks(params)
+    assert list(banks) == [f"bank_{i}" for i in range(11)]
+    assert all(np.all(banks[f"bank_{i}"] == i) for i in range(11))
+    assert eval_hook.prototype_banks({"image": {}}) == {}
