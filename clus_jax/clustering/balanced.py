@@ -19,8 +19,8 @@ from collections.abc import Callable
 import numpy as np
 
 #: Final ε relative to (cost range / N): the total cost is within this fraction of the range of the optimum.
-DEFAULT_REL_EPS = 1e-9
-EPS_FACTOR = 8.0  # ε-scaling: each phase divides ε by this
+DEFAULT_REL_EPS = 1e-7
+EPS_FACTOR = 4.0  # ε-scaling: each phase divides ε by this
 
 
 def balanced_assign(cost: np.ndarray, *, rel_eps: float = DEFAULT_REL_EPS) -> np.ndarray:
@@ -55,7 +55,8 @@ def balanced_assign(cost: np.ndarray, *, rel_eps: float = DEFAULT_REL_EPS) -> np
 
 
 def _auction_phase(benefit: np.ndarray, prices: np.ndarray, eps: float) -> np.ndarray:
-    """One ε phase from the given slot prices (updated in place); returns owner [M, cap] (point ids)."""
+    """One ε phase from the given slot prices (each row sorted in descending order, updated in place);
+    returns owner [M, cap] (point ids, aligned with ``prices``)."""
     n, m = benefit.shape
     cap = prices.shape[1]
     owner = np.full((m, cap), -1, np.int64)
@@ -65,38 +66,36 @@ def _auction_phase(benefit: np.ndarray, prices: np.ndarray, eps: float) -> np.nd
         free = rows[centre_of < 0]
         if free.size == 0:
             return owner
-        if cap >= 2:
-            two = np.partition(prices, 1, axis=1)[:, :2]
-            cheapest, second = two[:, 0], two[:, 1]
-        else:
-            cheapest, second = prices[:, 0], np.full(m, np.inf)
+        cheapest = prices[:, -1]
+        second = prices[:, -2] if cap >= 2 else np.full(m, np.inf)
         values = benefit[free] - cheapest[None, :]
         best = np.argmax(values, axis=1)
-        best_value = values[np.arange(free.size), best]
-        values[np.arange(free.size), best] = -np.inf
-        runner_up = np.maximum(values.max(axis=1) if m > 1 else -np.inf,
-                               benefit[free, best] - second[best])
-        # A lone centre (m == 1) has no runner-up: bid the smallest raise.
-        runner_up = np.where(np.isfinite(runner_up), runner_up, best_value)
+        picked = np.arange(free.size)
+        best_value = values[picked, best]
+        values[picked, best] = -np.inf
+        # The runner-up: the best other centre, or the second-cheapest slot of the same one.
+        runner_up = np.maximum(values.max(axis=1) if m > 1 else -np.inf, benefit[free, best] - second[best])
+        runner_up = np.where(np.isfinite(runner_up), runner_up, best_value)  # one slot in all: smallest raise
         bids = cheapest[best] + best_value - runner_up + eps
-        # Each centre considers its cap highest bids.
+        # Each centre that is bid for keeps the cap highest of its prices and its new bids.
         order = np.lexsort((-bids, best))
         best_sorted, bids_sorted, who = best[order], bids[order], free[order]
-        group_start = np.searchsorted(best_sorted, best_sorted, side="left")
-        rank = np.arange(order.size) - group_start
+        rank = np.arange(order.size) - np.searchsorted(best_sorted, best_sorted, side="left")
         keep = rank < cap
-        new_prices = np.full((m, cap), -np.inf)
-        new_owner = np.full((m, cap), -1, np.int64)
-        new_prices[best_sorted[keep], rank[keep]] = bids_sorted[keep]
-        new_owner[best_sorted[keep], rank[keep]] = who[keep]
-        merged_prices = np.concatenate([prices, new_prices], axis=1)
-        merged_owner = np.concatenate([owner, new_owner], axis=1)
+        bid_for, slot_of = np.unique(best_sorted, return_inverse=True)
+        new_prices = np.full((bid_for.size, cap), -np.inf)
+        new_owner = np.full((bid_for.size, cap), -1, np.int64)
+        new_prices[slot_of[keep], rank[keep]] = bids_sorted[keep]
+        new_owner[slot_of[keep], rank[keep]] = who[keep]
+        merged_prices = np.concatenate([prices[bid_for], new_prices], axis=1)
+        merged_owner = np.concatenate([owner[bid_for], new_owner], axis=1)
         top = np.argsort(-merged_prices, axis=1, kind="stable")[:, :cap]
-        prices[:] = np.take_along_axis(merged_prices, top, axis=1)
-        owner = np.take_along_axis(merged_owner, top, axis=1)
-        centre_of[:] = -1
-        held = owner >= 0
-        centre_of[owner[held]] = np.nonzero(held)[0]
+        displaced = owner[bid_for].reshape(-1)
+        centre_of[displaced[displaced >= 0]] = -1
+        prices[bid_for] = np.take_along_axis(merged_prices, top, axis=1)
+        owner[bid_for] = np.take_along_axis(merged_owner, top, axis=1)
+        held = owner[bid_for] >= 0
+        centre_of[owner[bid_for][held]] = bid_for[np.nonzero(held)[0]]
 
 
 def squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:

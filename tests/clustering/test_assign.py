@@ -1,0 +1,38 @@
+"""assign_topk equals a NumPy argsort of the distances (euclidean, cosine), on one device and on 8 fake
+devices with the centres split over 4; assign equals the argmin."""
+import numpy as np
+import pytest
+
+import jax
+
+from clus_jax.clustering import assign, assign_topk
+from clus_jax.parallel.mesh import create_mesh
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(203, 8)).astype(np.float32), rng.normal(size=(37, 8)).astype(np.float32)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"data": 2, "fsdp": 1, "tensor": 4}], ids=["one_device", "2x4"])
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_topk_equals_numpy_argsort(data, mesh_shape, metric):
+    x, c = data
+    mesh = create_mesh(mesh_shape, jax.devices()[:8]) if mesh_shape else None
+    ids, sims = assign_topk(x, c, 5, metric, mesh=mesh, block_k=3, chunk_rows=64)
+    xd, cd = x.astype(np.float64), c.astype(np.float64)
+    if metric == "cosine":
+        expected_sims = xd @ (cd / np.linalg.norm(cd, axis=1, keepdims=True)).T
+    else:
+        expected_sims = -((xd[:, None] - cd[None]) ** 2).sum(-1)
+    order = np.argsort(-expected_sims, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(ids, order)
+    np.testing.assert_allclose(sims, np.take_along_axis(expected_sims, order, axis=1), atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(assign(x, c, metric, mesh=mesh, block_k=3, chunk_rows=64), order[:, 0])
+
+
+def test_l_out_of_range(data):
+    x, c = data
+    with pytest.raises(ValueError, match=r"l=38 must lie in \[1, 37\]"):
+        assign_topk(x, c, 38)

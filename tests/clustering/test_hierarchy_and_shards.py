@@ -1,0 +1,43 @@
+"""two_level: fine k-means, coarse k-means of the fine centres, the fine->coarse map; EmbeddingShards reads
+the valid rows of an embed output directory and kmeans over it equals kmeans over the array."""
+import numpy as np
+import pytest
+
+from clus_jax.clustering import EmbeddingShards, kmeans, two_level
+from clus_jax.data.side_fields import write_side_file
+
+import kmeans_reference
+
+
+def test_two_level_maps_fine_centres_to_their_nearest_coarse_centre():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 5)).astype(np.float32)
+    result = two_level(x, 16, 4, balanced=True, num_iters=5)
+    assert result.fine_centers.shape == (16, 5) and result.coarse_centers.shape == (4, 5)
+    np.testing.assert_array_equal(np.bincount(result.fine_assignments, minlength=16), np.full(16, 16))
+    np.testing.assert_array_equal(result.fine_to_coarse,
+                                  kmeans_reference.nearest(result.fine_centers, result.coarse_centers, "euclidean"))
+    assert set(result.fine_to_coarse) == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="1 <= n <= m"):
+        two_level(x, 4, 5)
+
+
+def test_embedding_shards_skip_invalid_rows(tmp_path):
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(50, 4)).astype(np.float32)
+    valid = rng.random(50) > 0.2
+    emb[~valid] = 0.0
+    write_side_file(tmp_path / "emb", {"image_emb": emb, "text_emb": emb + 1, "index": np.arange(50, dtype=np.int64),
+                                       "valid": valid}, shard_size=16)
+    with pytest.raises(ValueError, match="name the one"):
+        EmbeddingShards(tmp_path / "emb")
+    shards = EmbeddingShards(tmp_path / "emb", field="image_emb")
+    assert shards.num_rows == valid.sum() and shards.dim == 4
+    np.testing.assert_array_equal(np.concatenate(list(shards)), emb[valid])
+    np.testing.assert_array_equal(shards.record_indices(), np.nonzero(valid)[0])
+    init = emb[valid][:3]
+    from_shards = kmeans(shards, 3, num_iters=3, init=init, chunk_rows=8)
+    from_array = kmeans(emb[valid], 3, num_iters=3, init=init, chunk_rows=8)
+    np.testing.assert_array_equal(from_shards.centers, from_array.centers)
+    with pytest.raises(ValueError, match="no field 'caption'"):
+        EmbeddingShards(tmp_path / "emb", field="caption")
