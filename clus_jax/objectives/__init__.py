@@ -1,5 +1,6 @@
 """Objectives: public loss functions usable on their own, and the registry the trainer sums by weight."""
 from clus_jax.objectives.contrastive import clip_loss, clip_reg_loss, positive_pair_l2, siglip_loss
+from clus_jax.objectives.mlcd import margin_softmax_loss, mlcd_loss, sample_negatives
 from clus_jax.objectives.registry import ConfigError, LossContext, Objective, get, names, register
 from clus_jax.objectives.sinkhorn import sharded_sinkhorn_knopp, sinkhorn_knopp
 from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss
@@ -8,6 +9,8 @@ __all__ = [
     # Pure losses (each takes optional mesh axis names and runs inside jax.shard_map).
     "clip_loss", "clip_reg_loss", "cross_entropy_with_codes", "positive_pair_l2", "sharded_sinkhorn_knopp",
     "siglip_loss", "sinkhorn_knopp", "swapped_prediction_loss",
+    # MLCD and UNICOM (their mesh axis splits the class centres; see clus_jax/objectives/mlcd.py).
+    "margin_softmax_loss", "mlcd_loss", "sample_negatives",
     # The registry the trainer sums by weight.
     "ConfigError", "LossContext", "Objective", "get", "names", "register",
 ]

@@ -148,4 +148,5 @@ def _load_builtin() -> None:
         importlib.import_module(module)
 
 
-BUILTIN_MODULES = ["clus_jax.objectives.contrastive", "clus_jax.objectives.swap", "clus_jax.objectives.moco"]
+BUILTIN_MODULES = ["clus_jax.objectives.contrastive", "clus_jax.objectives.swap", "clus_jax.objectives.moco",
+                   "clus_jax.objectives.mlcd"]

@@ -26,6 +26,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("patch", None),
     ("proj", None),
     ("prototypes", "tensor"),
+    ("classes", ("data", "fsdp", "tensor")),  # MLCD's class centres: Partial-FC, split over every device
     # activations and per-example state
     ("batch", ("data", "fsdp")),
     ("act_batch", ("data", "fsdp")),
