@@ -140,8 +140,7 @@ def test_ensemble_logits_task_and_per_query_weights():
 def test_fine_and_coarse_assignment_and_membership(metric, num_experts):
     rng = np.random.default_rng(num_experts + (10 if metric == "cosine" else 0))
     num_fine, dim = 32, 16
-    fine = rng.normal(size=(num_fine, dim)).astype(np.float32)
-    fine /= np.linalg.norm(fine, axis=-1, keepdims=True)
+    fine, _ = make_hierarchy(rng, num_fine, num_experts, dim)  # norms 0.7-1: scaling a feature moves it
     coarse = rng.normal(size=(num_experts, dim)).astype(np.float32)
     features = (rng.normal(size=(3000, dim)) * rng.uniform(0.1, 5.0, size=(3000, 1))).astype(np.float32)
 
