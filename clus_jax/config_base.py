@@ -61,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.batch_size = 128  # global, over all processes and devices
+    # GradCache: the towers run this many micro-batches per step; the losses and the gradient are the
+    # global batch's (clus_jax/train/gradcache.py). The global batch must divide by it x data-parallel size.
+    c.microbatches = 1
     c.total_steps = 400
     c.log_every = 25
     c.eval_every = 0  # 0 = only at the end
@@ -92,10 +95,24 @@ def base_config() -> ml_collections.ConfigDict:
     # The last block of a CLS- or EOT-pooled tower computes only the pooled token (the same values for
     # less work: every other token's output of that block is never read). False computes every token.
     c.model.pooled_last_block = True
+    # Architecture options that make open_clip's ViT-* CLIP towers expressible (clus_jax/interop sets them
+    # from an open_clip model config); the defaults are the original towers. model.text.pooling may also be
+    # 'argmax' (open_clip's: the token with the largest id, CLIP's EOT).
+    c.model.image.act = "gelu"  # MLP activation: 'gelu' (exact erf) or 'quick_gelu' (x * sigmoid(1.702 x))
+    c.model.text.act = "gelu"
+    c.model.image.layer_scale_init = 0.0  # > 0: learned per-channel scales on each residual branch, this init
+    c.model.text.layer_scale_init = 0.0
+    c.model.image.patch_bias = True  # the patch embedding's bias (open_clip has none)
+    c.model.image.ln_pre = True  # LayerNorm after the patch and position embeddings
+    c.model.image.mean = (0.5, 0.5, 0.5)  # uint8 RGB pixels become (x / 255 - mean) / std (OpenAI CLIP:
+    c.model.image.std = (0.5, 0.5, 0.5)  # mean (0.48145466, 0.4578275, 0.40821073), std (0.26862954, 0.26130258, 0.27577711))
 
     c.optim = ml_collections.ConfigDict(
         dict(lr=1e-3, warmup_steps=40, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,
-             weight_decay=0.1, grad_clip_norm=1.0)
+             weight_decay=0.1, grad_clip_norm=1.0,
+             # Adam's first moment in 'bfloat16' halves its memory (big_vision); the second moment and the
+             # master parameters always stay float32.
+             mu_dtype="float32")
     )
 
     # Parameter groups, big_vision style: (regex over parameter paths, options), first match wins; each

@@ -6,9 +6,11 @@ import numbers
 import ml_collections
 
 from clus_jax.models import sizes, towers
+from clus_jax.models.layers import ACTIVATIONS
 from clus_jax.objectives import registry
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.parallel import mesh as mesh_lib
+from clus_jax.train import optim
 
 
 def _positive_int(config: ml_collections.ConfigDict, key: str, allow_zero: bool = False) -> int:
@@ -16,6 +18,24 @@ def _positive_int(config: ml_collections.ConfigDict, key: str, allow_zero: bool 
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < (0 if allow_zero else 1):
         raise ConfigError(f"config.{key}={value!r} must be an integer {'>= 0' if allow_zero else '> 0'}")
     return int(value)
+
+
+def _check_architecture_options(m: ml_collections.ConfigDict) -> None:
+    """The open_clip architecture options of config.model (activation, layer scale, pixel mean and std)."""
+    for tower in ("image", "text"):
+        act = m[tower].get("act", "gelu")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"config.model.{tower}.act={act!r} must be one of {sorted(ACTIVATIONS)}")
+        scale = m[tower].get("layer_scale_init", 0.0)
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or scale < 0:
+            raise ConfigError(f"config.model.{tower}.layer_scale_init={scale!r} must be a number >= 0 (0 = none)")
+    for key in ("mean", "std"):
+        value = m.image.get(key, (0.5,) * 3)
+        if (not isinstance(value, (tuple, list)) or len(value) != 3
+                or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)):
+            raise ConfigError(f"config.model.image.{key}={value!r} must be three numbers (R, G, B)")
+    if not all(v > 0 for v in m.image.get("std", (0.5,) * 3)):
+        raise ConfigError(f"config.model.image.std={m.image.std!r} must be > 0")
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> dict[str, int]:
@@ -37,6 +57,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         )
     if batch % process_count:
         raise ConfigError(f"config.batch_size={batch} is not divisible by the process count {process_count}")
+    micro = _positive_int(config, "microbatches") if "microbatches" in config else 1
+    if batch % (micro * dp):
+        raise ConfigError(
+            f"config.microbatches={micro}: config.batch_size={batch} is not divisible by config.microbatches x the "
+            f"data-parallel size {dp} (config.mesh.data={mesh_shape['data']} x config.mesh.fsdp={mesh_shape['fsdp']})"
+        )
 
     m = config.model
     if m.dtype not in towers.DTYPES:
@@ -61,8 +87,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
             raise ConfigError(f"config.model.{tower}: width {width} is not divisible by heads {heads}")
     if m.image.get("pooling", "cls") not in ("cls", "gap", "map"):
         raise ConfigError(f"config.model.image.pooling={m.image.pooling!r} must be 'cls', 'gap' or 'map'")
-    if m.text.get("pooling", "eot") not in ("eot", "mean"):
-        raise ConfigError(f"config.model.text.pooling={m.text.pooling!r} must be 'eot' or 'mean'")
+    if m.text.get("pooling", "eot") not in ("eot", "argmax", "mean"):
+        raise ConfigError(f"config.model.text.pooling={m.text.pooling!r} must be 'eot', 'argmax' or 'mean'")
+    _check_architecture_options(m)
 
     if not config.objectives:
         raise ConfigError("config.objectives is empty; e.g. {'clip': 1.0}")
@@ -75,6 +102,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     o = config.optim
     if not o.lr > 0:
         raise ConfigError(f"config.optim.lr={o.lr!r} must be > 0")
+    if o.get("mu_dtype", "float32") not in optim.MOMENT_DTYPES:
+        raise ConfigError(f"config.optim.mu_dtype={o.mu_dtype!r} must be one of {sorted(optim.MOMENT_DTYPES)}")
     if o.warmup_steps < 0:
         raise ConfigError(f"config.optim.warmup_steps={o.warmup_steps!r} must be >= 0")
     if o.get("schedule", "cosine") not in ("cosine", "constant"):

@@ -1,11 +1,15 @@
 """The one train step every objective shares: sum of weighted objective losses, AdamW, skip-if-non-finite.
 
 It never asks which method runs: objectives are called through their hooks, the batch holds whatever fields
-were declared, and parameters frozen for the run are left out of the gradient.
+were declared, and parameters frozen for the run are left out of the gradient. With
+``config.microbatches = M > 1`` the towers run M micro-batches at a time and the gradient is GradCache's
+(``clus_jax.train.gradcache``): the losses still see the whole global batch, and the gradient equals the
+single-batch one up to summation order.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -19,6 +23,7 @@ from clus_jax.data import fields
 from clus_jax.objectives import registry
 from clus_jax.objectives.registry import LossContext, Objective
 from clus_jax.parallel import partitioning
+from clus_jax.train import gradcache
 
 PyTree = Any
 
@@ -44,6 +49,40 @@ def _merge(treedef, frozen: list[bool], trainable: list, fixed: list) -> PyTree:
     return jax.tree.unflatten(treedef, [next(it_f) if f else next(it_t) for f in frozen])
 
 
+def _gradcache_value_and_grad(objectives_loss: Callable, apply_model: Callable, params: PyTree,
+                              batch: Mapping[str, jax.Array], frozen_leaves: list[bool], micro: gradcache.Microbatches):
+    """((loss, aux), grads) of ``objectives_loss`` on the global batch, the towers run micro-batch by micro-batch.
+
+    (a) the towers' outputs without activations; (b) the losses on those outputs and their gradient with
+    respect to the outputs and to every trainable parameter the losses read directly (objectives' own
+    parameters); (c) the towers' parameter gradient, a VJP of the output gradient per micro-batch. The
+    objectives' own forwards (teachers, momentum towers) run micro-batched too.
+    """
+    treedef = jax.tree.structure(params)
+    flags = frozen_leaves or [False] * treedef.num_leaves
+    trainable, fixed = _split(params, flags)
+    fixed = [lax.stop_gradient(x) for x in fixed]
+    micro_apply = gradcache.micro_batched(apply_model, micro)
+
+    towers = registry.model_params(params)
+    outputs = gradcache.forward(apply_model, lax.stop_gradient(towers), batch, micro)
+    (loss, aux), (direct, output_grads) = jax.value_and_grad(
+        lambda t, o: objectives_loss(_merge(treedef, flags, t, fixed), o, micro_apply), argnums=(0, 1),
+        has_aux=True)(trainable, outputs)
+
+    tower_flags = jax.tree.leaves(registry.model_params(jax.tree.unflatten(treedef, flags)))
+    tower_def = jax.tree.structure(towers)
+    tower_train, tower_fixed = _split(towers, tower_flags)
+    tower_fixed = [lax.stop_gradient(x) for x in tower_fixed]
+    tower_grads = gradcache.tower_gradients(
+        lambda t, mb: apply_model(_merge(tower_def, tower_flags, t, tower_fixed), mb), tower_train, batch,
+        output_grads, micro)
+    tower_grads = _merge(tower_def, tower_flags, tower_grads, [jnp.zeros_like(x) for x in tower_fixed])
+    grads = _merge(treedef, flags, direct, [jnp.zeros_like(x) for x in fixed])
+    grads = {k: jax.tree.map(jnp.add, g, tower_grads[k]) if k in tower_grads else g for k, g in grads.items()}
+    return (loss, aux), grads
+
+
 def build_train_step(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -66,6 +105,12 @@ def build_train_step(
     apply_model = make_apply_model(model)
     frozen_leaves = [bool(f) for f in jax.tree.leaves(frozen)] if frozen is not None else []
 
+    num_micro = int(config.get("microbatches", 1) or 1)
+    micro = None
+    if num_micro > 1:
+        shards = math.prod(mesh.shape[a] for a in batch_axes)
+        micro = gradcache.Microbatches(num_micro, int(config.batch_size), shards, mesh, batch_axes)
+
     def train_step(state: PyTree, batch: dict[str, jax.Array]):
         step = state["step"]
         rng = jax.random.fold_in(state["rng"], step)
@@ -73,14 +118,14 @@ def build_train_step(
         for obj, _ in objectives.values():
             params = obj.prepare_params(params, config)
 
-        def loss_fn(p):
-            outputs = apply_model(registry.model_params(p), batch)
+        def objectives_loss(p, outputs, apply):
+            """Sum of weight x loss over the objectives, on the global batch of tower ``outputs``."""
             total = jnp.zeros([], jnp.float32)
             metrics, new_states = {}, {}
             for i, (name, (obj, weight)) in enumerate(objectives.items()):
                 ctx = LossContext(
                     outputs=outputs, params=p, state=state["objective_states"][name], step=step,
-                    rng=jax.random.fold_in(rng, i), batch=batch, apply_model=apply_model,
+                    rng=jax.random.fold_in(rng, i), batch=batch, apply_model=apply,
                     mesh=mesh, batch_axes=batch_axes, config=config,
                 )
                 value, obj_metrics, new_states[name] = obj.loss(ctx)
@@ -92,7 +137,13 @@ def build_train_step(
                 metrics["logit_bias"] = outputs["logit_bias"]
             return total, (metrics, new_states)
 
-        if any(frozen_leaves):
+        def loss_fn(p):
+            return objectives_loss(p, apply_model(registry.model_params(p), batch), apply_model)
+
+        if micro is not None:
+            (loss, (metrics, new_states)), grads = _gradcache_value_and_grad(
+                objectives_loss, apply_model, params, batch, frozen_leaves, micro)
+        elif any(frozen_leaves):
             treedef = jax.tree.structure(params)
             trainable, fixed = _split(params, frozen_leaves)
             fixed = [lax.stop_gradient(x) for x in fixed]

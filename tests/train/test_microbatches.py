@@ -1,0 +1,116 @@
+"""``config.microbatches = M`` (GradCache) gives the single-batch step: the same per-step losses, the same
+gradients leaf by leaf (recorded in front of the real optimizer) and the same objective state, for M = 2, 4
+and 8, on one device and on 8 fake devices, for clip, siglip and swap with an EMA teacher and a queue.
+
+Every micro-batched step starts from the state the single-batch run had before that step, so both compute
+the gradient at the same parameters; the single-batch step (M = 1) is the oracle.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from clus_jax.experiment import build
+from clus_jax.objectives.registry import ConfigError
+from clus_jax.train import gradcache
+
+import train_helpers as helpers  # registered by tests/conftest.py
+from train_helpers import recording  # noqa: F401 (a pytest fixture)
+
+STEPS = 2
+RTOL = 1e-5
+
+
+def config_for(objective, microbatches=1, mesh=None):
+    overrides = {"optim.warmup_steps": 0, "microbatches": microbatches, "model.text.vocab_size": 64}
+    if objective == "swap":
+        overrides.update({"swap.num_prototypes": (16, 6), "swap.teacher": "ema", "swap.teacher_momentum": 0.9,
+                          "swap.queue_length": 16, "swap.queue_start_step": 0})
+    config = helpers.tiny_config(objective, **overrides)
+    if objective == "swap":
+        config.objectives = {"swap": 1.0}
+    config.mesh.update(mesh or dict(data=1, fsdp=1, tensor=1))
+    return config
+
+
+def run_steps(exp, batches, start_states=None):
+    """Per step: (loss, recorded gradients, host state before, host state after)."""
+    state = exp.init_state()
+    out = []
+    for t, local in enumerate(batches):
+        if start_states is not None:
+            state = jax.device_put(start_states[t], exp.shardings)
+        before = jax.device_get(state)
+        state, metrics = exp.step(state, exp.global_batch(local))
+        out.append((float(metrics["loss"]), jax.device_get(state["opt_state"][0].grads), before,
+                    jax.device_get(state)))
+    return out
+
+
+def assert_trees_close(got, want, what, rtol=RTOL):
+    """Leaf by leaf within ``rtol`` relative to the leaf's largest magnitude (near-zero entries are rounding)."""
+    assert jax.tree.structure(got) == jax.tree.structure(want), what
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+        w = np.asarray(w)
+        scale = float(np.max(np.abs(w))) if w.size else 0.0
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * (scale or 1.0),
+                                   err_msg=f"{what}{jax.tree_util.keystr(path)}")
+
+
+def assert_steps_match(steps, ref_steps, what):
+    for t, ((loss, grads, _, after), (ref_loss, ref_grads, _, ref_after)) in enumerate(zip(steps, ref_steps)):
+        np.testing.assert_allclose(loss, ref_loss, rtol=RTOL, err_msg=f"{what} step {t} loss")
+        assert_trees_close(grads, ref_grads, f"{what} step {t} grad")
+        # The state after the step (queue rows, an EMA teacher of the updated parameters) went through Adam,
+        # which divides by sqrt(v) and so magnifies the rounding of near-zero gradients (see
+        # test_sharded_training): an absolute tolerance well below one step of lr 3e-3.
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(after["objective_states"]),
+                                jax.tree.leaves(ref_after["objective_states"])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"{what} step {t} state{jax.tree_util.keystr(path)}")
+
+
+MESH_8 = dict(data=8, fsdp=1, tensor=1)
+MESH_4_2 = dict(data=4, fsdp=2, tensor=1)
+MESH_2X4 = dict(data=2, fsdp=1, tensor=4)  # heads, MLP, vocabulary and swap banks split over 'tensor'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective, sizes, meshes", [
+    ("clip", (2, 4, 8), ((MESH_8, 2), (MESH_2X4, 8))),
+    ("siglip", (2, 4), ((MESH_4_2, 2),)),
+    ("swap", (2, 4), ((MESH_2X4, 4),)),
+])
+def test_microbatches_equal_single_batch(objective, sizes, meshes, recording):
+    batches = helpers.random_batches(config_for(objective), STEPS)
+    one = jax.devices()[:1]
+    ref = run_steps(build(config_for(objective), one), batches)
+    assert all(np.isfinite(loss) for loss, *_ in ref)
+    if objective == "swap":  # step 1 reads the queue written by step 0, and the EMA teacher has moved
+        assert int(ref[1][2]["objective_states"]["swap"]["queue"]["filled"]) == 1
+    starts = [before for _, _, before, _ in ref]
+    for m in sizes:
+        assert_steps_match(run_steps(build(config_for(objective, m), one), batches, starts), ref, f"{objective} M={m}")
+    for mesh, m in meshes:  # 8 fake devices
+        exp = build(config_for(objective, m, mesh), jax.devices())
+        assert_steps_match(run_steps(exp, batches, starts), ref, f"{objective} {mesh} M={m}")
+
+
+def test_split_takes_rows_of_every_device():
+    """Micro-batch i holds rows i*b..(i+1)*b-1 of each device's share, and merge inverts split."""
+    micro = gradcache.Microbatches(num=2, batch_size=8, shards=2)
+    x = np.arange(8)
+    split = np.asarray(micro.split(x))
+    np.testing.assert_array_equal(split, [[0, 1, 4, 5], [2, 3, 6, 7]])
+    np.testing.assert_array_equal(np.asarray(micro.merge(split)), x)
+
+
+def test_microbatches_validated():
+    config = config_for("clip", 3)  # batch 16 on one device
+    with pytest.raises(ConfigError, match=r"config\.microbatches=3"):
+        build(config, jax.devices()[:1])
+    config = config_for("clip", 4, dict(data=8, fsdp=1, tensor=1))  # 16 rows over 8 devices: 2 per device
+    with pytest.raises(ConfigError, match=r"config\.microbatches=4.*data-parallel size 8"):
+        build(config, jax.devices())
+    config = config_for("clip", 0)
+    with pytest.raises(ConfigError, match=r"config\.microbatches=0"):
+        build(config, jax.devices()[:1])
