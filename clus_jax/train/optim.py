@@ -1,5 +1,8 @@
 """Optimizer: AdamW with warmup + cosine, global-norm clipping, a weight-decay mask and parameter groups.
 
+Precision: parameters and both Adam moments are float32 whatever ``config.model.dtype`` computes in;
+``config.optim.mu_dtype = 'bfloat16'`` stores the first moment in bfloat16 (the update math stays float32).
+
 Parameter groups (``config.param_groups``, then each objective's ``param_groups``) are (regex over
 parameter paths, options) pairs, first match wins: a learning-rate multiplier, weight decay on or off, a
 trainable step window, or frozen for the whole run. A window is optimizer masking, not a zeroed gradient:
@@ -132,6 +135,17 @@ def trainable_window(inner: optax.GradientTransformation, start: int, end: int |
     return optax.GradientTransformation(init, update)
 
 
+#: ``config.optim.mu_dtype`` values. The second moment has no knob: it stays float32, like the parameters.
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def first_moment_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype | None:
+    """Dtype of Adam's first moment: None (the parameters' own, float32) unless ``cfg.mu_dtype`` is
+    'bfloat16' (big_vision's option; a bf16 second moment or bf16 master weights cost accuracy, #41)."""
+    name = cfg.get("mu_dtype", "float32")
+    return None if name == "float32" else MOMENT_DTYPES[name]
+
+
 def build_optimizer(
     cfg: ml_collections.ConfigDict, total_steps: int, groups: Sequence[tuple[str, Mapping[str, Any]]] = ()
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -141,10 +155,11 @@ def build_optimizer(
     groups the chain is plain AdamW. Parameters frozen for the run get ``set_to_zero`` (no state).
     """
     schedule = learning_rate_schedule(cfg, total_steps)
+    mu_dtype = first_moment_dtype(cfg)
 
     def adamw_direction(decay: bool | None = None, lr_mult: float = 1.0) -> optax.GradientTransformation:
         mask = decay_mask if decay is None else (lambda p: jax.tree.map(lambda _: bool(decay), p))
-        parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        parts = [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, mu_dtype=mu_dtype),
                  optax.add_decayed_weights(cfg.weight_decay, mask=mask)]
         if float(lr_mult) != 1.0:
             parts.append(optax.scale(float(lr_mult)))
