@@ -282,9 +282,7 @@ class MiniLMEncoder:
 
     @functools.partial(jax.jit, static_argnums=0)
     def _embed(self, params: dict, input_ids: jax.Array, valid: jax.Array) -> jax.Array:
-        with jax.default_matmul_precision(self.matmul_precision):
-            hidden = self._module.apply({"params": params}, input_ids, valid)
-            return mean_pool_normalize(hidden, valid)
+        return mean_pool_normalize(self._module.apply({"params": params}, input_ids, valid), valid)
 
     def embed_ids(self, ids: Sequence[Sequence[int]], max_rows: int | None = None) -> np.ndarray:
         """One batch of token-id lists -> [n, D] float32.
@@ -300,7 +298,8 @@ class MiniLMEncoder:
         for i, r in enumerate(ids):
             input_ids[i, :len(r)] = r
             valid[i, :len(r)] = True
-        return np.asarray(self._embed(self.params, input_ids, valid))[:n]
+        with jax.default_matmul_precision(self.matmul_precision):  # part of jit's cache key
+            return np.asarray(self._embed(self.params, input_ids, valid))[:n]
 
     def encode_captions(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Texts -> [N, D] float32 unit rows, equal to sentence-transformers' ``encode`` of the same model.
