@@ -9,9 +9,13 @@ pure rules, on NumPy arrays:
   (``1 - cos``, both sides normalised, as balanced-kmeans' ``pairwise_cosine``); ties go to the lower index.
 - ``fine_assignment``: each record's fine centre from its L2-normalised feature (``prep_inference``'s
   nearest fine centre); ``coarse_assignment``: each fine centre's nearest coarse centre (``KMeans.predict``
-  as ``prep_hrchy.py`` uses it, greedily: MoDE balances only while estimating centres).
+  as ``prep_hrchy.py`` uses it). Both are greedy, as the balanced k-means authors describe inference
+  (balancing only while estimating centres); one published revision of balanced-kmeans' ``predict``
+  solves a balanced assignment (``auction_lap``) instead, which is not what is done here.
 - ``expert_membership``: expert c's records, those whose fine centre maps to c, plus a seeded random
   ``ooc_ratio`` of the others (``mode_wds.IterativeMoDEWebDataset.dataset_filter``; 0.02 by default there).
+  The reference draws the out-of-cluster records per tar shard from NumPy's global state; here each expert
+  draws over all records from its own ``(seed, c)`` generator, so the sets are reproducible.
 - ``mode_ensemble_weights``: ``post_report_ensemble.main``'s rule. Per class embedding its nearest fine
   centre and distance d; expert k's score ``w_k = sum over the classes routed to k of exp((a - d) * b)``
   (0 when none), ``b = 5 * log10(max(10, n_class - 200))``, ``a = exp(0.5 - sqrt(n_class))`` when
