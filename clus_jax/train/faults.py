@@ -2,14 +2,15 @@
 
 ``CLUS_JAX_FAULT=<event>:<step>`` sends SIGKILL to the process itself when ``event`` happens at ``step``:
 ``after_step`` (right after the step is dispatched) or ``during_save`` (right after an asynchronous
-checkpoint save is issued, while it is still being written). Unset, it does nothing.
+checkpoint save is issued, while it is still being written); ``after_iteration`` is k-means's (``python -m
+clus_jax.cluster``: as pass ``step`` of the clustering begins). Unset, it does nothing.
 """
 from __future__ import annotations
 
 import os
 import signal
 
-EVENTS = ("after_step", "during_save")
+EVENTS = ("after_step", "during_save", "after_iteration")
 
 
 def _parse() -> tuple[str, int] | None:

@@ -1,0 +1,239 @@
+"""python -m clus_jax.cluster on the embeddings that clus_jax.embed makes of the embedded dataset with a tiny
+CLIP run: two levels, top-8 labels in a side file that a training run joins as a batch field row by row, an
+interrupted clustering that resumes to the same centres, and one-line errors.
+
+The oracles are NumPy: nearest centres by brute force in float64, sizes, inertia and purity by hand."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from clus_jax import cluster, embed
+from clus_jax.data import embedded as embedded_data
+from clus_jax.data import side_fields
+from clus_jax.data.fields import FieldSpec
+from clus_jax.objectives import registry
+from clus_jax.train import loop
+
+import train_helpers as helpers  # registered by tests/conftest.py
+
+pytestmark = pytest.mark.slow  # a tiny run, its embeddings and several clusterings (JAX start-up, compiles)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The commands run on the eight fake devices of this process (tests/conftest.py): the same programs as the
+# clusterings run here, so an interrupted command and an in-process resume give bit-equal centres.
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+DIM = 32
+TOPK = 8
+# Two vectors are "as near" when their squared distances (or similarities) differ by less than float32
+# rounding of the [N, K] scores; the embeddings of so short a run lie close together.
+TIE = 2e-6
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """(embedding directory, [N, D] image embeddings, class of each record): a 2-step CLIP on the embedded
+    dataset (its default training data) and ``clus_jax.embed`` of that data."""
+    run = str(tmp_path_factory.mktemp("run"))
+    config = helpers.tiny_config("clip", total_steps=2, checkpoint_every=0)
+    config.data.source = "embedded"
+    loop.train_and_evaluate(config, run)
+    out = str(tmp_path_factory.mktemp("emb"))
+    args, overrides = embed.parse_args(["--workdir", run, "--out", out, "--modality", "image", "--batch-size", "512",
+                                        "--shard-size", "2048"])
+    assert embed.run(args, overrides)["complete"]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    x = np.concatenate([np.load(os.path.join(out, s["files"]["image_emb"])) for s in manifest["shards"]])
+    records = embedded_data.read_split(embedded_data.dataset_dir(), "train")
+    classes = np.asarray([100 + r["label"] if r["style"] == "easyvqa" else r["category"] for r in records])
+    assert x.shape == (len(records), DIM) and len(np.unique(classes)) > 5
+    labels = str(tmp_path_factory.mktemp("labels") / "classes.npy")
+    np.save(labels, classes)
+    return out, x.astype(np.float64), classes, labels
+
+
+def _command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clus_jax.cluster", *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _in_process(capsys, *args: str) -> tuple[dict, str]:
+    cluster.main(list(args))
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def _sq_distances(x: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return ((x[:, None, :] - np.asarray(c, np.float64)[None]) ** 2).sum(-1)
+
+
+def _check_nearest(d: np.ndarray, ids: np.ndarray) -> None:
+    """``ids`` are nearest under distances ``d`` [N, K] (up to float32 ties), and mostly the exact argmin."""
+    chosen = np.take_along_axis(d, ids[:, None].astype(np.int64), 1)[:, 0]
+    assert np.all(chosen <= d.min(1) + TIE)
+    assert np.mean(ids == d.argmin(1)) > 0.97
+
+
+def test_two_levels_through_the_command(embedded, tmp_path):
+    features, x, classes, labels = embedded
+    out = tmp_path / "two"
+    proc = _command("--features", features, "--levels", "12,3", "--iters", "4", "--labels", labels, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "cluster: iteration 4/4  pass 100%  inertia" in proc.stderr and "eta 0:00:" in proc.stderr
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+    centers, coarse = np.load(out / "centers.npy"), np.load(out / "coarse_centers.npy")
+    assignments, fine_to_coarse = np.load(out / "assignments.npy"), np.load(out / "fine_to_coarse.npy")
+    assert centers.shape == (12, DIM) and coarse.shape == (3, DIM) and centers.dtype == np.float32
+    assert assignments.shape == (len(x),) and assignments.dtype == np.int32
+    _check_nearest(_sq_distances(x, centers), assignments)
+    _check_nearest(_sq_distances(centers.astype(np.float64), coarse), fine_to_coarse)
+    np.testing.assert_array_equal(np.load(out / "coarse_assignments.npy"), fine_to_coarse[assignments])
+    sizes = np.bincount(assignments, minlength=12)
+    np.testing.assert_array_equal(np.load(out / "sizes.npy"), sizes)
+
+    assert summary["points"] == summary["records"] == len(x) and summary["k"] == 12
+    assert summary["levels"]["fine"] == 12 and summary["levels"]["coarse"] == 3
+    inertia = np.mean(np.sum((x - centers[assignments]) ** 2, axis=1))
+    np.testing.assert_allclose(summary["inertia"], inertia, rtol=1e-6)
+    assert summary["sizes"]["max"] == sizes.max() and summary["sizes"]["min"] == sizes.min()
+    np.testing.assert_allclose(summary["sizes"]["imbalance"], sizes.max() / sizes.mean())
+    coarse_sizes = np.bincount(fine_to_coarse[assignments], minlength=3)
+    np.testing.assert_allclose(summary["levels"]["coarse_sizes"]["imbalance"], coarse_sizes.max() / coarse_sizes.mean())
+    majority = sum(np.bincount(np.unique(classes, return_inverse=True)[1][assignments == j]).max(initial=0)
+                   for j in range(12))
+    np.testing.assert_allclose(summary["labels"]["purity"], majority / len(x))
+    assert 0 <= summary["labels"]["nmi"] <= 1 and -1 <= summary["labels"]["adjusted_rand_index"] <= 1
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["centers.npy"]["shape"] == [12, DIM]
+    assert manifest["files"]["fine_to_coarse.npy"] == {"shape": [12], "dtype": "int32",
+                                                       "what": "coarse centre of each fine centre"}
+    with Image.open(out / "cluster_sizes.png") as image:
+        assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 200
+
+    # A re-run of the finished clustering does nothing; other arguments into the same directory are refused.
+    again = _command("--features", features, "--levels", "12,3", "--iters", "4", "--labels", labels, "--out", str(out))
+    assert again.returncode == 0 and "is complete, nothing to do" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
+    other = _command("--features", features, "--levels", "12,3", "--iters", "5", "--out", str(out))
+    assert other.returncode == 2 and other.stderr.count("\n") == 1
+    assert "holds another clustering (different iters, labels" in other.stderr
+
+
+class ClusterLabelsProbe(registry.Objective):
+    """Declares ``cluster_labels`` [8] and ``image_emb`` [D] as batch fields (two side files) and reports
+    whether each row's first label is the nearest centre of that row's embedding: the two files reach the
+    step aligned with the example they belong to."""
+
+    name = "test_cluster_labels"
+    centers = None  # unit centres [K, D], set by the test
+
+    def batch_fields(self, config):
+        return {"cluster_labels": FieldSpec((TOPK,), "int32"), "image_emb": FieldSpec((DIM,), "float32")}
+
+    def loss(self, ctx):
+        labels, emb = ctx.batch["cluster_labels"], ctx.batch["image_emb"]
+        sims = emb @ jnp.asarray(self.centers).T
+        first = jnp.take_along_axis(sims, labels[:, :1], axis=1)[:, 0]
+        return jnp.zeros([]), {"first_is_nearest": jnp.mean(first >= sims.max(1) - TIE),
+                               "labels_in_range": jnp.mean((labels >= 0) & (labels < len(self.centers))),
+                               "emb_norm": jnp.mean(jnp.linalg.norm(emb, axis=1)),
+                               "distinct_first": jnp.mean(labels[:, 0] != labels[0, 0])}, ctx.state
+
+
+@pytest.fixture
+def probe():
+    registry.register(ClusterLabelsProbe)
+    yield ClusterLabelsProbe
+    registry._REGISTRY.pop(ClusterLabelsProbe.name, None)
+
+
+def test_top8_labels_side_file_is_read_by_a_training_run(embedded, tmp_path, capsys, probe):
+    features, x, _, _ = embedded
+    out, side = tmp_path / "top", tmp_path / "labels"
+    summary, err = _in_process(capsys, "--features", features, "--k", "20", "--metric", "cosine", "--iters", "3",
+                               "--topk", str(TOPK), "--assign-to", str(side), "--out", str(out))
+    assert summary["topk"] == {"l": TOPK, "side_file": str(side), "records": len(x), "labelled": len(x)}
+    centers = np.load(out / "centers.npy").astype(np.float64)
+    np.testing.assert_allclose(np.linalg.norm(centers, axis=1), 1.0, atol=1e-5)  # spherical k-means
+
+    reader = side_fields.open_side_field(side, "cluster_labels", len(x))  # keyed by record index
+    assert reader.spec == FieldSpec((TOPK,), "int32")
+    labels = np.concatenate(list(reader.chunks()))
+    sims = np.concatenate(list(side_fields.SideFieldReader(side, field="cluster_sims").chunks()))
+    truth = x @ centers.T  # float64 similarities [N, K]
+    top = -np.sort(-truth, axis=1)[:, :TOPK]
+    np.testing.assert_allclose(sims, top, atol=1e-5)  # the 8 largest, in order
+    np.testing.assert_allclose(np.take_along_axis(truth, labels.astype(np.int64), 1), sims, atol=1e-5)
+    assert np.mean(labels == np.argsort(-truth, axis=1, kind="stable")[:, :TOPK]) > 0.97
+    assert all(len(set(row)) == TOPK for row in labels[:50])
+    assignments = np.load(out / "assignments.npy")  # k-means's own last pass: the same nearest centres up to ties
+    _check_nearest(-truth, assignments)
+    assert np.mean(labels[:, 0] == assignments) > 0.99
+
+    probe.centers = centers.astype(np.float32)
+    config = helpers.tiny_config("clip", total_steps=2, log_every=1, checkpoint_every=0)
+    config.data.source = "embedded"
+    config.objectives = {"clip": 1.0, probe.name: 1.0}
+    config.data.side_fields = {"cluster_labels": str(side), "image_emb": features}
+    workdir = tmp_path / "train"
+    loop.train_and_evaluate(config, str(workdir))
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in logged if f"train/{probe.name}/first_is_nearest" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert m[f"train/{probe.name}/first_is_nearest"] == 1.0 and m[f"train/{probe.name}/labels_in_range"] == 1.0
+        assert abs(m[f"train/{probe.name}/emb_norm"] - 1.0) < 1e-3  # real embeddings, not the zero dummy batch
+        assert m[f"train/{probe.name}/distinct_first"] > 0  # and more than one cluster
+
+
+def test_an_interrupted_clustering_resumes_to_the_same_centres(embedded, tmp_path, capsys):
+    features = embedded[0]
+    args = ["--features", features, "--k", "10", "--iters", "5", "--chunk-rows", "2048", "--checkpoint-every", "0",
+            "--seed", "3"]
+    killed = subprocess.run([sys.executable, "-m", "clus_jax.cluster", *args, "--out", str(tmp_path / "a")],
+                            cwd=REPO, env={**ENV, "CLUS_JAX_FAULT": "after_iteration:3"}, capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL as pass 4 began
+    assert "iteration 3/5  pass 100%" in killed.stderr and not (tmp_path / "a" / "summary.json").exists()
+    resumed, err = _in_process(capsys, *args, "--out", str(tmp_path / "a"))
+    assert "cluster: resumed at iteration 4/5" in err and "iteration 1/5" not in err
+    whole, err = _in_process(capsys, *args, "--out", str(tmp_path / "b"))
+    assert "resumed" not in err
+    for name in ("centers.npy", "assignments.npy", "sizes.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "a" / name), np.load(tmp_path / "b" / name))
+    assert resumed["inertia"] == whole["inertia"] and resumed["iterations"] == whole["iterations"] == 5
+
+
+@pytest.mark.parametrize("args, code, named", [
+    (["--k", "4", "--topk", "2"], 2, "--topk L and --assign-to DIR go together"),
+    (["--k", "4", "--topk", "9", "--assign-to", "x"], 2, "--topk=9 must be in [1, --k=4]"),
+    (["--levels", "4"], 2, "--levels expects M,N"),
+    (["--levels", "4,8"], 2, "the coarse count must not exceed the fine count"),
+    (["--k", "5", "--levels", "4,2"], 2, "--k=5 and --levels=4,2 disagree"),
+    (["--levels", "4,2", "--tol", "0.1"], 2, "--tol apply to single-level clustering"),
+    (["--k", "4", "--metric", "manhattan"], 2, "--metric: invalid choice: 'manhattan'"),
+    (["--k", "4", "--mesh", "data=3"], 2, "--mesh: config.mesh {'data': 3"),
+    (["--k", "100000"], 2, "--k=100000 exceeds the 7370 embedded points"),
+    (["--k", "4", "--field", "text_emb"], 1, "has no field 'text_emb'"),
+    (["--k", "4", "--features", "/nonexistent/emb"], 1, "has no manifest.json"),
+    (["--k", "4", "--bogus"], 2, "unrecognized arguments: --bogus"),
+], ids=["topk-alone", "topk-range", "levels-form", "levels-order", "k-levels", "levels-tol", "metric", "mesh",
+        "k-too-large", "field", "features", "unknown-flag"])
+def test_bad_arguments_print_one_line(embedded, tmp_path, capsys, args, code, named):
+    argv = ["--features", embedded[0], "--out", str(tmp_path / "o"), *args]
+    with pytest.raises(SystemExit) as exit_info:
+        cluster.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code and err.count("\n") == 1 and err.startswith("error: "), err
+    assert named in err
+    assert not (tmp_path / "o" / "summary.json").exists()
