@@ -24,11 +24,21 @@ def dense_init(std: float = 0.02) -> nn.initializers.Initializer:
     return nn.initializers.normal(stddev=std)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """OpenAI CLIP's GELU approximation, x * sigmoid(1.702 x) (open_clip's ``QuickGELU``)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# The MLP activations by config name: 'gelu' is the exact (erf) GELU, PyTorch's nn.GELU() default.
+ACTIVATIONS = {"gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
+
+
 class Mlp(nn.Module):
-    """Pre-LN transformer MLP: Dense -> GELU -> Dense."""
+    """Pre-LN transformer MLP: Dense -> activation (``ACTIVATIONS[act]``) -> Dense."""
 
     mlp_dim: int
     dtype: Dtype = jnp.float32
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -41,7 +51,7 @@ class Mlp(nn.Module):
             name="fc1",
         )(x)
         h = nn.with_logical_constraint(h, ACT_BTM)
-        h = nn.gelu(h, approximate=False)
+        h = ACTIVATIONS[self.act](h)
         out = nn.Dense(
             width,
             dtype=self.dtype,
@@ -116,12 +126,25 @@ def layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x))."""
+    """Pre-LN transformer block: x + attn(ln(x)); x + mlp(ln(x)).
+
+    ``layer_scale_init > 0`` multiplies each branch by a learned per-channel scale (``ls1``, ``ls2``, CaiT's
+    LayerScale, open_clip's ``ls_init_value``) initialised to that value; 0 has no scale parameters.
+    """
 
     heads: int
     mlp_dim: int
     causal: bool = False
     dtype: Dtype = jnp.float32
+    act: str = "gelu"
+    layer_scale_init: float = 0.0
+
+    def _scaled(self, name: str, branch: jax.Array) -> jax.Array:
+        if not self.layer_scale_init:
+            return branch
+        gamma = self.param(name, nn.with_logical_partitioning(nn.initializers.constant(self.layer_scale_init), ("embed",)),
+                           (branch.shape[-1],))
+        return branch * gamma.astype(self.dtype)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, query_index: jax.Array | None = None) -> jax.Array:
@@ -129,8 +152,8 @@ class Block(nn.Module):
         attn = Attention(self.heads, self.dtype, name="attn")(layer_norm(self.dtype, "ln1")(x), mask, self.causal, query_index)
         if query_index is not None:
             x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
-        x = x + attn
-        x = x + Mlp(self.mlp_dim, self.dtype, name="mlp")(layer_norm(self.dtype, "ln2")(x))
+        x = x + self._scaled("ls1", attn)
+        x = x + self._scaled("ls2", Mlp(self.mlp_dim, self.dtype, self.act, name="mlp")(layer_norm(self.dtype, "ln2")(x)))
         return x
 
 
@@ -149,12 +172,14 @@ class Encoder(nn.Module):
     causal: bool = False
     remat: bool = False
     dtype: Dtype = jnp.float32
+    act: str = "gelu"
+    layer_scale_init: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, pooled_index: jax.Array | None = None) -> jax.Array:
         block_cls = nn.remat(Block, static_argnums=()) if self.remat else Block
         for i in range(self.depth):
             last = i == self.depth - 1
-            x = block_cls(self.heads, self.mlp_dim, self.causal, self.dtype, name=f"block_{i}")(
+            x = block_cls(self.heads, self.mlp_dim, self.causal, self.dtype, self.act, self.layer_scale_init, name=f"block_{i}")(
                 x, mask, pooled_index if last else None)
         return x

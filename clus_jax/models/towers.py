@@ -78,12 +78,16 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
     isize = sizes.vit_size(icfg.size)
     patch = icfg.get("patch_size") or isize.patch_size
     image = VisionTransformer(
-        patch_size=int(patch), pooling=icfg.get("pooling", "cls"), pooled_last_block=pooled, remat=remat, dtype=dtype, **sizes.resolve(isize, icfg)
+        patch_size=int(patch), pooling=icfg.get("pooling", "cls"), pooled_last_block=pooled, remat=remat, dtype=dtype,
+        act=icfg.get("act", "gelu"), layer_scale_init=float(icfg.get("layer_scale_init", 0.0)),
+        patch_bias=bool(icfg.get("patch_bias", True)), ln_pre=bool(icfg.get("ln_pre", True)),
+        mean=tuple(float(v) for v in icfg.get("mean", (0.5,) * 3)), std=tuple(float(v) for v in icfg.get("std", (0.5,) * 3)),
+        **sizes.resolve(isize, icfg)
     )
     text = TextTransformer(
         vocab_size=int(tcfg.vocab_size), context_length=int(tcfg.context_length),
         causal=bool(tcfg.get("causal", True)), pooling=tcfg.get("pooling", "eot"), pooled_last_block=pooled, remat=remat,
-        dtype=dtype,
+        dtype=dtype, act=tcfg.get("act", "gelu"), layer_scale_init=float(tcfg.get("layer_scale_init", 0.0)),
         **sizes.resolve(sizes.text_size(tcfg.size), tcfg),
     )
     bias = model_config.get("logit_bias_init")

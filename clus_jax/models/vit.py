@@ -1,9 +1,14 @@
-"""Vision Transformer image tower (patch embedding, pre-LN blocks, CLS / mean / attention pooling)."""
+"""Vision Transformer image tower (patch embedding, pre-LN blocks, CLS / mean / attention pooling).
+
+The options after ``dtype`` (activation, layer scale, patch bias, ``ln_pre``, pixel mean and std) make
+open_clip's ViT-* image towers expressible (``clus_jax.interop``); their defaults are the original tower.
+"""
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clus_jax.models.layers import ACT_BTE, Dtype, Encoder, Mlp, dense_init, layer_norm
 
@@ -45,18 +50,33 @@ class VisionTransformer(nn.Module):
     pooled_last_block: bool = True  # with 'cls': the last block computes the CLS token only (exact)
     remat: bool = False
     dtype: Dtype = jnp.float32
+    act: str = "gelu"  # the MLP activation, a key of layers.ACTIVATIONS
+    layer_scale_init: float = 0.0  # > 0: per-channel scales on every residual branch (layers.Block)
+    patch_bias: bool = True  # the patch embedding's bias (open_clip's conv1 has none)
+    ln_pre: bool = True  # LayerNorm after the patch and position embeddings (open_clip's no_ln_pre=False)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # uint8 RGB pixels become (x / 255 - mean) / std
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def normalize(self, images: jax.Array) -> jax.Array:
+        """uint8 pixels -> (x / 255 - mean) / std per channel, as x / (255 std) - mean / std (float32).
+
+        With the default 0.5s this is x / 127.5 - 1 exactly. Float images are taken as already normalised.
+        """
+        if images.dtype != jnp.uint8:
+            return images
+        std = np.asarray(self.std, np.float32)
+        return images.astype(jnp.float32) / (np.float32(255) * std) - np.asarray(self.mean, np.float32) / std
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
-        if images.dtype == jnp.uint8:
-            images = images.astype(jnp.float32) / 127.5 - 1.0
-        x = images.astype(self.dtype)
+        x = self.normalize(images).astype(self.dtype)
         b, h, w, c = x.shape
         p = self.patch_size
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
         x = nn.Dense(
             self.width,
             dtype=self.dtype,
+            use_bias=self.patch_bias,
             kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("patch", "embed")),
             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
             name="patch_embed",
@@ -69,9 +89,11 @@ class VisionTransformer(nn.Module):
         )
         x = x + pos.astype(self.dtype)
         x = nn.with_logical_constraint(x, ACT_BTE)
-        x = layer_norm(self.dtype, "ln_pre")(x)
+        if self.ln_pre:
+            x = layer_norm(self.dtype, "ln_pre")(x)
         pooled_index = jnp.zeros((b,), jnp.int32) if self.pooling == "cls" and self.pooled_last_block else None
-        encoder = Encoder(self.depth, self.heads, self.mlp_dim, causal=False, remat=self.remat, dtype=self.dtype, name="encoder")
+        encoder = Encoder(self.depth, self.heads, self.mlp_dim, causal=False, remat=self.remat, dtype=self.dtype,
+                          act=self.act, layer_scale_init=self.layer_scale_init, name="encoder")
         x = layer_norm(self.dtype, "ln_post")(encoder(x, pooled_index=pooled_index))
         if self.pooling == "cls":
             return x[:, 0]
