@@ -1,0 +1,57 @@
+"""bench/methods.py: every method gets the same budget, and the table is the mean ± sample std of the finished
+runs' final metrics (hand-computed values; no training here)."""
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import methods  # noqa: E402
+
+
+def _write_run(workdir, name, step, metrics, wall=None):
+    path = os.path.join(workdir, name)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        f.write(json.dumps({"step": step // 2, "train/loss": 9.0}) + "\n")
+        f.write(json.dumps({"step": step, "train/loss": 2.0, **metrics}) + "\n")
+    if wall is not None:
+        with open(os.path.join(path, methods.TIMING_FILE), "w") as f:
+            json.dump({"wall_seconds": wall}, f)
+
+
+def test_every_method_gets_the_same_budget(tmp_path):
+    planned = methods.plan(str(tmp_path), list(methods.METHODS), range(3), steps=60, batch=48)
+    assert len(planned) == 3 * len(methods.METHODS)
+    assert {run.name for _, _, run, _ in planned} == {f"{m}_s{s}" for m in methods.METHODS for s in range(3)}
+    for method, spec, run, overrides in planned:
+        assert spec.startswith(methods.METHODS[method].partition(",")[0] + ":steps=60,batch=48")
+        assert run.overrides == {"seed": int(run.name.rsplit("_s", 1)[1])} and run.total_steps == 60
+        assert overrides == ([f"--config.brivl.queue_length={round(4096 / 48) * 48}"] if method == "brivl" else [])
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        methods.plan(str(tmp_path), ["nope"], range(1), steps=60, batch=48)
+
+
+def test_table_is_mean_and_sample_std_of_finished_runs(tmp_path):
+    wd = str(tmp_path)
+    planned = methods.plan(wd, ["clip", "clus"], range(3), steps=10, batch=8)
+    key = "zeroshot/easyvqa/top1"
+    _write_run(wd, "clip_s0", 10, {key: 0.1, "cluster/easyvqa/kmeans_nmi": 0.5}, wall=30.0)
+    _write_run(wd, "clip_s1", 10, {key: 0.2, "cluster/easyvqa/kmeans_nmi": 0.7}, wall=50.0)
+    _write_run(wd, "clip_s2", 10, {key: 0.6, "cluster/easyvqa/kmeans_nmi": 0.6}, wall=40.0)
+    _write_run(wd, "clus_s0", 10, {key: 0.2})
+    _write_run(wd, "clus_s1", 10, {key: 0.4})
+    _write_run(wd, "clus_s2", 6, {key: 0.9})  # unfinished: left out
+    columns, table = methods.summarise(planned)
+    assert columns == [key, "cluster/easyvqa/kmeans_nmi", "wall_seconds"]
+    mean, std, n = table["clip"][key]
+    assert (n, mean, std) == (3, pytest.approx(0.3), pytest.approx(0.26457513, rel=1e-6))  # sqrt(0.14 / 2)
+    assert table["clip"]["wall_seconds"][:2] == (pytest.approx(40.0), pytest.approx(10.0))
+    mean, std, n = table["clus"][key]
+    assert (n, mean, std) == (2, pytest.approx(0.3), pytest.approx(0.14142136, rel=1e-6))  # sqrt(0.02)
+    assert "cluster/easyvqa/kmeans_nmi" not in table["clus"]
+    text = methods.write_table(wd, columns, table)
+    assert "| clip | 3 | 0.300 ± 0.265 | 0.600 ± 0.100 | 40 ± 10 |" in text
+    assert "| clus | 2 | 0.300 ± 0.141 |  |  |" in text
+    assert open(os.path.join(wd, "methods.csv")).read().splitlines()[1].startswith("clip,3,0.3,0.264575,")
