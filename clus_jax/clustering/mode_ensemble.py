@@ -26,16 +26,15 @@ pure rules, on NumPy arrays:
 - ``ensemble_logits``: ``sum_k weight_k * logits_k`` of the experts' raw cosine logits, with task weights
   [E] or per-query weights [N, E].
 
-Record embeddings of a large set go through ``nearest_centers`` in fixed-size float32 chunks (one jitted
-shape); the distances the weights use are recomputed in float64.
+Nearest centres are found by ``clustering.assign`` (chunked, optionally sharded over a mesh); the distances
+the weights use are recomputed in float64.
 """
 from __future__ import annotations
 
-import functools
-
-import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+
+from clus_jax.clustering.assign import assign
 
 METRICS = ("euclidean", "cosine")
 DEFAULT_OOC_RATIO = 0.02
@@ -57,37 +56,19 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-@functools.partial(jax.jit, static_argnames="metric")
-def _nearest_ids(x: jax.Array, centers: jax.Array, metric: str) -> jax.Array:
-    """[N, D], [K, D] -> [N] int32 index of the nearest centre (euclidean or 1 - cosine; first on ties)."""
-    with jax.default_matmul_precision("highest"):
-        if metric == "cosine":
-            unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-            dist = -(unit(x) @ unit(centers).T)
-        else:  # squared distance less the row's own |x|^2, which does not change the argmin
-            dist = (centers * centers).sum(-1)[None] - 2.0 * x @ centers.T
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
-
-
-def nearest_centers(x: np.ndarray, centers: np.ndarray, metric: str = "euclidean",
-                    chunk_size: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centers(x: np.ndarray, centers: np.ndarray, metric: str = "euclidean", *,
+                    mesh: Mesh | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids [N] int32, distances [N] float64) of each row's nearest centre, as given (no normalising).
 
-    The search runs in float32 chunks of ``chunk_size`` rows (one compiled shape); the distance to the
-    chosen centre is then recomputed directly in float64, so it carries no cancellation error.
+    The search is ``clustering.assign`` (float32, chunked, sharded over ``mesh``, no [N, K] array); the
+    distance to the chosen centre is then recomputed directly in float64, free of the cancellation in
+    ``|x|^2 - 2 x.c + |c|^2``.
     """
     _check_metric(metric)
     x, centers = np.asarray(x, np.float32), np.asarray(centers, np.float32)
     if x.ndim != 2 or centers.ndim != 2 or x.shape[1] != centers.shape[1] or len(centers) == 0:
         raise ValueError(f"x [N, D] and centers [K >= 1, D] must share D; got {x.shape} and {centers.shape}")
-    n = len(x)
-    ids = np.zeros(n, np.int32)
-    size = min(chunk_size, max(n, 1))
-    for start in range(0, n, size):
-        chunk = x[start:start + size]
-        padded = np.zeros((size, x.shape[1]), np.float32)
-        padded[:len(chunk)] = chunk
-        ids[start:start + len(chunk)] = np.asarray(_nearest_ids(padded, centers, metric))[:len(chunk)]
+    ids = assign(x, centers, metric, mesh=mesh).astype(np.int32)
     a, c = x.astype(np.float64), centers[ids].astype(np.float64)
     if metric == "cosine":
         dist = 1.0 - (l2_normalize(a) * l2_normalize(c)).sum(-1)
@@ -96,9 +77,10 @@ def nearest_centers(x: np.ndarray, centers: np.ndarray, metric: str = "euclidean
     return ids, dist
 
 
-def fine_assignment(features: np.ndarray, fine_centers: np.ndarray, metric: str = "euclidean") -> np.ndarray:
+def fine_assignment(features: np.ndarray, fine_centers: np.ndarray, metric: str = "euclidean", *,
+                    mesh: Mesh | None = None) -> np.ndarray:
     """Each record's fine centre [N] int32: nearest centre to its L2-normalised feature (MoDE's default)."""
-    return nearest_centers(l2_normalize(features), fine_centers, metric)[0]
+    return nearest_centers(l2_normalize(features), fine_centers, metric, mesh=mesh)[0]
 
 
 def coarse_assignment(fine_centers: np.ndarray, coarse_centers: np.ndarray, metric: str = "euclidean") -> np.ndarray:

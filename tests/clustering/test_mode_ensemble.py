@@ -144,7 +144,7 @@ def test_fine_and_coarse_assignment_and_membership(metric, num_experts):
     coarse = rng.normal(size=(num_experts, dim)).astype(np.float32)
     features = (rng.normal(size=(3000, dim)) * rng.uniform(0.1, 5.0, size=(3000, 1))).astype(np.float32)
 
-    fine_ids = me.nearest_centers(me.l2_normalize(features), fine, metric, chunk_size=1024)[0]  # 3 chunks
+    fine_ids = me.nearest_centers(me.l2_normalize(features), fine, metric)[0]
     np.testing.assert_array_equal(fine_ids, reference_fine_assignment(features, fine, metric))
     np.testing.assert_array_equal(me.fine_assignment(features, fine, metric), fine_ids)
 
@@ -200,3 +200,14 @@ def test_bad_inputs_are_named():
         me.expert_membership(np.array([0, 3]), np.array([0, 1, 1]), 2)
     with pytest.raises(ValueError, match="share D"):
         me.nearest_centers(np.ones((2, 3)), np.ones((2, 4)))
+
+
+def test_fine_assignment_on_a_mesh():
+    import jax
+    from clus_jax.parallel.mesh import create_mesh
+    rng = np.random.default_rng(11)
+    fine, _ = make_hierarchy(rng, 12, 2, 8)
+    features = rng.normal(size=(200, 8)).astype(np.float32) * 3.0
+    mesh = create_mesh({"data": 2, "fsdp": 1, "tensor": 4}, jax.devices()[:8])  # records x centres split
+    np.testing.assert_array_equal(me.fine_assignment(features, fine, mesh=mesh),
+                                  reference_fine_assignment(features, fine, "euclidean"))
