@@ -17,7 +17,7 @@
 #   PLAN=1         run the pre-flight memory plan (python -m clus_jax.plan) first and stop if it fails
 #   DEVICE_MEMORY_GB  memory limit per device for the plan (default: none, the plan only reports)
 #   MODULE         the python module every process runs (default clus_jax.train; e.g. clus_jax.cluster)
-#   LOG_DIR        where the process logs go (default WORKDIR/logs)
+#   LOG_DIR        where the process logs go (default WORKDIR/logs, or OUT/logs for --out DIR)
 #
 # Each process logs to LOG_DIR/process_<i>.log (WORKDIR from --workdir), and its lines are also
 # printed here prefixed with [i]. If one process fails, the others are stopped (SIGTERM, then SIGKILL
@@ -47,12 +47,16 @@ KILL_GRACE=${KILL_GRACE:-10}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 WORKDIR=""
+OUT=""
 for ((i = 0; i < ${#TRAIN_ARGS[@]}; i++)); do
   case "${TRAIN_ARGS[i]}" in
     --workdir=*) WORKDIR=${TRAIN_ARGS[i]#--workdir=} ;;
     --workdir) WORKDIR=${TRAIN_ARGS[i+1]:-} ;;
+    --out=*) OUT=${TRAIN_ARGS[i]#--out=} ;;
+    --out) OUT=${TRAIN_ARGS[i+1]:-} ;;
   esac
 done
+WORKDIR=${WORKDIR:-${OUT:-}}  # a module that writes to --out (clus_jax.cluster) logs there
 MODULE=${MODULE:-clus_jax.train}
 if [[ -z $WORKDIR && -z ${LOG_DIR:-} ]]; then echo "local.sh: the train arguments need --workdir DIR (or set LOG_DIR)" >&2; exit 2; fi
 LOG_DIR=${LOG_DIR:-$WORKDIR/logs}

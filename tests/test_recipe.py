@@ -3,8 +3,10 @@ when done, stopped at a failed stage with its name and log, printed by --dry-run
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import shlex
+import subprocess
 import sys
 
 import pytest
@@ -37,7 +39,7 @@ def get_recipe(arg=None):
               outputs={"json": "pretty.json"}),
         Stage("check", command=["python", "-c", "import sys; " + LOG + "; sys.exit(int(sys.argv[3]))",
                                 "{recipe}", "check", str(a.fail)]),
-        Stage("total", command=["python", "-c", total, "{recipe}", "total", "{pretty.json}", "{workdir}/sum.txt"],
+        Stage("total", command=["python", "-c", total, "{recipe}", "total", "{pretty}/pretty.json", "{workdir}/sum.txt"],
               outputs={"sum": "sum.txt"}),
         Stage("train", train="configs/clip.py:steps=3,synthetic",
               overrides={"optim.lr": 1e-3, "init_from.path": "{total.sum}"}),
@@ -143,6 +145,7 @@ def test_dry_run_prints_every_stage_with_its_references_resolved(config, tmp_pat
     assert commands[0][0] == sys.executable and commands[0][-1] == str(workdir / "make" / "numbers.json")
     assert commands[1] == [sys.executable, "-m", "json.tool", "--indent", "2", str(workdir / "make" / "numbers.json"),
                            str(workdir / "pretty" / "pretty.json")]
+    assert commands[3][-2:] == [str(workdir / "pretty" / "pretty.json"), str(workdir / "total" / "sum.txt")]
     assert commands[4] == [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:steps=3,synthetic",
                            "--workdir", str(workdir / "train"), "--config.optim.lr=0.001",
                            f"--config.init_from.path={workdir / 'total' / 'sum.txt'}"]
@@ -209,3 +212,19 @@ def test_a_config_without_a_recipe_is_named(capsys):
     with pytest.raises(SystemExit):
         recipe.main(["--config", str(ROOT / "configs" / "clip.py"), "--workdir", "/tmp/clus_jax/none"])
     assert "defines no get_recipe()" in capsys.readouterr().err
+
+
+def test_printed_launcher_commands_run_the_stage_module(config, tmp_path, capsys):
+    """The tpu_pod and gpu_slurm lines of a module stage, run with --dry-run, end in `python -m MODULE ARGS`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "CLUS_JAX_", "TPU_", "SKIP_"))}
+    env.update(TPU_NAME="t", ZONE="z")
+    for launcher, replace in (("tpu_pod", ("launch/tpu_pod.sh", "bash launch/tpu_pod.sh --dry-run")),
+                              ("gpu_slurm", ("sbatch --job-name=pretty launch/gpu_slurm.sbatch",
+                                             "bash launch/gpu_slurm.sbatch --dry-run"))):
+        code, out, _ = _main(capsys, "--config", config, "--workdir", "/s/rec", "--launcher", launcher)
+        line = [x for x in out.splitlines() if "MODULE=json.tool" in x][0].replace(*replace)
+        proc = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        ran = next(c for c in reversed(proc.stdout.splitlines()) if "-m json.tool" in c)
+        assert ran.rstrip("'").endswith("-m json.tool --indent 2 /s/rec/make/numbers.json /s/rec/pretty/pretty.json")
+        assert "clus_jax.plan" not in proc.stdout  # no memory plan for a module that does not train
