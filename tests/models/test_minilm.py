@@ -33,6 +33,7 @@ def test_tokens_equal_sentence_transformers(encoder, vectors):
     assert max(len(r) for r in ids) == 256  # the truncated sentence is among them
 
 
+@pytest.mark.slow  # 4 s on two idle cores, most of it compiling three batch shapes
 def test_embeddings_equal_sentence_transformers(encoder, vectors):
     # batch 4 over 20 sentences sorted by length: padded lengths 256, 32 and 16
     emb = minilm.encode_captions(list(vectors["sentences"]), batch_size=4)
