@@ -30,7 +30,10 @@ What is a choice (the MLCD loss itself was never released, deepglint/unicom#84):
     distinct positives exceed its ``num_sample`` (where unicom falls back to a dynamic shape);
   * centres from a k-means file (``init_centers``) start as unit rows; random centres as unicom's.
 
-Sharding: the class axis follows the 'classes' logical rule (data x fsdp x tensor: every device), the loss
+Sharding: the centres parameter has K rounded up to a multiple of ``pad_classes_to`` (256) rows, so that
+K = 1,000,000 splits evenly over 8, 64 or 256 devices (unicom gives shards uneven sizes instead); padding
+rows are never sampled, scored or labelled. The class axis follows the 'classes' logical rule (data x fsdp x
+tensor: every device), the loss
 runs in one shard_map island where each device all-gathers the embeddings and labels, samples its own
 centres and computes [B_global, int(r * K / n)] logits; the positive term is summed over shards (each
 positive lives on one) and the negative term is a distributed log-sum-exp, so no device holds [B, K].
@@ -162,22 +165,27 @@ def margin_softmax_loss(
 # ----------------------------------------------------------------------------------------------------
 
 
-def sample_negatives(rng: jax.Array, positive_labels: jax.Array, num_classes: int, num_sample: int) -> jax.Array:
+def sample_negatives(rng: jax.Array, positive_labels: jax.Array, num_classes: int, num_sample: int, *,
+                     valid: jax.Array | None = None) -> jax.Array:
     """Partial-FC sampling with static shapes: sorted int32 indices [num_sample] of ``num_classes`` centres.
 
     Every class in ``positive_labels`` (any shape; entries < 0 or >= ``num_classes`` are ignored, so a
     shard passes its local labels) is kept, and random other classes fill the rest, as unicom's
     ``perm = rand(num_local); perm[positive] = 2.0; topk(perm, num_sample).sort()``. When there are more
-    distinct positives than ``num_sample``, a random ``num_sample`` of them are returned.
+    distinct positives than ``num_sample``, a random ``num_sample`` of them are returned. ``valid``
+    ([num_classes] bool) marks the rows that may be drawn (padding rows are drawn only when nothing else is
+    left; the caller masks them).
     """
     if not 0 < num_sample <= num_classes:
         raise ValueError(f"sample_negatives: num_sample={num_sample} must be in [1, num_classes={num_classes}]")
     labels = jnp.ravel(positive_labels)
-    valid = (labels >= 0) & (labels < num_classes)
+    positive = (labels >= 0) & (labels < num_classes)
     priority = jax.random.uniform(rng, (num_classes,), jnp.float32)
-    index = jnp.where(valid, labels, num_classes)
+    if valid is not None:
+        priority = jnp.where(valid, priority, -1.0)
+    index = jnp.where(positive, labels, num_classes)
     # Positives rank above every other class, in a random order among themselves (a repeat sets the same value).
-    priority = priority.at[index].set(2.0 + priority[jnp.where(valid, labels, 0)], mode="drop")
+    priority = priority.at[index].set(2.0 + priority[jnp.where(positive, labels, 0)], mode="drop")
     _, index = lax.top_k(priority, num_sample)
     return jnp.sort(index.astype(jnp.int32))
 
@@ -259,41 +267,55 @@ def shard_rng(rng: jax.Array, shard: jax.Array | int) -> jax.Array:
     return jax.random.fold_in(rng, shard)
 
 
+def padded_rows(num_classes: int, multiple: int) -> int:
+    """Rows of the centres parameter: K rounded up to a multiple of ``multiple``, so K = 1,000,000 splits
+    evenly over 8, 64 or 256 devices (1,000,192 rows at 256); the padding rows are never scored."""
+    return -(-int(num_classes) // int(multiple)) * int(multiple)
+
+
 def sampled_classes(rng: jax.Array, positive_labels: jax.Array, num_classes: int, num_shards: int,
-                    sample_rate: float) -> jax.Array:
-    """Global ids of the centres the ``mlcd`` objective samples when K is split in ``num_shards`` shards.
+                    sample_rate: float, num_rows: int | None = None) -> jax.Array:
+    """Global ids of the centres the ``mlcd`` objective samples when its ``num_rows`` (default K) centre rows
+    are split in ``num_shards`` shards; ids >= K are padding rows (drawn only by a shard with too few others).
 
     The same draw the sharded step makes (``shard_rng``, ``sample_negatives`` per shard), on one device:
     feed ``negative_mask`` of ``mlcd_loss`` with it to compute the sharded step's loss unsharded.
     """
-    num_local = num_classes // num_shards
+    num_local = (num_rows or num_classes) // num_shards
     num_sample = samples_per_shard(num_local, sample_rate)
     out = []
     for s in range(num_shards):
         local = positive_labels - s * num_local
         local = jnp.where((positive_labels >= 0) & (local >= 0) & (local < num_local), local, -1)
-        index = (sample_negatives(shard_rng(rng, s), local, num_local, num_sample) if num_sample < num_local
-                 else jnp.arange(num_local, dtype=jnp.int32))
+        valid = s * num_local + jnp.arange(num_local) < num_classes
+        index = (sample_negatives(shard_rng(rng, s), local, num_local, num_sample, valid=valid)
+                 if num_sample < num_local else jnp.arange(num_local, dtype=jnp.int32))
         out.append(index + s * num_local)
     return jnp.concatenate(out)
 
 
 def _partial_fc(embeddings: jax.Array, positive_labels: jax.Array, centers: jax.Array, rng: jax.Array, *,
-                sample_rate: float, scale: float, margin: float, batch_axis_name: AxisName,
+                num_classes: int, sample_rate: float, scale: float, margin: float, batch_axis_name: AxisName,
                 class_axis_name: AxisName) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The objective's loss on local blocks: rows split over the batch axes, centres over the class axes."""
+    """The objective's loss on local blocks: rows split over the batch axes, centres over the class axes.
+
+    ``centers`` holds this shard's rows of the (padded) parameter; rows with a global id >= ``num_classes``
+    are padding, never sampled or scored.
+    """
     e = all_gather_rows(embeddings, batch_axis_name)
     labels = all_gather_rows(positive_labels, batch_axis_name)
     num_local = centers.shape[0]
     num_sample = samples_per_shard(num_local, sample_rate)
-    candidates = None
+    real = shard_offset(num_local, class_axis_name) + jnp.arange(num_local) < num_classes
+    candidates, mask = None, real
     if num_sample < num_local:
         shard = lax.axis_index(class_axis_name) if join_axis_names(class_axis_name) else 0
         local, owned = _local_labels(labels, num_local, class_axis_name)
-        candidates = sample_negatives(shard_rng(rng, shard), jnp.where(owned, local, -1), num_local, num_sample)
-    terms = _mlcd_terms(e, labels, centers, candidates, None, scale=scale, margin=margin, axis_name=class_axis_name)
+        candidates = sample_negatives(shard_rng(rng, shard), jnp.where(owned, local, -1), num_local, num_sample,
+                                      valid=real)
+        mask = real[candidates]
+    terms = _mlcd_terms(e, labels, centers, candidates, mask, scale=scale, margin=margin, axis_name=class_axis_name)
     total = lambda k: all_sum(terms[k], class_axis_name)  # noqa: E731  (each shard's partial sum)
-    num_classes = num_local * axis_size(class_axis_name)
     metrics = {
         "positive_term": jnp.mean(terms["positive"]), "negative_term": jnp.mean(terms["negative"]),
         "positive_cosine": total("positive_cos_sum") / jnp.maximum(total("positive_count"), 1.0),
@@ -344,14 +366,19 @@ def load_centers(path: str) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def init_centers(rng: jax.Array, num_classes: int, dim: int, path: str = "") -> nn.LogicallyPartitioned:
-    """[K, D] centres boxed with the class logical axes: unicom's N(0, 0.01), or unit rows read from ``path``.
+def init_centers(rng: jax.Array, num_rows: int, dim: int, path: str = "") -> nn.LogicallyPartitioned:
+    """[rows, D] centres boxed with the class logical axes: unicom's N(0, 0.01), or the unit rows of the
+    [K, D] file at ``path`` followed by zero padding rows.
 
     The file is read on the host when the initial state is built (``jax.pure_callback``), never while tracing.
     """
-    shape = jax.ShapeDtypeStruct((num_classes, dim), jnp.float32)
+    shape = jax.ShapeDtypeStruct((num_rows, dim), jnp.float32)
     if path:
-        value = jax.pure_callback(lambda: load_centers(path), shape)
+        def load() -> np.ndarray:
+            rows = load_centers(path)
+            return np.concatenate([rows, np.zeros((num_rows - len(rows), dim), np.float32)])
+
+        value = jax.pure_callback(load, shape)
     else:
         value = INIT_STDDEV * jax.random.normal(rng, shape.shape, jnp.float32)
     return nn.LogicallyPartitioned(value, LOGICAL_AXES)
@@ -377,6 +404,7 @@ class MLCD(registry.Objective):
         "margin": 0.3,  # additive angular margin on the positives (paper: 0.3)
         "lr_mult": 5.0,  # learning-rate multiplier of the centres (unicom: lr_pfc_weight 5)
         "init_centers": "",  # .npy [K, D] or a clustering output directory; '' = random (unicom's N(0, 0.01))
+        "pad_classes_to": 256,  # the centres have K rounded up to a multiple of this many rows (even shards)
     }
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
@@ -388,6 +416,7 @@ class MLCD(registry.Objective):
         _check(config, "scale", lambda v: v > 0, "> 0")
         _check(config, "margin", lambda v: 0 <= v < np.pi, "in [0, pi)")
         _check(config, "lr_mult", lambda v: v >= 0, ">= 0")
+        _check(config, "pad_classes_to", lambda v: v >= 1, "a positive integer", integer=True)
         path = config.mlcd.init_centers
         if not isinstance(path, str):
             raise registry.ConfigError(f"config.mlcd.init_centers={path!r} must be a path or ''")
@@ -409,8 +438,8 @@ class MLCD(registry.Objective):
         return {LABELS_FIELD: FieldSpec((int(config.mlcd.num_labels),), "int32")}
 
     def init_params(self, rng: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
-        return {CENTERS: init_centers(rng, int(config.mlcd.num_classes), int(config.model.embed_dim),
-                                      str(config.mlcd.init_centers))}
+        rows = padded_rows(int(config.mlcd.num_classes), int(config.mlcd.pad_classes_to))
+        return {CENTERS: init_centers(rng, rows, int(config.model.embed_dim), str(config.mlcd.init_centers))}
 
     def param_groups(self, config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
         mult = float(config.mlcd.lr_mult)
@@ -426,10 +455,10 @@ class MLCD(registry.Objective):
         cfg = ctx.config.mlcd
         centers = ctx.params[PARAMS_KEY][CENTERS]
         axes = class_axes(centers.shape[0], ctx.config, ctx.mesh)
-        # Centres not split (K not divisible): every device scores them all, on the whole batch.
+        # Centres not split (rows not divisible by the devices): every device scores them all, on the whole batch.
         batch_axes = ctx.batch_axes if axes is not None else ()
-        fn = partial(_partial_fc, sample_rate=float(cfg.sample_rate), scale=float(cfg.scale),
-                     margin=float(cfg.margin), class_axis_name=axes)
+        fn = partial(_partial_fc, num_classes=int(cfg.num_classes), sample_rate=float(cfg.sample_rate),
+                     scale=float(cfg.scale), margin=float(cfg.margin), class_axis_name=axes)
         rows = P(join_axis_names(batch_axes))
         loss, metrics = shard_map_island(
             fn, ctx.mesh, batch_axes, ctx.outputs["image_emb"], ctx.batch[LABELS_FIELD], centers, ctx.rng,

@@ -82,16 +82,19 @@ def unicom_case(case):
 @functools.lru_cache(maxsize=None)
 def unicom_results(dtype):
     """Every case's (loss, (dL/de, dL/dw)) from one compiled program (one compile per precision)."""
-    inputs = [tuple(np.asarray(x, dtype if i < 2 else np.int32) for i, x in enumerate(unicom_case(c))) for c in UNICOM_CASES]
+    inputs = [tuple(np.asarray(x, dtype if i < 2 else np.int32) for i, x in enumerate(unicom_case(c)))
+              for c in UNICOM_CASES]
 
     def all_cases(inputs):
         return [jax.value_and_grad(lambda e, w, y=y, c=c: margin_softmax_loss(
-            e, y, w, scale=c[0], arc_margin=c[1], cos_margin=c[2]), (0, 1))(e, w) for (e, w, y), c in zip(inputs, UNICOM_CASES)]
+            e, y, w, scale=c[0], arc_margin=c[1], cos_margin=c[2]), (0, 1))(e, w)
+            for (e, w, y), c in zip(inputs, UNICOM_CASES)]
 
     return jax.device_get(jax.jit(all_cases)(inputs)), inputs
 
 
-@pytest.mark.parametrize("case", range(len(UNICOM_CASES)), ids=["arc_s32_m03", "arc_s32_m05", "arc_s64_m05", "cos_s64_m04"])
+@pytest.mark.parametrize("case", range(len(UNICOM_CASES)),
+                         ids=["arc_s32_m03", "arc_s32_m05", "arc_s64_m05", "cos_s64_m04"])
 def test_margin_softmax_matches_unicom(case, precision):
     dtype, rtol = precision
     results, inputs = unicom_results(dtype)
@@ -294,38 +297,44 @@ def objective_fn(config, mesh_shape):
 
 
 @functools.lru_cache(maxsize=None)
-def objective_on(mesh_items):
-    return objective_fn(mlcd_config(), dict(mesh_items))
+def objective_on(mesh_items, num_classes=K):
+    return objective_fn(mlcd_config(**{"mlcd.num_classes": num_classes, "mlcd.pad_classes_to": 128}), dict(mesh_items))
 
 
-def objective_inputs(seed=0):
+def objective_inputs(seed=0, num_classes=K):
+    """Unit embeddings, K-row (raw, small) centres followed by padding rows up to K rows, labels < num_classes."""
     rng = np.random.default_rng(seed)
-    labels = distinct_labels(rng, B, L, K, pad=1)
+    labels = distinct_labels(rng, B, L, num_classes, pad=1)
     e, w = near_centres(rng, B, D, K, labels)
     return ref.normalize(e).astype(np.float32), (0.01 * w).astype(np.float32), labels
 
 
 one_device_mlcd = jax.jit(jax.value_and_grad(
     lambda e, w, labels, mask: mlcd_loss(e, labels, w, scale=SCALE, margin=MARGIN, negative_mask=mask), (0, 1)))
-sampled_classes_jit = jax.jit(sampled_classes, static_argnums=(2, 3, 4))
+sampled_classes_jit = jax.jit(sampled_classes, static_argnums=(2, 3, 4, 5))
 
-# (mesh, the centres' mesh axes, number of centre shards): one device; centres over all 8; over 4 with data = 2.
-OBJECTIVE_MESHES = [(dict(data=1, fsdp=1, tensor=1), None, 1), (dict(data=8, fsdp=1, tensor=1), "data", 8),
-                    (dict(data=2, fsdp=1, tensor=2), ("data", "tensor"), 4)]
+# (mesh, K, the centres' mesh axes, number of centre shards): one device; centres over all 8; over 4 with
+# data = 2, where K = 500 is padded to 512 rows (128 per shard; the last 12 never sampled or scored).
+OBJECTIVE_MESHES = [(dict(data=1, fsdp=1, tensor=1), K, None, 1), (dict(data=8, fsdp=1, tensor=1), K, "data", 8),
+                    (dict(data=2, fsdp=1, tensor=2), 500, ("data", "tensor"), 4)]
 
 
-@pytest.mark.parametrize("mesh_shape,axes,shards", OBJECTIVE_MESHES, ids=["one", "data8", "data2_tensor2"])
-def test_sharded_objective_equals_one_device_with_the_same_sampled_centres(mesh_shape, axes, shards):
-    e, w, labels = objective_inputs()
+@pytest.mark.parametrize("mesh_shape,k,axes,shards", OBJECTIVE_MESHES, ids=["one", "data8", "data2_tensor2_padded"])
+def test_sharded_objective_equals_one_device_with_the_same_sampled_centres(mesh_shape, k, axes, shards):
+    e, w, labels = objective_inputs(num_classes=k)
     rng = jax.random.PRNGKey(7)
-    fn, mesh = objective_on(tuple(mesh_shape.items()))
+    fn, mesh = objective_on(tuple(mesh_shape.items()), k)
+    assert mlcd.padded_rows(k, 128) == K
     assert mlcd.class_axes(K, mlcd_config(), mesh) == axes
     (loss, metrics), (g_e, g_w) = fn(e, w, labels, rng)
 
-    sampled = np.asarray(sampled_classes_jit(rng, jnp.asarray(labels), K, shards, RATE))
+    sampled = np.asarray(sampled_classes_jit(rng, jnp.asarray(labels), k, shards, RATE, K))
     assert len(sampled) == shards * int(RATE * K / shards) and len(np.unique(sampled)) == len(sampled)
+    assert sampled.max() < k  # no padding row is drawn
     assert set(labels[labels >= 0].tolist()) <= set(sampled.tolist())  # every positive of the batch was kept
-    mask = np.zeros(K, bool)
+    assert not np.any(np.asarray(g_w)[k:])  # padding rows: no gradient
+    w, g_w = w[:k], np.asarray(g_w)[:k]
+    mask = np.zeros(k, bool)
     mask[sampled] = True
     # One device, the same sampled centres: mlcd_loss with those as the negative mask ...
     one_loss, (one_e, one_w) = one_device_mlcd(e, w, labels, mask)
@@ -341,17 +350,17 @@ def test_sharded_objective_equals_one_device_with_the_same_sampled_centres(mesh_
 
     # Diagnostics, by NumPy.
     cos, _ = ref.cosines(e, w)
-    pos, neg = ref.mlcd_sets(labels, K, mask)
+    pos, neg = ref.mlcd_sets(labels, k, mask)
     np.testing.assert_allclose(metrics["positive_cosine"], cos[pos].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["negative_cosine"], cos[neg].mean(), rtol=1e-5, atol=1e-7)  # near 0
-    np.testing.assert_allclose(metrics["classes_hit_fraction"], len(np.unique(labels[labels >= 0])) / K, rtol=1e-6)
+    np.testing.assert_allclose(metrics["classes_hit_fraction"], len(np.unique(labels[labels >= 0])) / k, rtol=1e-6)
     np.testing.assert_allclose(metrics["labels_per_row"], (labels >= 0).sum() / B, rtol=1e-6)
     np.testing.assert_allclose(metrics["positive_term"] + metrics["negative_term"], want, rtol=2e-5)
 
 
 def test_sampling_depends_on_the_step_key():
     e, w, labels = objective_inputs()
-    fn, _ = objective_on(tuple(dict(data=8, fsdp=1, tensor=1).items()))
+    fn, _ = objective_on(tuple(dict(data=8, fsdp=1, tensor=1).items()), K)
     losses = {float(fn(e, w, labels, jax.random.PRNGKey(i))[0][0]) for i in range(3)}
     assert len(losses) == 3
 
@@ -359,7 +368,7 @@ def test_sampling_depends_on_the_step_key():
 def test_compiled_logits_are_b_global_by_sampled_centres_per_device():
     """On 8 devices the program's logits are [B_global, int(r K / 8)] = [24, 16], never [B, K / 8] = [24, 64]
     nor [B, K]; no device holds all [K, D] centres."""
-    fn, mesh = objective_on(tuple(dict(data=8, fsdp=1, tensor=1).items()))
+    fn, mesh = objective_on(tuple(dict(data=8, fsdp=1, tensor=1).items()), K)
     e, w, labels = objective_inputs()
     sh = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
     args = (jax.device_put(e, sh(P("data"))), jax.device_put(w, sh(P("data"))),

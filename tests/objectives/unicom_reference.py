@@ -94,7 +94,8 @@ def mlcd_sets(labels, num_classes, negative_mask=None):
     pos = np.zeros((len(labels), num_classes), bool)
     for b, row in enumerate(labels):
         pos[b, row[row >= 0]] = True
-    allowed = np.ones_like(pos) if negative_mask is None else np.broadcast_to(np.asarray(negative_mask, bool), pos.shape)
+    allowed = (np.ones_like(pos) if negative_mask is None
+               else np.broadcast_to(np.asarray(negative_mask, bool), pos.shape))
     return pos, allowed & ~pos
 
 
