@@ -60,12 +60,16 @@ class VisionTransformer(nn.Module):
     def normalize(self, images: jax.Array) -> jax.Array:
         """uint8 pixels -> (x / 255 - mean) / std per channel, as x / (255 std) - mean / std (float32).
 
-        With the default 0.5s this is x / 127.5 - 1 exactly. Float images are taken as already normalised.
+        Float images are taken as already normalised. When every channel has the same mean and std the two
+        constants are scalars, so the default 0.5s compute x / 127.5 - 1.0, the tower's original expression.
         """
         if images.dtype != jnp.uint8:
             return images
         std = np.asarray(self.std, np.float32)
-        return images.astype(jnp.float32) / (np.float32(255) * std) - np.asarray(self.mean, np.float32) / std
+        scale, shift = np.float32(255) * std, np.asarray(self.mean, np.float32) / std
+        if np.all(scale == scale[0]) and np.all(shift == shift[0]):
+            scale, shift = float(scale[0]), float(shift[0])
+        return images.astype(jnp.float32) / scale - shift
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
