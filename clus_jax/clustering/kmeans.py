@@ -72,9 +72,10 @@ def accumulate_fn(layout: blocked.Layout, metric: str):
         dist = jnp.where(valid, jnp.maximum(dist, 0.0), 0.0)
         local_id = ids - collectives.shard_offset(layout.local_k, layout.center_axes)
         mine = valid & (local_id >= 0) & (local_id < layout.local_k)
+        # Segment sums added in place into the (donated) accumulators; other shards' ids fall out of range.
         seg = jnp.where(mine, local_id, layout.local_k)
-        sums = sums + jax.ops.segment_sum(xf, seg, layout.local_k + 1)[None, :layout.local_k]
-        counts = counts + jax.ops.segment_sum(mine.astype(jnp.int32), seg, layout.local_k + 1)[None, :layout.local_k]
+        sums = sums.at[0, seg].add(xf, mode="drop")
+        counts = counts.at[0, seg].add(1, mode="drop")
         total = collectives.all_sum(jnp.sum(dist), layout.point_axes)
         return sums, counts, total, ids
 
