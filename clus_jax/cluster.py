@@ -208,6 +208,7 @@ def _sizes_figure(sizes: np.ndarray, title: str, coarse: np.ndarray | None = Non
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = 3 if coarse is not None else 2
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
@@ -221,6 +222,8 @@ def _sizes_figure(sizes: np.ndarray, title: str, coarse: np.ndarray | None = Non
     if coarse is not None:
         axes[2].bar(np.arange(len(coarse)), coarse)
         axes[2].set(xlabel="coarse cluster", ylabel="points", title="coarse sizes")
+    for axis in (axes[0].xaxis, axes[1].yaxis, *((axes[2].xaxis,) if coarse is not None else ())):
+        axis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -237,3 +237,29 @@ def test_bad_arguments_print_one_line(embedded, tmp_path, capsys, args, code, na
     assert exit_info.value.code == code and err.count("\n") == 1 and err.startswith("error: "), err
     assert named in err
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_records_without_an_embedding_get_no_cluster(tmp_path, capsys):
+    """A hand-made embedding directory (the clus_jax.embed format) of 11 records in shards of 4, records 2, 4,
+    5 and 10 invalid: those get assignment -1 and labels -1, and every other record its own nearest centres."""
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(11, 3)).astype(np.float32)
+    valid = np.ones(11, bool)
+    valid[[2, 4, 5, 10]] = False
+    emb[~valid] = 0.0
+    features = side_fields.write_side_file(tmp_path / "emb", {"image_emb": emb, "index": np.arange(11, dtype=np.int64),
+                                                              "valid": valid}, shard_size=4)
+    out, side = tmp_path / "c", tmp_path / "labels"
+    summary, _ = _in_process(capsys, "--features", features, "--k", "3", "--iters", "2", "--topk", "2",
+                             "--assign-to", str(side), "--out", str(out))
+    assert summary["points"] == 7 and summary["records"] == 11 and summary["topk"]["labelled"] == 7
+    centers, assignments = np.load(out / "centers.npy"), np.load(out / "assignments.npy")
+    d = _sq_distances(emb[valid].astype(np.float64), centers)
+    np.testing.assert_array_equal(assignments[~valid], -1)
+    np.testing.assert_array_equal(assignments[valid], d.argmin(1))
+    labels = np.concatenate(list(side_fields.open_side_field(side, "cluster_labels", 11).chunks()))
+    sims = np.concatenate(list(side_fields.SideFieldReader(side, field="cluster_sims").chunks()))
+    np.testing.assert_array_equal(labels[~valid], -1)
+    np.testing.assert_array_equal(sims[~valid], 0.0)
+    np.testing.assert_array_equal(labels[valid], np.argsort(d, axis=1)[:, :2])
+    np.testing.assert_allclose(sims[valid], -np.sort(d, axis=1)[:, :2], rtol=1e-5, atol=1e-6)  # minus sq. distance
