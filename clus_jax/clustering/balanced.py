@@ -110,9 +110,12 @@ def _unit(c: np.ndarray) -> np.ndarray:
 
 
 def balanced_kmeans(points: np.ndarray, k: int, *, num_iters: int, metric: str, init: np.ndarray,
-                    tol: float | None = None, progress: Callable[[int, float, float], None] | None = None):
+                    tol: float | None = None, progress: Callable[[int, float, float], None] | None = None,
+                    checkpoints=None):
     """k-means whose every assignment (each iteration's and the returned one) gives each centre exactly N / k
-    points (``balanced_assign`` on the squared distances). Returns a ``kmeans.KMeansResult``."""
+    points (``balanced_assign`` on the squared distances). ``checkpoints`` (a ``state.CenterCheckpoints``)
+    saves the centres after every iteration and resumes from the newest save. Returns a
+    ``kmeans.KMeansResult``."""
     from clus_jax.clustering.kmeans import KMeansResult  # the one result type of kmeans
 
     x = np.asarray(points, np.float32)
@@ -121,8 +124,11 @@ def balanced_kmeans(points: np.ndarray, k: int, *, num_iters: int, metric: str, 
     centers = np.asarray(init, np.float32)
     if metric == "cosine":
         centers = _unit(centers)
-    previous, iters = np.nan, 0
-    for iteration in range(num_iters):
+    previous, iters, done = np.nan, 0, False
+    restored = checkpoints.restore() if checkpoints is not None else None
+    if restored is not None:
+        centers, iters, previous, done = restored
+    for iteration in range(iters, 0 if done else num_iters):
         cost = squared_distances(x, centers)
         ids = balanced_assign(cost)
         current = float(cost[np.arange(len(x)), ids].mean())
@@ -134,9 +140,12 @@ def balanced_kmeans(points: np.ndarray, k: int, *, num_iters: int, metric: str, 
         if metric == "cosine":
             centers = _unit(centers)
         iters = iteration + 1
-        if tol is not None and np.isfinite(previous) and previous - current <= tol * max(previous, 1e-30):
-            break
+        done = tol is not None and np.isfinite(previous) and previous - current <= tol * max(previous, 1e-30)
         previous = current
+        if checkpoints is not None:
+            checkpoints.save(centers, iters, previous, done)
+        if done:
+            break
     cost = squared_distances(x, centers)
     ids = balanced_assign(cost)
     return KMeansResult(centers=centers, assignments=ids, inertia=float(cost[np.arange(len(x)), ids].mean()),

@@ -4,7 +4,8 @@ State = centres (split over the centre axes), the pass's partial sums and counts
 iteration, the next chunk of the pass, the inertia summed so far, the previous pass's inertia (for ``tol``)
 and whether ``tol`` has stopped the run. A checkpoint also records a fingerprint of the clustering (k, D,
 N, metric, chunk size, seed, iterations); resuming a different clustering from the same directory fails
-with a message instead of mixing the two.
+with a message instead of mixing the two. ``CenterCheckpoints`` is the same for balanced k-means, whose
+state is the centres at an iteration end.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from clus_jax.clustering import blocked as blocked
@@ -78,3 +80,39 @@ class KMeansCheckpoints:
         return KMeansState(arrays["centers"], center_sq, arrays["sums"], arrays["counts"], int(meta["iteration"]),
                            int(meta["chunk"]), float(meta["inertia_sum"]),
                            float("nan") if previous is None else float(previous), bool(meta["done"]))
+
+
+class CenterCheckpoints:
+    """Per-iteration checkpoints of host-side centres (balanced k-means holds its points in memory and
+    checkpoints at iteration ends only): [k, D] centres, the iteration and the previous inertia."""
+
+    def __init__(self, directory: str | None, fingerprint: dict[str, Any]):
+        self.fingerprint = dict(fingerprint)
+        self.manager = None
+        if directory:
+            options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+            self.manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
+                                                 item_names=("arrays", "meta"))
+
+    def save(self, centers: np.ndarray, iteration: int, previous_inertia: float, done: bool) -> None:
+        if self.manager is None:
+            return
+        meta = {"iteration": iteration, "done": done, "fingerprint": self.fingerprint,
+                "previous_inertia": None if previous_inertia != previous_inertia else previous_inertia}
+        self.manager.save(iteration, args=ocp.args.Composite(arrays=ocp.args.StandardSave({"centers": centers}),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self) -> tuple[np.ndarray, int, float, bool] | None:
+        """(centres, iteration, previous inertia, done) of the newest save, or None."""
+        if self.manager is None or self.manager.latest_step() is None:
+            return None
+        step = self.manager.latest_step()
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta["fingerprint"] != self.fingerprint:
+            raise ValueError(f"checkpoint_dir {self.manager.directory} holds a different clustering "
+                             f"{meta['fingerprint']}; this one is {self.fingerprint} (use another directory)")
+        arrays = self.manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
+        previous = meta["previous_inertia"]
+        return (np.asarray(arrays["centers"], np.float32), int(meta["iteration"]),
+                float("nan") if previous is None else float(previous), bool(meta["done"]))

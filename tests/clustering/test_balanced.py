@@ -56,3 +56,25 @@ def test_balanced_kmeans_on_skewed_data_gives_equal_clusters():
     assert cost[np.arange(len(x)), result.assignments].sum() <= lap_optimum(cost) + 1e-6
     with pytest.raises(ValueError, match="N divisible by k"):
         kmeans(x[:-1], 4, balanced=True)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_balanced_kmeans_resumes_from_its_checkpoint(tmp_path):
+    x = np.random.default_rng(7).random((48, 3)).astype(np.float32)
+    uninterrupted = kmeans(x, 4, num_iters=4, balanced=True, seed=1)
+
+    def stop_at_iteration_2(iteration, fraction, inertia):
+        if iteration == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        kmeans(x, 4, num_iters=4, balanced=True, seed=1, checkpoint_dir=str(tmp_path), progress=stop_at_iteration_2)
+    seen = []
+    resumed = kmeans(x, 4, num_iters=4, balanced=True, seed=1, checkpoint_dir=str(tmp_path),
+                     progress=lambda it, frac, inertia: seen.append(it))
+    assert seen == [2, 3]  # iterations 0 and 1 were saved
+    np.testing.assert_array_equal(resumed.centers, uninterrupted.centers)
+    np.testing.assert_array_equal(resumed.assignments, uninterrupted.assignments)
