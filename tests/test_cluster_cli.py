@@ -263,3 +263,17 @@ def test_records_without_an_embedding_get_no_cluster(tmp_path, capsys):
     np.testing.assert_array_equal(sims[~valid], 0.0)
     np.testing.assert_array_equal(labels[valid], np.argsort(d, axis=1)[:, :2])
     np.testing.assert_allclose(sims[valid], -np.sort(d, axis=1)[:, :2], rtol=1e-5, atol=1e-6)  # minus sq. distance
+
+
+def test_balanced_clusters_of_skewed_points_are_equal(tmp_path, capsys):
+    """Ten points around one place and two around another, --balanced --k 3: three clusters of four."""
+    rng = np.random.default_rng(1)
+    emb = np.concatenate([rng.normal(0.0, 0.1, (10, 2)), rng.normal(5.0, 0.1, (2, 2))]).astype(np.float32)
+    features = side_fields.write_side_file(tmp_path / "emb", {"image_emb": emb, "index": np.arange(12, dtype=np.int64)})
+    summary, _ = _in_process(capsys, "--features", features, "--k", "3", "--iters", "5", "--balanced",
+                             "--out", str(tmp_path / "c"))
+    np.testing.assert_array_equal(np.bincount(np.load(tmp_path / "c" / "assignments.npy"), minlength=3), [4, 4, 4])
+    assert summary["balanced"] and summary["sizes"]["imbalance"] == 1.0
+    with pytest.raises(SystemExit):  # 12 points do not split into 5 equal clusters
+        cluster.main(["--features", features, "--k", "5", "--balanced", "--out", str(tmp_path / "d")])
+    assert "--balanced needs the 12 points to divide into --k=5 equal clusters" in capsys.readouterr().err
