@@ -38,6 +38,7 @@ class Run:
     workdir: str
     series: dict[str, tuple[np.ndarray, np.ndarray]]  # metric -> (steps, values), one value per step
     bank_sizes: dict[str, int]  # 'bank_<i>' -> K, from config.json
+    batch_size: int | None  # the global batch, from config.json
     eval_step: int | None  # the newest evaluation with saved arrays
     arrays: dict  # set name -> evaluate.runner.ClassArrays of that evaluation
 
@@ -53,18 +54,20 @@ def _series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return {k: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)])) for k, d in by_key.items()}
 
 
-def _bank_sizes(workdir: str) -> dict[str, int]:
+def _bank_sizes_and_batch(workdir: str) -> tuple[dict[str, int], int | None]:
+    """The swap banks' sizes and the global batch from the run's config.json (empty, None without one)."""
     from clus_jax.objectives import prototypes
     from clus_jax.run_config import load_run_config
 
     try:
         config = load_run_config(workdir)
     except (FileNotFoundError, ValueError):
-        return {}
+        return {}, None
+    batch = int(config.batch_size) if config.get("batch_size") else None
     if "swap" not in dict(config.get("objectives", {})):
-        return {}
+        return {}, batch
     sizes = prototypes.bank_sizes(config.swap)
-    return dict(zip(prototypes.bank_names(len(sizes)), sizes))
+    return dict(zip(prototypes.bank_names(len(sizes)), sizes)), batch
 
 
 def run_names(workdirs: Sequence[str]) -> list[str]:
@@ -89,8 +92,9 @@ def load_run(workdir: str, name: str) -> Run:
     steps = artifacts.steps(workdir)
     eval_step = steps[-1] if steps else None
     arrays = artifacts.read(artifacts.step_dir(workdir, eval_step)) if eval_step is not None else {}
-    return Run(name=name, workdir=workdir, series=_series(read_metrics(workdir)), bank_sizes=_bank_sizes(workdir),
-               eval_step=eval_step, arrays=arrays)
+    bank_sizes, batch_size = _bank_sizes_and_batch(workdir)
+    return Run(name=name, workdir=workdir, series=_series(read_metrics(workdir)), bank_sizes=bank_sizes,
+               batch_size=batch_size, eval_step=eval_step, arrays=arrays)
 
 
 # --------------------------------------------------------------------------------------------- drawing
@@ -227,11 +231,14 @@ def _bank_figure(runs: Sequence[Run], path: str) -> str | None:
             if key in r.series:
                 row[1].plot(*r.series[key], color=colors[r.name], label=r.name)
         sizes = sorted({r.bank_sizes[bank] for r in runs if bank in r.bank_sizes})
-        for k in sizes:
+        attainable = sorted({min(r.bank_sizes[bank], r.batch_size or r.bank_sizes[bank])
+                             for r in runs if bank in r.bank_sizes})
+        for k in attainable:
             row[0].axhline(k, color="gray", linestyle=":", linewidth=1)
+        for k in sizes:
             row[1].axhline(math.log(k), color="gray", linestyle=":", linewidth=1)
         k_text = "/".join(str(k) for k in sizes) or "?"
-        row[0].set_title(f"{bank} (K={k_text}): clusters used per batch", fontsize=10)
+        row[0].set_title(f"{bank} (K={k_text}): clusters used per batch (dotted = min(K, batch))", fontsize=10)
         row[1].set_title(f"{bank}: code entropy (nats; dotted = log K, uniform codes)", fontsize=10)
         for ax in row:
             ax.set_xlabel("step", fontsize=9)
@@ -259,12 +266,14 @@ def _confusion_figure(run: Run, set_name: str, path: str) -> str:
     side = max(5.0, 0.42 * c + 2.5)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
-    fontsize = 8 if c <= 12 else 6
+    fontsize = 8 if c <= 12 else 7
     for i in range(c):
         for j in range(c):
             if conf[i, j]:
                 ax.text(j, i, str(conf[i, j]), ha="center", va="center", fontsize=fontsize,
                         color="white" if frac[i, j] > 0.5 else "black")
+    for i in range(c):  # outline the diagonal (correct predictions)
+        ax.add_patch(plt.Rectangle((i - 0.42, i - 0.42), 0.84, 0.84, fill=False, edgecolor="darkorange", linewidth=1.0))
     acc = a.per_class_accuracy
     ylabels = [f"{name}  ({'-' if np.isnan(v) else f'{v:.2f}'})" for name, v in zip(a.classnames, acc)]
     ax.set_xticks(range(c), a.classnames, rotation=60, ha="right", fontsize=8)
@@ -274,7 +283,7 @@ def _confusion_figure(run: Run, set_name: str, path: str) -> str:
     total = conf.sum()
     top1 = np.trace(conf) / total if total else float("nan")
     ax.set_title(f"{run.name}: {set_name} zero-shot confusion at step {run.eval_step}\n"
-                 f"top-1 {top1:.3f}, {total} images (colour = fraction of the true class)", fontsize=10)
+                 f"top-1 {top1:.3f}, {total} images (colour = fraction of the true class; orange = correct)", fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -308,13 +317,20 @@ def _pca_figure(run: Run, set_name: str, path: str) -> str:
     c = len(a.classnames)
     styles = _class_styles(plt, a.classnames)
     fig, ax = plt.subplots(figsize=(10 if c > 12 else 8.5, 6.5))
-    for k in range(c):
-        pick = a.labels == k
-        if not np.any(pick):
-            continue
-        color, marker = styles[k]
-        ax.scatter(a.projection[pick, 0], a.projection[pick, 1], s=16, alpha=0.75, color=color, marker=marker,
-                   label=a.classnames[k], edgecolors="black", linewidths=0.25)
+    # Drawn in interleaved layers (a slice of every class per layer, points in a fixed random order), so the
+    # class drawn last does not hide the others where they overlap.
+    order = np.random.default_rng(0).permutation(len(a.labels))
+    layers = 8
+    size = 16 if len(a.labels) <= 1000 else 10
+    for layer in range(layers):
+        for k in range(c):
+            idx = order[a.labels[order] == k]
+            idx = idx[layer * len(idx) // layers:(layer + 1) * len(idx) // layers]
+            if len(idx) == 0 and layer:
+                continue
+            color, marker = styles[k]
+            ax.scatter(a.projection[idx, 0], a.projection[idx, 1], s=size, alpha=0.75, color=color, marker=marker,
+                       label=a.classnames[k] if layer == 0 else None, edgecolors="black", linewidths=0.25)
     ev = a.explained_variance
     ax.set_xlabel(f"PC 1 ({100 * ev[0]:.1f}% of variance)")
     ax.set_ylabel(f"PC 2 ({100 * ev[1]:.1f}% of variance)")
