@@ -107,3 +107,15 @@ def test_prototype_banks_in_bank_order_from_a_params_tree():
     assert list(banks) == [f"bank_{i}" for i in range(11)]
     assert all(np.all(banks[f"bank_{i}"] == i) for i in range(11))
     assert eval_hook.prototype_banks({"image": {}}) == {}
+
+
+def test_mean_per_class_accuracy_weights_every_class_equally():
+    # Four images of class 0 (all right), one each of classes 1 (right) and 2 (predicted 1): top-1 5/6,
+    # mean per-class (1 + 1 + 0) / 3. Same shapes as the hand-computed test (k-means compiles once).
+    embedding_of = np.array([0, 0, 0, 0, 1, 1])
+    images = np.broadcast_to(embedding_of.astype(np.uint8)[:, None, None, None], (6, 2, 2, 3)).copy()
+    s = ClassificationSet(name="unbalanced", images=images, labels=np.array([0, 0, 0, 0, 1, 2]),
+                          classnames=CLASSNAMES[:3], templates=["{}"])
+    out = evaluate([s], lambda x: np.eye(3)[x[:, 0, 0, 0]], lambda t: np.eye(3)[[CLASSNAMES.index(c) for c in t]])
+    assert out["zeroshot/unbalanced/top1"] == pytest.approx(5 / 6)
+    assert out["zeroshot/unbalanced/mean_per_class_top1"] == pytest.approx(2 / 3)
