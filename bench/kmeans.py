@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (default 3)")
     p.add_argument("--devices", type=int, default=8, help="fake devices of the sharded part (0: skip it)")
     p.add_argument("--sharded-sizes", default=None, help="sizes of the sharded part (default: the first size)")
-    p.add_argument("--memory-devices", default="8,64,256", help="device counts of the compiled memory figures")
+    p.add_argument("--memory-devices", default=None,
+                   help="device counts of the compiled memory figures (default 8,64,256; --quick: 8)")
     p.add_argument("--memory-points", type=int, default=20_000_000, help="points per pass in the traffic figure")
     p.add_argument("--block-k", type=int, default=1024)
     p.add_argument("--chunk-rows", type=int, default=8192, help="points per step (per data shard)")
@@ -267,6 +268,8 @@ def main(argv=None) -> None:
         args.rounds = 2 if args.quick else 3
     if args.iters is None:
         args.iters = 3 if args.quick else 10
+    if args.memory_devices is None:
+        args.memory_devices = "8" if args.quick else "8,64,256"
     sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
     if args.part == "memory":
         for row in memory_rows(args):

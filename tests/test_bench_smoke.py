@@ -14,7 +14,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
-SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +80,13 @@ def test_profile_step_quick(quick_runs):
     (row,) = records(quick_runs, "profile_step.py")
     parts = row["several_ms"] + row["one_thread_ms"] + row["idle_ms"]
     assert row["thread_ms"] > 0 and abs(parts - row["span_ms"]) <= 1e-6 * row["span_ms"] + 1e-3
+
+
+@pytest.mark.slow
+def test_kmeans_quick(quick_runs):
+    rows = records(quick_runs, "kmeans.py")
+    speed = [r for r in rows if r["part"] in ("speed", "sharded")]
+    assert {"faiss", "clus_jax", "clus_jax tensor=8"} <= {r["impl"] for r in speed}
+    assert all(r["s_per_iter"] > 0 and abs(r["inertia_vs_faiss"]) < 0.01 for r in speed)
+    (memory,) = [r for r in rows if r["part"] == "memory"]
+    assert memory["devices"] == 8 and memory["peak_gb"] > 0

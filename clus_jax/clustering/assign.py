@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 from clus_jax.clustering.blocked import (DEFAULT_BLOCK_K, DEFAULT_CHUNK_ROWS, Layout, center_sqnorms, check_metric,
                                          make_layout, pad_centers, topl_on_mesh)
+from clus_jax.parallel.multihost import to_host
 
 
 @functools.lru_cache(maxsize=64)
@@ -55,8 +56,8 @@ def assign_topk(features: np.ndarray, centers: np.ndarray, l: int, metric: str =
         padded = np.zeros((rows, features.shape[1]), np.float32)
         padded[:n] = chunk
         i, s = fn(jax.device_put(padded, x_sharding), c, c_sq)
-        ids[lo:lo + n] = np.asarray(i)[:n]
-        s = np.asarray(s)[:n]
+        ids[lo:lo + n] = to_host(i)[:n]
+        s = to_host(s)[:n]
         if metric == "euclidean":  # score = 2 x.c - |c|^2 = |x|^2 - |x - c|^2
             sq = np.sum(np.square(chunk.astype(np.float32)), axis=1, keepdims=True)
             s = s - sq

@@ -28,11 +28,12 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from clus_jax.clustering import blocked as blocked
+from clus_jax.clustering import blocked
 from clus_jax.clustering import balanced as balanced_lib
 from clus_jax.clustering import state as state_lib
 from clus_jax.clustering.stream import PointStream
 from clus_jax.parallel import collectives
+from clus_jax.parallel.multihost import to_host
 
 INITS = ("random", "kmeans++")
 SPLIT_EPS = 1.0 / 1024.0
@@ -259,7 +260,7 @@ def kmeans(points: np.ndarray | Iterable[np.ndarray], k: int, *, num_iters: int 
         sums, counts, total, ids = acc_fn(jax.device_put(chunk, x_sharding), jax.device_put(valid, x_sharding),
                                           centers, center_sq, sums, counts)
         inertia_sum += float(total)
-        assignments[c * rows:c * rows + n] = np.asarray(ids)[:n]
-    sizes = np.asarray(jnp.sum(counts, axis=0))[:k].astype(np.int64)
-    return KMeansResult(centers=np.asarray(centers)[:k], assignments=assignments,
+        assignments[c * rows:c * rows + n] = to_host(ids)[:n]
+    sizes = to_host(counts).sum(axis=0)[:k].astype(np.int64)
+    return KMeansResult(centers=to_host(centers)[:k], assignments=assignments,
                         inertia=inertia_sum / stream.num_rows, sizes=sizes, num_iters_run=iteration)
