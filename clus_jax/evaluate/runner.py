@@ -1,15 +1,16 @@
 """Runs evaluation sets through two encoders and returns flat, stable metric names.
 
-``evaluate(sets, encode_images, encode_texts, banks=None)`` accepts any mix of ``ClassificationSet``, ``RetrievalSet`` and
-``ProbeSet`` (see ``datasets.py``) and returns ``{name: float}`` with these names (values are fractions in
-[0, 1]; ``<set>`` is the set's ``name``):
+``evaluate(sets, encode_images, encode_texts, banks=None)`` accepts any mix of ``ClassificationSet``,
+``RetrievalSet``, ``ProbeSet`` (see ``datasets.py``) and ``ClusterSet`` and returns ``{name: float}`` with these
+names (values are fractions in [0, 1]; ``<set>`` is the set's ``name``):
 
 - ``zeroshot/<set>/top1``, ``zeroshot/<set>/top5``: zero-shot classification with the class-name prompts
   (one text per class and template, templates averaged CLIP style);
 - ``zeroshot/<set>/mean_per_class_top1``: top-1 recall averaged over the classes present (balanced accuracy);
 - ``cluster/<set>/kmeans_{nmi,ari,purity}`` and, with ``banks``, ``cluster/<set>/bank_<i>_{nmi,ari,purity}``
   for every classification set: the set's image embeddings clustered by k-means (k = classes) and by each
-  prototype bank's arg-max, scored against the labels (``cluster_eval``);
+  prototype bank's arg-max, scored against the labels (``cluster_eval``); a ``ClusterSet`` (a classification
+  set of a run without a text tower, from ``sets_for``) gets these names only;
 - ``retrieval/<set>/i2t_r1``, ``i2t_r5``, ``i2t_r10``: image->text recall@k (an image is correct when any
   of its captions is in the top k);
 - ``retrieval/<set>/t2i_r1``, ``t2i_r5``, ``t2i_r10``: text->image recall@k;
@@ -35,7 +36,19 @@ from absl import logging
 from clus_jax.evaluate import cluster_eval, metrics
 from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
 
-EvalSet = ClassificationSet | RetrievalSet | ProbeSet
+
+@dataclasses.dataclass
+class ClusterSet:
+    """A classification set scored by cluster quality only: what an image-only run can be scored on there."""
+
+    source: ClassificationSet
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+EvalSet = ClassificationSet | RetrievalSet | ProbeSet | ClusterSet
 ImageEncoder = Callable[[np.ndarray], np.ndarray]
 TextEncoder = Callable[[list[str]], np.ndarray]
 
@@ -70,6 +83,8 @@ def metric_names(sets: Sequence[EvalSet], bank_names: Sequence[str] = ()) -> lis
             names += [f"zeroshot/{s.name}/top{k}" for k in ZEROSHOT_KS]
             names += [f"zeroshot/{s.name}/mean_per_class_top1"]
             names += cluster_eval.metric_names(s.name, bank_names)
+        elif isinstance(s, ClusterSet):
+            names += cluster_eval.metric_names(s.name, bank_names)
         elif isinstance(s, RetrievalSet):
             names += [f"retrieval/{s.name}/{d}_r{k}" for d in ("i2t", "t2i") for k in RETRIEVAL_KS]
         elif isinstance(s, ProbeSet):
@@ -81,11 +96,13 @@ def metric_names(sets: Sequence[EvalSet], bank_names: Sequence[str] = ()) -> lis
 
 def sets_for(sets: Sequence[EvalSet], modalities: Sequence[str]) -> list[EvalSet]:
     """The sets a run whose objectives read ``modalities`` can be scored on: zero-shot and retrieval need
-    both towers; probes need the image tower only (an image-only run is judged by its frozen features)."""
-    def usable(s: EvalSet) -> bool:
-        return "image" in modalities and (isinstance(s, ProbeSet) or "text" in modalities)
-
-    return [s for s in sets if usable(s)]
+    both towers; probes and cluster quality need the image tower only (an image-only run is judged by its
+    frozen features: its classification sets become ``ClusterSet``s)."""
+    if "image" not in modalities:
+        return []
+    if "text" in modalities:
+        return list(sets)
+    return [ClusterSet(s) if isinstance(s, ClassificationSet) else s for s in sets if not isinstance(s, RetrievalSet)]
 
 
 def _embed(fn: Callable, inputs, what: str) -> np.ndarray:
@@ -158,6 +175,10 @@ def run(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: Text
         start = time.perf_counter()
         if isinstance(s, ClassificationSet):
             out, arrays[s.name] = _zeroshot(s, encode_images, encode_texts, banks)
+        elif isinstance(s, ClusterSet):
+            src = s.source
+            out = cluster_eval.cluster_metrics(src.name, _embed(encode_images, src.images, "image"), src.labels,
+                                               len(src.classnames), banks)
         elif isinstance(s, RetrievalSet):
             out = _retrieval(s, encode_images, encode_texts)
         else:

@@ -10,7 +10,7 @@ import pytest
 
 from clus_jax.evaluate import cluster_eval
 from clus_jax.evaluate.datasets import ClassificationSet
-from clus_jax.evaluate.runner import evaluate, metric_names, run
+from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, run
 from clus_jax.train import eval_hook
 
 NUM_CLASSES = 4
@@ -119,3 +119,14 @@ def test_mean_per_class_accuracy_weights_every_class_equally():
     out = evaluate([s], lambda x: np.eye(3)[x[:, 0, 0, 0]], lambda t: np.eye(3)[[CLASSNAMES.index(c) for c in t]])
     assert out["zeroshot/unbalanced/top1"] == pytest.approx(5 / 6)
     assert out["zeroshot/unbalanced/mean_per_class_top1"] == pytest.approx(2 / 3)
+
+
+def test_an_image_only_run_gets_cluster_quality_of_the_classification_sets():
+    def no_text(texts):
+        raise AssertionError("an image-only run has no text tower")
+
+    bank = np.eye(NUM_CLASSES)
+    sets = [ClusterSet(onehot_set())]
+    out = evaluate(sets, onehot_images, no_text, banks={"bank_0": bank})
+    assert list(out) == metric_names(sets, ["bank_0"]) == cluster_eval.metric_names("toy", ["bank_0"])
+    assert out == pytest.approx({k: 1.0 for k in out})

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
-from clus_jax.evaluate.runner import evaluate, metric_names, sets_for
+from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, sets_for
 
 RED, GREEN, BLUE, GRAY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
 ONEHOT = {"red": [1.0, 0, 0], "green": [0, 1.0, 0], "blue": [0, 0, 1.0]}
@@ -139,5 +139,6 @@ def test_errors():
 def test_sets_for_the_towers_a_run_trains():
     sets = [zeroshot_set(), retrieval_set(), probe_set()]
     assert sets_for(sets, ("image", "text")) == sets
-    assert sets_for(sets, ("image",)) == [sets[2]]  # image-only: frozen-feature probes only
+    # Image-only: frozen-feature probes, and cluster quality on the classification sets.
+    assert sets_for(sets, ("image",)) == [ClusterSet(sets[0]), sets[2]]
     assert sets_for(sets, ("text",)) == []
