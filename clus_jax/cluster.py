@@ -27,7 +27,8 @@ Output, in ``OUT``::
     assignments.npy        int32 [num_records]: nearest centre of each record, -1 where it has no embedding
     sizes.npy              int64 [K] points per centre
     coarse_centers.npy, fine_to_coarse.npy, coarse_assignments.npy   with --levels
-    summary.json           the figures (also printed on stdout as one JSON line): inertia, iterations, size
+    summary.json           the figures (also printed on stdout as one JSON line): iterations, inertia (mean
+                           squared euclidean distance of a point to its centre; unit centres for cosine), size
                            imbalance and empty fraction (clustering/quality.py), NMI/ARI/purity with --labels
     cluster_sizes.png      the cluster-size distribution
     checkpoint/            orbax k-means state: a re-run after an interruption resumes from it

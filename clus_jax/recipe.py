@@ -318,7 +318,7 @@ def run_stage(stage: ResolvedStage, processes: int = 1) -> int:
         log.flush()
         try:
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, **extra_env})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **extra_env})  # lines as they come
         except OSError as e:
             log.write(f"cannot start: {e}\n")
             return 127
@@ -413,4 +413,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The module's own copy, so a config's ``from clus_jax.recipe import Stage`` is the class checked here
+    # (run as ``-m`` this file is ``__main__``, a second module with another ``Stage``).
+    from clus_jax import recipe as _recipe
+
+    sys.exit(_recipe.main())

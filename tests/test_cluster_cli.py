@@ -120,13 +120,18 @@ def test_two_levels_through_the_command(embedded, tmp_path):
     with Image.open(out / "cluster_sizes.png") as image:
         assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 200
 
-    # A re-run of the finished clustering does nothing; other arguments into the same directory are refused.
-    again = _command("--features", features, "--levels", "12,3", "--iters", "4", "--labels", labels, "--out", str(out))
-    assert again.returncode == 0 and "is complete, nothing to do" in again.stderr
-    assert json.loads(again.stdout.strip().splitlines()[-1]) == summary
-    other = _command("--features", features, "--levels", "12,3", "--iters", "5", "--out", str(out))
-    assert other.returncode == 2 and other.stderr.count("\n") == 1
-    assert "holds another clustering (different iters, labels" in other.stderr
+
+def test_a_finished_clustering_is_not_redone_and_other_arguments_are_refused(embedded, tmp_path, capsys):
+    features = embedded[0]
+    args = ["--features", features, "--k", "3", "--iters", "1", "--out", str(tmp_path / "c")]
+    first, _ = _in_process(capsys, *args)
+    again, err = _in_process(capsys, *args)
+    assert again == first and "is complete, nothing to do" in err
+    with pytest.raises(SystemExit) as exit_info:
+        cluster.main([*args, "--iters", "2", "--metric", "cosine"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "holds another clustering (different iters, metric in cluster.json); pass another --out" in err
 
 
 class ClusterLabelsProbe(registry.Objective):
