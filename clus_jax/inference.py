@@ -134,13 +134,9 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
       step: the checkpoint step; the newest finished one when None.
       batch_size: encoder batch (rounded to the data-parallel size); ``config.evals.batch_size`` when None.
     """
-    from clus_jax.data.tokenizers import create_tokenizer
     from clus_jax.models.towers import build_model
     from clus_jax.objectives import teachers
-    from clus_jax.parallel import mesh as mesh_lib
-    from clus_jax.parallel import partitioning
     from clus_jax.run_config import load_run_config
-    from clus_jax.train.eval_hook import make_encoders
 
     path = str(workdir_or_checkpoint)
     config = load_run_config(path)
@@ -157,7 +153,23 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
     problems = teachers.shape_mismatches(shapes, params)
     if problems:
         raise ValueError(f"checkpoint {checkpoint!r} does not match config.json's model: " + "; ".join(problems[:10]))
+    return model_from_params(config, params, checkpoint=checkpoint, step=_step_of(checkpoint), batch_size=batch_size)
 
+
+def model_from_params(config: ml_collections.ConfigDict, params: PyTree, *, checkpoint: str, step: int | None = None,
+                      batch_size: int | None = None) -> Model:
+    """The ``Model`` of ``config.model`` with these host parameters (shapes already checked), placed on the
+    current devices; ``checkpoint`` says where they came from (``clus_jax.interop`` builds its models here)."""
+    from clus_jax.data.tokenizers import create_tokenizer
+    from clus_jax.models.towers import build_model
+    from clus_jax.objectives import teachers
+    from clus_jax.parallel import mesh as mesh_lib
+    from clus_jax.parallel import partitioning
+    from clus_jax.train.eval_hook import make_encoders
+
+    module = build_model(config.model)
+    boxed = model_params_shapes(module, config)
+    shapes = teachers.unboxed(boxed)
     mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
     rules = [tuple(r) for r in config.logical_axis_rules]
     shardings = partitioning.shardings_for(boxed, mesh, rules)
@@ -166,5 +178,5 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
                                  config.tokenizer.get("path") or None)
     bind = make_encoders(module, mesh, rules, shardings, tokenizer, int(batch_size or config.evals.batch_size))
     encode_images, encode_texts = bind(params)
-    return Model(config=config, params=params, module=module, tokenizer=tokenizer, step=_step_of(checkpoint),
+    return Model(config=config, params=params, module=module, tokenizer=tokenizer, step=step,
                  checkpoint=checkpoint, _encode_images=encode_images, _encode_texts=encode_texts)

@@ -1,15 +1,21 @@
-"""``config.init_from``: start a run from another run's parameters (all or some, on any mesh).
+"""``config.init_from``: start a run from another run's parameters or an open_clip checkpoint (all or some, on any mesh).
 
   config.init_from.path     a clus_jax workdir, its ``checkpoints`` folder or one step's folder ('' = off)
   config.init_from.step     which saved step (-1 = the newest)
   config.init_from.include  regex over parameter paths (``image/encoder/block_0/mlp/fc1/kernel``, see
                             ``optim.path_str``); '' = every parameter
   config.init_from.exclude  regex of paths not to load ('' = none)
+  config.init_from.open_clip_config   with ``path`` an open_clip weights file (``.safetensors``, or ``.pt`` /
+                            ``.bin`` / ``.pth`` with torch installed): its open_clip model config (a
+                            ``model_configs/*.json`` or ``open_clip_config.json``); '' for a folder in the hub /
+                            ``local-dir:`` layout, which holds its own (``clus_jax.interop``)
 
 Selected parameters that the checkpoint holds are loaded; everything else (a parameter the source run
 did not have, e.g. a new objective's prototype banks) is initialised fresh. Only parameters are taken,
 never the optimizer state, step, objective state or data position. A selected parameter whose saved
-shape or dtype differs fails in ``check`` — before anything compiles — naming the parameter. Loading
+shape or dtype differs fails in ``check`` — before anything compiles — naming the parameter; so does, for
+an open_clip source, an architecture value of a selected tower that differs from the checkpoint's
+(``config.model.image.act`` and the like: same shapes, another function). Loading
 happens inside the sharded init (``loader``), so each parameter lands directly in the new run's
 sharding, whatever mesh the source run used. A run resuming from its own checkpoints never reads this.
 """
@@ -33,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(path="", step=-1, include="", exclude=""))
+    return ml_collections.ConfigDict(dict(path="", step=-1, include="", exclude="", open_clip_config=""))
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
@@ -53,6 +59,39 @@ def _flat(tree: PyTree) -> dict[str, Any]:
     return {path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _open_clip(config: ml_collections.ConfigDict) -> bool:
+    from clus_jax.interop import open_clip
+
+    return open_clip.is_source(config.init_from.path)
+
+
+def _saved_values(config: ml_collections.ConfigDict, top: list[str] | None = None) -> dict[str, Any]:
+    """The source's parameters by path (entries ``top`` only, for a clus_jax checkpoint)."""
+    cfg = config.init_from
+    if _open_clip(config):
+        from clus_jax.interop import open_clip
+
+        return _flat(open_clip.read_params(cfg.path, cfg.get("open_clip_config") or None))
+    return _flat(teachers.load_params(cfg.path, _step(config), include=top))
+
+
+def _saved_shapes(config: ml_collections.ConfigDict, wanted: dict[str, Any]) -> dict[str, Any]:
+    """Shapes of the source's parameters; for an open_clip source, after checking the selected towers'
+    architecture against its model config (ConfigError naming the first key that differs)."""
+    cfg = config.init_from
+    if not _open_clip(config):
+        return _flat(teachers.saved_param_shapes(cfg.path, _step(config)))
+    from clus_jax.interop import open_clip, open_clip_config
+
+    _, model_cfg, preprocess_cfg = open_clip.resolve(cfg.path, cfg.get("open_clip_config") or None)
+    towers = tuple(t for t in ("image", "text") if any(p.startswith(t + "/") for p in wanted))
+    differ = open_clip_config.mismatches(config.model, model_cfg, preprocess_cfg, towers)
+    if differ:
+        raise ConfigError(f"config.init_from.path={cfg.path!r}: this run's model is not the checkpoint's: "
+                          + "; ".join(differ) + " (clus_jax.interop.run_config sets every key)")
+    return {p: jax.ShapeDtypeStruct(x.shape, x.dtype) for p, x in _saved_values(config).items()}
+
+
 def check(config: ml_collections.ConfigDict, abstract_params: PyTree) -> list[str]:
     """Paths of the parameters that will be loaded; ConfigError on a bad source, regex or shape."""
     cfg = config.init_from
@@ -61,14 +100,16 @@ def check(config: ml_collections.ConfigDict, abstract_params: PyTree) -> list[st
             re.compile(cfg.get(key) or "")
         except re.error as e:
             raise ConfigError(f"config.init_from.{key}={cfg.get(key)!r} is not a valid regex: {e}") from None
-    try:
-        saved = _flat(teachers.saved_param_shapes(cfg.path, _step(config)))
-    except (FileNotFoundError, ValueError) as e:
-        raise ConfigError(f"config.init_from.path={cfg.path!r}: {e}") from None
     wanted = {p: x for p, x in _flat(teachers.unboxed(abstract_params)).items()
               if _selected(p, cfg.get("include") or "", cfg.get("exclude") or "")}
     if not wanted:
         raise ConfigError(f"config.init_from.include={cfg.include!r} / exclude={cfg.exclude!r} select no parameter")
+    try:
+        saved = _saved_shapes(config, wanted)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.init_from.path={cfg.path!r}: {e}") from None
     for p, x in wanted.items():
         if p in saved and (tuple(saved[p].shape), np.dtype(saved[p].dtype)) != (tuple(x.shape), np.dtype(x.dtype)):
             raise ConfigError(
@@ -86,8 +127,6 @@ def check(config: ml_collections.ConfigDict, abstract_params: PyTree) -> list[st
 
 def loader(config: ml_collections.ConfigDict, paths: list[str]) -> Callable[[PyTree], PyTree]:
     """``load(boxed params) -> boxed params`` with ``paths`` replaced by the saved values (inside jit)."""
-    source, step = config.init_from.path, _step(config)
-
     def load(params: PyTree) -> PyTree:
         flat = jax.tree_util.tree_leaves_with_path(params, is_leaf=is_box)
         targets = {path_str(p): leaf for p, leaf in flat if path_str(p) in paths}
@@ -95,8 +134,7 @@ def loader(config: ml_collections.ConfigDict, paths: list[str]) -> Callable[[PyT
                   for p, leaf in targets.items()}
 
         def read() -> dict[str, np.ndarray]:
-            top = sorted({p.split("/")[0] for p in paths})
-            saved = _flat(teachers.load_params(source, step, include=top))
+            saved = _saved_values(config, sorted({p.split("/")[0] for p in paths}))
             return {p: np.asarray(saved[p], s.dtype) for p, s in shapes.items()}
 
         values = jax.pure_callback(read, shapes)
