@@ -2,12 +2,18 @@
 
     python -m clus_jax.embed --workdir RUN --out DIR [--data.KEY=VALUE ...] [--modality image,text]
         [--batch-size N] [--step S] [--shard-size N] [--process-index P --process-count N] [--workers N]
+    python -m clus_jax.embed --encoder minilm --out DIR [--workdir RUN] [--data.KEY=VALUE ...] [...]
 
 The data source is the run's own training data (``data`` of ``RUN/config.json``) unless ``--data.*``
 overrides change it (``--data.source=array_record --data.path='shards-*.array_record'``). Records are read
 by random access (``data.sources.make_source``); images get the evaluation's preparation
 (``inference.eval_image``), captions the evaluation's cleaning and the run's tokenizer, both encoders are
 ``clus_jax.load``'s, so a row equals ``model.encode_image`` / ``encode_text`` of the same input.
+
+``--encoder minilm`` embeds the captions with all-MiniLM-L6-v2 (``models.minilm``, sentence-transformers'
+values, 384 wide) instead of a run's text tower: MoDE's caption encoder, which needs no trained run. Only
+the text modality is embedded; ``--workdir`` is then optional and only says whose data config to start
+from (without it, ``config_base``'s default data: the embedded dataset).
 
 Output, the side-file directory format (``clus_jax/data/side_fields.py`` reads it)::
 
@@ -50,6 +56,30 @@ VALID_FIELD = "valid"
 MANIFEST = "manifest.json"
 SPEC_FILE = "embed.json"
 DEFAULT_SHARD_SIZE = 8192
+ENCODERS = ("run", "minilm")
+MINILM_BATCH_SIZE = 256
+
+
+class CaptionEncoder:
+    """all-MiniLM-L6-v2 with the part of ``inference.Model``'s interface that embedding captions uses."""
+
+    step = None
+    image_size = 0  # no image is read: captions only
+
+    def __init__(self, batch_size: int | None = None):
+        from clus_jax.models import minilm
+
+        self._encoder = minilm.load_encoder()
+        self.batch_size = int(batch_size or MINILM_BATCH_SIZE)
+
+    @property
+    def embed_dim(self) -> int:
+        return self._encoder.embed_dim
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        return self._encoder.encode_captions(list(texts), self.batch_size)
 
 
 class RunError(RuntimeError):
@@ -65,16 +95,24 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     """(arguments, ``--data.KEY=VALUE`` overrides as (key, text) in order); exits 2 on a mistyped command."""
     p = _ArgumentParser(prog="python -m clus_jax.embed", allow_abbrev=False,
                         description="Embeds every record of a data source with a trained clus_jax model.")
-    p.add_argument("--workdir", required=True, help="the run: a workdir, its checkpoints folder or one step's folder")
+    p.add_argument("--workdir", default=None,
+                   help="the run: a workdir, its checkpoints folder or one step's folder (optional with --encoder minilm)")
+    p.add_argument("--encoder", choices=ENCODERS, default="run",
+                   help="run: the run's own towers (default); minilm: all-MiniLM-L6-v2 captions (text only)")
     p.add_argument("--out", required=True, help="output directory (side-file format)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--modality", default="image,text", help="comma-separated: image, text or both")
+    p.add_argument("--modality", default=None,
+                   help="comma-separated: image, text or both (default: both; text with --encoder minilm)")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: config.evals.batch_size)")
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="records per output shard")
     p.add_argument("--process-index", type=int, default=0, help="this process (0-based) of --process-count")
     p.add_argument("--process-count", type=int, default=1, help="number of processes sharing the work")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads reading records")
     args, rest = p.parse_known_args(argv)
+    if args.encoder == "run" and not args.workdir:
+        cli.fail("--workdir is required (the run whose towers embed the data), unless --encoder minilm")
+    if args.modality is None:
+        args.modality = "text" if args.encoder == "minilm" else "image,text"
     overrides, i = [], 0
     while i < len(rest):
         arg = rest[i]
@@ -92,6 +130,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if bad or not modalities:
         cli.fail(f"--modality={args.modality!r}: expected a comma-separated list of {', '.join(MODALITIES)}")
     args.modality = tuple(m for m in MODALITIES if m in modalities)
+    if args.encoder == "minilm" and args.modality != ("text",):
+        cli.fail(f"--encoder minilm embeds captions only; --modality={','.join(args.modality)} asks for images")
     for name in ("batch_size", "shard_size", "process_count", "workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -266,11 +306,17 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     from clus_jax.inference import load
     from clus_jax.run_config import load_run_config
 
-    data = data_config_with(load_run_config(args.workdir).data, overrides)
-    try:
-        model = load(args.workdir, args.step, batch_size=args.batch_size)
-    except ValueError as e:
-        raise RunError(cli.exception_text(e)) from None
+    if args.encoder == "minilm":
+        from clus_jax.config_base import base_config
+
+        data = data_config_with(load_run_config(args.workdir).data if args.workdir else base_config().data, overrides)
+        model = CaptionEncoder(args.batch_size)
+    else:
+        data = data_config_with(load_run_config(args.workdir).data, overrides)
+        try:
+            model = load(args.workdir, args.step, batch_size=args.batch_size)
+        except ValueError as e:
+            raise RunError(cli.exception_text(e)) from None
     try:
         source = make_source(data)
     except ValueError as e:
@@ -284,9 +330,11 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
 
     out = epath.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spec = {"workdir": os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir,
-            "step": model.step, "data": data.to_dict(), "modality": list(args.modality),
+    workdir = args.workdir and (os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir)
+    spec = {"workdir": workdir, "step": model.step, "data": data.to_dict(), "modality": list(args.modality),
             "shard_size": int(args.shard_size), "num_records": num_records, "fields": specs}
+    if args.encoder != "run":  # an embedding made before --encoder existed still matches its embed.json
+        spec["encoder"] = args.encoder
     _check_spec(out, json.loads(json.dumps(spec)))  # as read back from the file: tuples are lists
 
     todo = [k for k in mine if not _shard_complete(out, k, list(specs))]
@@ -295,7 +343,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     if len(todo) < len(mine):
         print(f"embed: {len(mine) - len(todo)} of {len(mine)} shards already complete, skipped",
               file=sys.stderr, flush=True)
-    batch_size = int(args.batch_size or model.config.evals.batch_size)
+    batch_size = int(args.batch_size or (model.batch_size if args.encoder == "minilm" else model.config.evals.batch_size))
     with concurrent.futures.ThreadPoolExecutor(int(args.workers)) as pool:
         for k in todo:
             start, end = ranges[k]
