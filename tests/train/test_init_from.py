@@ -143,3 +143,44 @@ def test_bad_source_and_selection_fail_naming_the_key(clip_run, tmp_path):
     config.init_from.include = "(unclosed"
     with pytest.raises(ConfigError, match=r"config\.init_from\.include=.*not a valid regex"):
         build(config)
+
+
+# An open_clip checkpoint as the source (clus_jax.interop; tests/test_interop.py runs one from step 0).
+OPEN_CLIP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "interop", "vectors", "quickgelu")
+
+
+def open_clip_config(**overrides):
+    from clus_jax.interop import open_clip
+
+    weights, model_cfg = os.path.join(OPEN_CLIP, "open_clip_model.safetensors"), os.path.join(OPEN_CLIP, "model_config.json")
+    _, cfg, preprocess = open_clip.resolve(weights, model_cfg)
+    c = open_clip.run_config(cfg, preprocess, base=helpers.tiny_config("clip", **overrides))
+    c.init_from.path, c.init_from.open_clip_config = weights, model_cfg
+    return c
+
+
+def test_open_clip_source_with_another_architecture_fails_naming_the_key():
+    config = open_clip_config()
+    config.model.image.act = "gelu"  # same shapes, another function
+    with pytest.raises(ConfigError, match=r"config\.model\.image\.act='gelu' \(the open_clip config's: 'quick_gelu'\)"):
+        build(config)
+    config = open_clip_config()
+    config.model.image.mean = (0.5, 0.5, 0.5)
+    with pytest.raises(ConfigError, match=r"config\.model\.image\.mean"):
+        build(config)
+    config = open_clip_config()
+    config.init_from.open_clip_config = ""  # a weights file says nothing about its architecture
+    with pytest.raises(ConfigError, match=r"config\.init_from\.path=.*give its open_clip model config"):
+        build(config)
+
+
+def test_open_clip_lit_selection_checks_and_loads_only_the_image_tower():
+    from clus_jax.experiment import abstract_params
+    from clus_jax.train import init_from
+
+    config = open_clip_config()
+    config.init_from.include = IMAGE_TOWER
+    config.model.text.update(dict(act="gelu", width=64, heads=2, mlp_dim=128))  # a new text tower of its own
+    loaded = init_from.check(config, abstract_params(config))
+    assert loaded and all(p.startswith(("image/", "image_proj/")) for p in loaded)
+    assert "image/encoder/block_0/ls1" in loaded and "image/patch_embed/kernel" in loaded
