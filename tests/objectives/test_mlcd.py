@@ -6,6 +6,7 @@ shapes, config errors, and a real train step (image tower only, the centres' lea
 k-means initialisation)."""
 import functools
 import math
+import os
 import re
 
 import jax
@@ -26,6 +27,7 @@ from train_helpers import recording  # noqa: F401  (fixture)
 import unicom_reference as ref  # registered by tests/conftest.py
 
 RTOL64, RTOL32 = 1e-9, 1e-5
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRECISIONS = [(np.float64, RTOL64), (np.float32, RTOL32)]
 MLCD = registry.get("mlcd")
 
@@ -452,3 +454,24 @@ def test_train_step_image_only_sharded_centres_and_lr_multiplier(tmp_path, recor
     assert np.abs(g).max() > 1e-4 and (g == 0).mean() > 0.5  # sampled centres only (r = 0.25)
     want = w0 - 5.0 * optim.lr * (g / (np.abs(g) + optim.eps) + optim.weight_decay * w0)
     np.testing.assert_allclose(after["params"]["mlcd"]["centers"], want, rtol=1e-4, atol=1e-7)
+
+
+def test_recipe_stages_and_their_overrides(monkeypatch, tmp_path):
+    """configs/mlcd.py's recipe: clip -> embed -> cluster (K, top-l, cosine) -> mlcd on its labels and centres
+    -> LiT on the mlcd run; every override key exists; features=DIR skips the clip stage."""
+    from clus_jax import config_base, recipe
+
+    monkeypatch.chdir(REPO)
+    stages = recipe.resolve(recipe.recipe_stages("configs/mlcd.py"), str(tmp_path))
+    assert [s.name for s in stages] == ["pretrain", "embed", "cluster", "mlcd", "lit"]
+    cluster, train, lit = stages[2], stages[3], stages[4]
+    assert cluster.argv[cluster.argv.index("--k") + 1] == "256" and cluster.argv[cluster.argv.index("--topk") + 1] == "8"
+    assert train.overrides == {"data.side_fields.cluster_labels": str(tmp_path / "cluster" / "labels"),
+                               "mlcd.init_centers": str(tmp_path / "cluster" / "centers.npy")}
+    assert lit.train == f"configs/lit.py:init={tmp_path / 'mlcd'}"
+    config = config_base.load_config(train.train)
+    assert dict(config.objectives) == {"mlcd": 1.0} and config.mlcd.num_classes == 256
+    assert config.total_steps == config_base.load_config("configs/clip.py").total_steps  # same image-tower budget
+    own = recipe.resolve(recipe.recipe_stages("configs/mlcd.py:features=/runs/clip,init=0,k=64"), str(tmp_path))
+    assert [s.name for s in own] == ["embed", "cluster", "mlcd", "lit"] and own[0].argv[1] == "/runs/clip"
+    assert "mlcd.init_centers" not in own[2].overrides

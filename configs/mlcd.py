@@ -1,0 +1,80 @@
+"""MLCD (An, Yang, Dai, Feng, Deng, ECCV 2024): multi-label cluster discrimination, as a recipe on the embedded data.
+
+MLCD replaces CLIP's instance discrimination by classification against k-means centres: every image takes
+its l = 8 nearest centres as positive labels and the image tower learns
+log(1 + sum_pos exp(-s cos(theta + m))) + log(1 + sum_neg exp(s cos theta)) against a normalised classifier
+(clus_jax/objectives/mlcd.py says what follows the paper and unicom and what is a choice). Text comes
+afterwards: the image tower is frozen and a text tower is trained from scratch with CLIP (LiT).
+
+The whole method, one command (stages in DIR/<name>, a re-run skips finished ones):
+  python -m clus_jax.recipe --config configs/mlcd.py --workdir /tmp/clus_jax/mlcd
+
+  pretrain  python -m clus_jax.train --config configs/clip.py    the feature extractor (skipped with features=DIR)
+  embed     python -m clus_jax.embed --workdir {pretrain} --modality image      image embeddings of the training set
+  cluster   python -m clus_jax.cluster --k 256 --metric cosine --topk 8 ...     centres + top-8 labels side file
+  mlcd      python -m clus_jax.train --config configs/mlcd.py                   image tower (+ centres) with MLCD
+  lit       python -m clus_jax.train --config configs/lit.py:init={mlcd}        frozen image tower, new text tower
+Every train stage ends with the evaluation (zero-shot, retrieval, linear probe, k-NN); the pretrain stage
+is CLIP at the same image-tower budget as the mlcd stage (400 steps of batch 128, same towers).
+
+The MLCD stage alone, on labels made elsewhere (a side file of cluster_labels int32 [8] keyed by record index,
+as python -m clus_jax.cluster --topk 8 --assign-to DIR writes it):
+  python -m clus_jax.train --config configs/mlcd.py --workdir /tmp/clus_jax/mlcd_only \\
+      --config.data.side_fields.cluster_labels=DIR/labels --config.mlcd.init_centers=DIR
+
+K = 256 for 7,370 training images: about 29 images per centre (the paper has about 400 at 1M centres
+for 400M images, but at K = 1,024 here a centre would hold 7 images, fewer than the 8 labels an image
+takes), so the 8 positives of an image are its neighbourhood, not near-duplicates. With K = 256 the
+negative sampling of Partial-FC is off (sample_rate 1.0): a batch of 128 images already holds about a
+thousand positive labels, more than r K = 26 sampled centres; r = 0.1 is for K in the hundreds of
+thousands. The centres start from the k-means centres (init=0: unicom's random init).
+
+Expected result: see the table below (measured, 2 cores; the runtime of the whole recipe about 10 minutes on
+an idle machine).
+
+Arguments (``--config configs/mlcd.py:ARGS``, for both get_config and get_recipe):
+  k=N            number of centres (256)          labels=L     positives per image (8)
+  features=DIR   a finished clip run to embed with (default: the recipe's pretrain stage)
+  init=0         random centres instead of the k-means centres
+  size=, text_size=, steps=, batch=, synthetic, image_size=   as in configs/clip.py
+Any key can also be overridden: --config.mlcd.scale=64 --config.mlcd.margin=0.5 --config.mlcd.sample_rate=0.1
+"""
+from clus_jax import config_base as common
+
+ARGS = dict(k=256, labels=8, features="", init=True, size="", text_size="", steps=0, batch=0, synthetic=False,
+            image_size=0)
+
+
+def get_config(arg: str | None = None):
+    """The MLCD training stage: image batches with cluster_labels from a side file."""
+    a = common.parse_arg(arg, **ARGS)
+    config = common.base_config()
+    config.objectives = {"mlcd": 1.0}
+    config.mlcd.update(dict(num_classes=a.k, num_labels=a.labels, sample_rate=1.0, scale=32.0, margin=0.3,
+                            lr_mult=5.0))
+    config.data.side_fields = {"cluster_labels": ""}  # --config.data.side_fields.cluster_labels=DIR
+    common.apply_args(config, a)
+    return config
+
+
+def get_recipe(arg: str | None = None):
+    """pretrain (clip) -> embed -> cluster (k-means, top-l labels) -> mlcd -> lit."""
+    from clus_jax.recipe import Stage
+
+    a = common.parse_arg(arg, **ARGS)
+    shared = ",".join(f"{k}={a[k]}" for k in ("size", "text_size", "steps", "batch", "image_size") if a[k])
+    shared += ",synthetic" if a.synthetic else ""
+    suffix = f":{shared}" if shared else ""
+    stages = [] if a.features else [Stage("pretrain", train=f"configs/clip.py{suffix}")]
+    source = a.features or "{pretrain}"
+    stages += [
+        Stage("embed", module="clus_jax.embed", args=["--workdir", source, "--out", "{workdir}", "--modality", "image"]),
+        Stage("cluster", module="clus_jax.cluster", outputs={"labels": "labels", "centers": "centers.npy"},
+              args=["--features", "{embed}", "--field", "image_emb", "--k", str(a.k), "--metric", "cosine",
+                    "--topk", str(a.labels), "--assign-to", "{workdir}/labels", "--out", "{workdir}"]),
+        Stage("mlcd", train=f"configs/mlcd.py:k={a.k},labels={a.labels}" + (f",{shared}" if shared else ""),
+              overrides={"data.side_fields.cluster_labels": "{cluster.labels}",
+                         **({"mlcd.init_centers": "{cluster.centers}"} if a.init else {})}),
+        Stage("lit", train="configs/lit.py:init={mlcd}" + (f",{shared}" if shared else "")),
+    ]
+    return stages
