@@ -18,7 +18,10 @@ Three parts, each printed as a table and as JSON lines:
 
     python bench/kmeans.py --quick
     python bench/kmeans.py                                   # 100000x64x1024 and 300000x128x4096
-    python bench/kmeans.py --sizes 1000000x128x16384 --iters 2 --rounds 1 --devices 0 --memory-devices ""
+    python bench/kmeans.py --sizes 1000000x128x16384 --iters 1 --rounds 1 --warmup 0 --devices 0 --memory-devices ""
+
+With ``--iters 1`` the inertia compared is that of the timed iterations' own output (each starts from the
+initial centres), so a large size costs one iteration and one exact search per library.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script")
     p.add_argument("--iters", type=int, default=None, help="iterations before comparing inertia (default 10)")
     p.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls of each candidate first (0 for sizes "
+                   "where compiling is negligible next to one iteration)")
     p.add_argument("--devices", type=int, default=8, help="fake devices of the sharded part (0: skip it)")
     p.add_argument("--sharded-sizes", default=None, help="sizes of the sharded part (default: the first size)")
     p.add_argument("--memory-devices", default=None,
@@ -131,6 +136,7 @@ def speed_rows(sizes, args, mesh_layouts) -> list[dict]:
     import numpy as np
 
     from clus_jax.clustering import kmeans
+    from clus_jax.parallel.multihost import to_host
 
     rows = []
     for n, d, k in sizes:
@@ -138,10 +144,21 @@ def speed_rows(sizes, args, mesh_layouts) -> list[dict]:
         candidates = {"faiss": faiss_iteration(x, init)}
         for name, mesh in mesh_layouts:
             candidates[name] = ClusJaxIteration(x, init, mesh, args.block_k, args.chunk_rows)
-        times = common.interleaved(candidates, rounds=args.rounds)
+        outputs = {}
+
+        def keep(name, fn):
+            def run():
+                outputs[name] = fn()
+            return run
+
+        times = common.interleaved({name: keep(name, fn) for name, fn in candidates.items()}, rounds=args.rounds,
+                                   warmup=args.warmup)
         t_faiss = common.median(times["faiss"])
         inertia = {}
-        if args.iters:
+        if args.iters == 1:  # every timed call starts from the initial centres: judge its output
+            inertia["faiss"] = faiss_inertia(x, outputs["faiss"])
+            inertia["clus_jax"] = faiss_inertia(x, to_host(outputs[mesh_layouts[0][0]][0])[:k])
+        elif args.iters:
             km = faiss.Kmeans(d, k, niter=args.iters, max_points_per_centroid=1 << 30, seed=1, verbose=False)
             km.train(x, init_centroids=init)
             inertia["faiss"] = faiss_inertia(x, km.centroids)

@@ -16,7 +16,10 @@ num_iters_run)``
     position, partial sums) with orbax and resumes from there. ``progress(iteration, pass_fraction,
     inertia)`` is called as a pass advances. ``mesh``: points over the data axes (``data``, ``fsdp``), centres
     over the remaining ones; the assignment is a blocked matmul with a running top-1, so no [N, K] array is
-    ever formed, and the update is a segment sum reduced over the data axes, in float32.
+    ever formed, and the update is a segment sum reduced over the data axes, in float32. Tuning keywords:
+    ``block_k`` (centres scored at a time per device), ``chunk_rows`` (points per step),
+    ``checkpoint_every_s`` (seconds between saves within a pass). ``balanced=True`` holds the points in
+    memory and assigns on the host (an [N, k] cost), checkpointing at iteration ends.
 
 ``assign(features, centers, metric="euclidean", *, mesh=None) -> ids [N]``
 ``assign_topk(features, centers, l, metric="euclidean", *, mesh=None) -> (ids [N, l], sims [N, l])``
@@ -27,12 +30,14 @@ num_iters_run)``
     Every column receives exactly N / M rows at minimal total cost (auction algorithm, ε-optimal with ε
     below the cost resolution).
 
-``two_level(points, m, n, *, balanced=False, metric="euclidean", num_iters=20, coarse_iters=None, seed=0,
-mesh=None) -> TwoLevelResult(fine_centers, coarse_centers, fine_to_coarse, fine_assignments)``
+``two_level(points, m, n, *, balanced=False, metric="euclidean", num_iters=20, coarse_iters=None, init="random",
+seed=0, mesh=None, checkpoint_dir=None, progress=None) -> TwoLevelResult(fine_centers, coarse_centers,
+fine_to_coarse, fine_assignments)``
     MoDE's hierarchy: k-means into m fine centres, then the fine centres into n coarse ones.
 
-``EmbeddingShards(directory, field="embedding")``: the shards written by ``python -m clus_jax.embed``, read
-one at a time (re-iterable, with a start position for resume).
+``EmbeddingShards(directory, field=None)``: the valid rows of one field (``image_emb``, ``text_emb``) of the
+shards written by ``python -m clus_jax.embed``, one shard at a time (re-iterable; ``record_indices()`` maps
+rows back to records).
 
 ``quality``: ``nmi``, ``adjusted_rand_index``, ``purity``, ``inertia``, ``cluster_sizes``.
 """
