@@ -185,6 +185,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except RuntimeError:  # a TorchScript archive (OpenAI's released .pt files)
         checkpoint = torch.jit.load(path, map_location="cpu").state_dict()
+    if not isinstance(checkpoint, Mapping) and hasattr(checkpoint, "state_dict"):  # torch.load gave a ScriptModule
+        checkpoint = checkpoint.state_dict()
     if isinstance(checkpoint, Mapping) and "state_dict" in checkpoint:
         checkpoint = checkpoint["state_dict"]
     return {k: v.detach().float().numpy() for k, v in checkpoint.items() if hasattr(v, "detach")}
