@@ -382,6 +382,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "out": os.fspath(out), "features": args.features, "field": shards.field, "points": shards.num_rows,
         "records": num_records, "dim": shards.dim, "k": args.k, "metric": args.metric, "balanced": args.balanced,
+        "mesh": {axis: int(size) for axis, size in mesh.shape.items()}, "processes": jax.process_count(),
         "iterations": iterations, "inertia": streamed_inertia(shards, centers, assignments), "sizes": size_figures}
     coarse_sizes = None
     if args.levels:

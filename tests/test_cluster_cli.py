@@ -282,3 +282,30 @@ def test_balanced_clusters_of_skewed_points_are_equal(tmp_path, capsys):
     with pytest.raises(SystemExit):  # 12 points do not split into 5 equal clusters
         cluster.main(["--features", features, "--k", "5", "--balanced", "--out", str(tmp_path / "d")])
     assert "--balanced needs the 12 points to divide into --k=5 equal clusters" in capsys.readouterr().err
+
+
+def test_two_processes_cluster_like_one(embedded, tmp_path, capsys):
+    """launch/local.sh with MODULE=clus_jax.cluster: 2 processes x 4 devices, centres split over tensor=2,
+    reach the centres of one process on 8 devices (up to the order of the float32 sums) and write once."""
+    features, x = embedded[0], embedded[1]
+    args = ["--features", features, "--k", "8", "--iters", "2", "--mesh", "data=4,tensor=2", "--topk", "3"]
+    out = tmp_path / "two"
+    env = {k: v for k, v in ENV.items() if not k.startswith(("CLUS_JAX_", "LOCAL_"))}
+    proc = subprocess.run(["bash", "launch/local.sh", "2", *args, "--assign-to", str(out / "labels"), "--out", str(out)],
+                          cwd=REPO, env={**env, "MODULE": "clus_jax.cluster", "PYTHON": sys.executable, "TIMEOUT": "300"},
+                          capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    for i in (0, 1):
+        assert "cluster: iteration 2/2  pass 100%" in (out / "logs" / f"process_{i}.log").read_text()
+    one, _ = _in_process(capsys, *args, "--assign-to", str(tmp_path / "one_labels"), "--out", str(tmp_path / "one"))
+    centers = np.load(out / "centers.npy")
+    np.testing.assert_allclose(centers, np.load(tmp_path / "one" / "centers.npy"), atol=5e-5)
+    assignments = np.load(out / "assignments.npy")
+    _check_nearest(_sq_distances(x, centers), assignments)
+    labels = np.concatenate(list(side_fields.open_side_field(out / "labels", "cluster_labels", len(x)).chunks()))
+    assert labels.shape == (len(x), 3) and np.mean(labels[:, 0] == assignments) > 0.99
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["points"] == one["points"] == len(x)
+    assert summary["processes"] == 2 and one["processes"] == 1
+    assert summary["mesh"] == one["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+    np.testing.assert_allclose(summary["inertia"], one["inertia"], rtol=1e-3)
