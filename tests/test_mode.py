@@ -60,9 +60,10 @@ def _write_clusters(path, fine, coarse, fine_to_coarse, trained_assignments):
 @pytest.fixture
 def hierarchy(tmp_path):
     """60 records (4 without an embedding) of width 8 around 6 fine centres in 3 coarse groups; the
-    features are not unit length, so the assignment must normalise them first."""
+    features are not unit length and the centres shorter than 1, so the assignment must normalise the
+    features first."""
     rng = np.random.default_rng(3)
-    fine = _unit(rng.normal(size=(6, 8)))
+    fine = _unit(rng.normal(size=(6, 8))) * rng.uniform(0.3, 0.9, (6, 1))  # k-means centres of unit rows: shorter
     fine_to_coarse = np.array([0, 1, 2, 0, 1, 2])
     rows = (fine[rng.integers(0, 6, 60)] + 0.6 * rng.normal(size=(60, 8))) * rng.uniform(0.2, 3.0, (60, 1))
     valid = np.ones(60, bool)
