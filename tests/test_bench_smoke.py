@@ -14,14 +14,17 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
-SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
+           "microbatch_memory.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 
 
 @pytest.fixture(scope="module")
 def quick_runs():
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
-    procs = {s: subprocess.Popen([sys.executable, os.path.join("bench", s), "--quick"], cwd=REPO, env=env,
+    env["PYTHON"] = sys.executable  # what bench/gpu.sh runs gpu.py with
+    runner = lambda s: [sys.executable] if s.endswith(".py") else ["bash"]  # noqa: E731
+    procs = {s: subprocess.Popen([*runner(s), os.path.join("bench", s), "--quick"], cwd=REPO, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
     yield procs
     for proc in procs.values():
@@ -90,3 +93,28 @@ def test_kmeans_quick(quick_runs):
     assert all(r["s_per_iter"] > 0 and abs(r["inertia_vs_faiss"]) < 0.01 for r in speed)
     (memory,) = [r for r in rows if r["part"] == "memory"]
     assert memory["devices"] == 8 and memory["peak_gb"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_quick(quick_runs):
+    """bench/gpu.sh --quick: every figure of the GPU measurement at tiny sizes (CPU: no MFU, no datasheet peak)."""
+    rows = records(quick_runs, "gpu.sh")
+    by_bench = {}
+    for r in rows:
+        by_bench.setdefault(r["bench"], []).append(r)
+    errors = [r["error"] for r in rows if "error" in r]
+    assert not errors, errors
+    clip = by_bench["gpu/clip"]
+    assert [r["remat"] for r in clip] == [False, True]
+    assert all(r["batch"] > 8 and r["images_per_s"] > 0 and r["predicted_device_gib"] > 0 for r in clip)  # searched
+    assert sorted(r["num_prototypes"] for r in by_bench["gpu/swap"]) == [30, 100]
+    assert all(r["images_per_s"] > 0 for r in by_bench["gpu/swap"])
+    assert len(by_bench["gpu/mlcd"]) == 1 and len(by_bench["gpu/kmeans"]) == 1
+    assert "gpu/done" in by_bench and all("xla_flags" in r and "device_kind" in r for r in rows)
+
+
+@pytest.mark.slow
+def test_microbatch_memory_quick(quick_runs):
+    rows = records(quick_runs, "microbatch_memory.py")
+    assert [(r["global_batch"], r["microbatches"]) for r in rows] == [(8, 1), (64, 8), (64, 1)]
+    assert rows[1]["temp_vs_small"] < rows[2]["temp_vs_small"]

@@ -1,6 +1,7 @@
 """``config.microbatches = M`` (GradCache) gives the single-batch step: the same per-step losses, the same
 gradients leaf by leaf (recorded in front of the real optimizer) and the same objective state, for M = 2, 4
-and 8, on one device and on 8 fake devices, for clip, siglip and swap with an EMA teacher and a queue.
+and 8, on one device and on 8 fake devices, for clip, siglip and swap with an EMA teacher and a queue (and
+brivl, whose momentum towers run through the micro-batched ``ctx.apply_model``).
 
 Every micro-batched step starts from the state the single-batch run had before that step, so both compute
 the gradient at the same parameters; the single-batch step (M = 1) is the oracle.
@@ -26,6 +27,8 @@ def config_for(objective, microbatches=1, mesh=None):
     if objective == "swap":
         overrides.update({"swap.num_prototypes": (16, 6), "swap.teacher": "ema", "swap.teacher_momentum": 0.9,
                           "swap.queue_length": 16, "swap.queue_start_step": 0})
+    if objective == "brivl":
+        overrides["brivl.queue_length"] = 32
     config = helpers.tiny_config(objective, **overrides)
     if objective == "swap":
         config.objectives = {"swap": 1.0}
@@ -79,6 +82,7 @@ MESH_2X4 = dict(data=2, fsdp=1, tensor=4)  # heads, MLP, vocabulary and swap ban
     ("clip", (2, 4, 8), ((MESH_8, 2), (MESH_2X4, 8))),
     ("siglip", (2, 4), ((MESH_4_2, 2),)),
     ("swap", (2, 4), ((MESH_2X4, 4),)),
+    ("brivl", (2,), ()),  # momentum towers run micro-batched through ctx.apply_model
 ])
 def test_microbatches_equal_single_batch(objective, sizes, meshes, recording):
     batches = helpers.random_batches(config_for(objective), STEPS)
@@ -114,3 +118,18 @@ def test_microbatches_validated():
     config = config_for("clip", 0)
     with pytest.raises(ConfigError, match=r"config\.microbatches=0"):
         build(config, jax.devices()[:1])
+
+
+def compiled_temp_bytes(config):
+    exp = build(config, jax.devices()[:1])
+    with jax.set_mesh(exp.mesh):
+        compiled = exp.step.jitted.lower(exp.abstract_state, exp.abstract_batch()).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow
+def test_temporaries_do_not_grow_with_the_global_batch():
+    """Batch 64 in 8 micro-batches needs at most 1.3x the temporaries of batch 8 (one batch of 64: ~6x)."""
+    small = compiled_temp_bytes(helpers.tiny_config("clip", batch_size=8, microbatches=1, **{"model.text.vocab_size": 64}))
+    large = compiled_temp_bytes(helpers.tiny_config("clip", batch_size=64, microbatches=8, **{"model.text.vocab_size": 64}))
+    assert large <= 1.3 * small, (large, small)
