@@ -221,9 +221,15 @@ def _fake_python(tmp_path: pathlib.Path, body: str) -> str:
 
 
 def test_local_stops_the_others_when_one_process_fails(tmp_path):
-    fake = _fake_python(tmp_path, """
+    # Process 1 fails only once the others have printed their line, so a loaded machine cannot make the
+    # launcher stop them before they ever wrote to their logs.
+    fake = _fake_python(tmp_path, f"""
         echo "process $CLUS_JAX_PROCESS_ID of $CLUS_JAX_NUM_PROCESSES"
-        if [ "$CLUS_JAX_PROCESS_ID" = 1 ]; then exit 3; fi
+        touch "{tmp_path}/started_$CLUS_JAX_PROCESS_ID"
+        if [ "$CLUS_JAX_PROCESS_ID" = 1 ]; then
+            for _ in $(seq 200); do [ -e "{tmp_path}/started_0" ] && [ -e "{tmp_path}/started_2" ] && break; sleep 0.1; done
+            exit 3
+        fi
         sleep 60
     """)
     start = time.time()
