@@ -59,7 +59,7 @@ from clus_jax.objectives import registry
 from clus_jax.objectives.precision import compute_dtype
 from clus_jax.parallel import partitioning
 from clus_jax.parallel.collectives import (
-    AxisName, all_gather_rows, all_sum, axis_size, global_max, global_sum, join_axis_names, shard_map_island,
+    AxisName, all_gather_rows, all_sum, global_max, global_sum, join_axis_names, shard_map_island,
     shard_offset,
 )
 
