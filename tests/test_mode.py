@@ -207,6 +207,9 @@ def test_routing_weighs_the_trained_experts_by_the_class_names_nearest_fine_cent
     np.testing.assert_allclose(routing.t2i["pairs"], q / q.sum(1, keepdims=True), rtol=1e-6)
     corpus = mode_ensemble.mode_ensemble_weights(captions, fine, fine_to_coarse, 4)[[2, 0]]
     np.testing.assert_allclose(routing.i2t["pairs"], corpus / corpus.sum(), rtol=1e-6)
+    sharp = ensemble.metadata_routing([classify], encode, fine, fine_to_coarse, 4, [2, 0], temperature=0.5)
+    w = mode_ensemble.mode_ensemble_weights(classes, fine, fine_to_coarse, 4, temperature=0.5)
+    np.testing.assert_allclose(sharp.zeroshot["toy"], w[[2, 0]] / w[[2, 0]].sum(), rtol=1e-6)
 
 
 # --- caption embeddings by MiniLM ---------------------------------------------------------------------

@@ -2,7 +2,7 @@
 metadata ensemble, on the zero-shot and retrieval sets.
 
     python -m clus_jax.evaluate.ensemble --experts RUN_0 RUN_1 ... --clusters CLUSTERS --captions EMB
-        [--expert-ids 0,1,...] [--baseline RUN] [--sets embedded] [--out DIR] [--batch-size N]
+        [--expert-ids 0,1,...] [--baseline RUN] [--sets embedded] [--out DIR] [--batch-size N] [--temperature 8]
 
 ``RUN_i`` are expert workdirs (``clus_jax.load``), trained on the subsets of coarse clusters
 ``--expert-ids`` (default 0, 1, ...); ``CLUSTERS`` is the ``python -m clus_jax.cluster --levels M,N``
@@ -97,20 +97,22 @@ def _restricted(weights: np.ndarray, expert_ids: Sequence[int]) -> np.ndarray:
 
 def metadata_routing(sets: Sequence[ClassificationSet | RetrievalSet], encode_captions: TextEncoder,
                      fine_centers: np.ndarray, fine_to_coarse: np.ndarray, num_clusters: int,
-                     expert_ids: Sequence[int]) -> Routing:
-    """The ensemble's weights of experts ``expert_ids`` (coarse cluster ids) for every set."""
+                     expert_ids: Sequence[int], temperature: float = mode_ensemble.TEMPERATURE) -> Routing:
+    """The ensemble's weights of experts ``expert_ids`` (coarse cluster ids) for every set; ``temperature``
+    divides the scores before the softmax (MetaCLIP's 8; lower is sharper routing)."""
     routing = Routing({}, {}, {})
+    t = {"temperature": temperature}
     for s in sets:
         if isinstance(s, ClassificationSet):
             w = mode_ensemble.mode_ensemble_weights(class_embeddings(encode_captions, s), fine_centers,
-                                                    fine_to_coarse, num_clusters)
+                                                    fine_to_coarse, num_clusters, **t)
             routing.zeroshot[s.name] = _restricted(w, expert_ids)
         else:
             captions = metrics.l2_normalize(np.asarray(encode_captions(list(s.captions)), np.float32))
             routing.t2i[s.name] = _restricted(mode_ensemble.retrieval_weights(
-                captions, fine_centers, fine_to_coarse, num_clusters), expert_ids)
+                captions, fine_centers, fine_to_coarse, num_clusters, **t), expert_ids)
             routing.i2t[s.name] = _restricted(mode_ensemble.mode_ensemble_weights(
-                captions, fine_centers, fine_to_coarse, num_clusters), expert_ids)
+                captions, fine_centers, fine_to_coarse, num_clusters, **t), expert_ids)
     return routing
 
 
@@ -209,7 +211,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sets", default="embedded", help="evaluation sets (default embedded)")
     p.add_argument("--out", default=None, help="directory for ensemble.json and ensemble.md")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: config.evals.batch_size)")
+    p.add_argument("--temperature", type=float, default=mode_ensemble.TEMPERATURE,
+                   help="routing softmax temperature (default 8, MetaCLIP's post_report_ensemble)")
     args = p.parse_args(argv)
+    if args.temperature <= 0:
+        cli.fail(f"--temperature={args.temperature} must be positive")
     try:
         ids = [int(x) for x in args.expert_ids.split(",")] if args.expert_ids else list(range(len(args.experts)))
     except ValueError:
@@ -242,9 +248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del model
     baseline = outputs.pop() if args.baseline else None
     routing = metadata_routing(sets, caption_encoder(args.captions), fine_centers, fine_to_coarse, num_clusters,
-                               args.expert_ids)
+                               args.expert_ids, args.temperature)
     rows = report_rows(outputs, args.expert_ids, sets, routing, baseline)
-    result = {"experts": args.experts, "expert_ids": args.expert_ids, "baseline": args.baseline, "rows": rows,
+    result = {"experts": args.experts, "expert_ids": args.expert_ids, "baseline": args.baseline,
+              "temperature": args.temperature, "rows": rows,
               "weights": {"zeroshot": {k: v.tolist() for k, v in routing.zeroshot.items()},
                           "i2t": {k: v.tolist() for k, v in routing.i2t.items()},
                           "t2i_mean": {k: v.mean(axis=0).tolist() for k, v in routing.t2i.items()}}}
