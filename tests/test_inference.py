@@ -54,7 +54,7 @@ def test_the_trainer_writes_config_json(run):
 def test_embeddings_give_the_runs_final_evaluation_figures(run, model, eval_sets):
     final = [r for r in read_metrics(run) if "zeroshot/easyvqa/top1" in r][-1]
     figures = evaluate(eval_sets, model.encode_image, model.encode_text)
-    assert figures and {k.split("/")[0] for k in figures} == {"zeroshot", "retrieval", "probe"}
+    assert figures and {k.split("/")[0] for k in figures} == {"zeroshot", "retrieval", "probe", "cluster"}
     assert figures == {k: final[k] for k in figures}
 
 
