@@ -19,6 +19,8 @@ from clus_jax.train.metrics_writer import read_metrics
 
 import train_helpers as helpers  # registered by tests/conftest.py
 
+pytestmark = pytest.mark.slow  # one training run with two evaluations, shared by every test here
+
 SETS = ("easyvqa", "emoji_category")
 NOT_FIGURES = ("step", "eval/seconds")
 
