@@ -137,7 +137,9 @@ def update_fn(layout: blocked.Layout, metric: str):
 # --------------------------------------------------------------------------------------------- init
 
 def initial_centers(stream: PointStream, k: int, init, metric: str, seed: int) -> np.ndarray:
-    """[k, D] float32 initial centres: given, k distinct random points, or k-means++ on a sample."""
+    """[k, D] float32 initial centres: given, k distinct random points, or k-means++ on a sample of
+    ``KMEANS_PP_SAMPLE_PER_CENTER`` x k points (k sequential steps of O(sample x D) each: for k in the
+    hundreds of thousands, use ``"random"``)."""
     if not isinstance(init, str):
         c = np.asarray(init, np.float32)
         if c.shape != (k, stream.dim):
