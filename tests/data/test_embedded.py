@@ -88,6 +88,16 @@ def test_captions_and_labels(splits):
     assert tones and all("skin tone" in r["caption"] for r in tones)
 
 
+def test_openmoji_renders_span_the_canvas_like_twemoji(splits):
+    """The drawing's longer side reaches the canvas edges (as Twemoji's does), centred within a pixel."""
+    for r in splits["openmoji"][::40]:
+        ink = np.nonzero((255 - transforms.decode_image(r["image"]).astype(int)).sum(-1) > 30)
+        extents = [int(a.max() - a.min() + 1) for a in ink]
+        assert max(extents) >= embedded.EMOJI_SIZE - 2, (r["name"], extents)
+        margins = [(int(a.min()), embedded.EMOJI_SIZE - 1 - int(a.max())) for a in ink]
+        assert all(abs(lo - hi) <= 2 for lo, hi in margins), (r["name"], margins)
+
+
 def test_easyvqa_label_recovery_matches_pixels():
     """The recovered colour is the most common non-background colour of the image."""
     from PIL import Image
