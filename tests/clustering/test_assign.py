@@ -36,3 +36,15 @@ def test_l_out_of_range(data):
     x, c = data
     with pytest.raises(ValueError, match=r"l=38 must lie in \[1, 37\]"):
         assign_topk(x, c, 38)
+
+
+@pytest.mark.parametrize("width", [1, 7, 13, 48, 1024])
+def test_row_argmax_equals_numpy_with_ties_to_the_lower_index(width):
+    from clus_jax.clustering.blocked import row_argmax
+
+    rng = np.random.default_rng(width)
+    s = rng.integers(0, 5, (64, width)).astype(np.float32)  # many ties
+    s[:, -1] = np.where(rng.random(64) < 0.2, 9.0, s[:, -1])  # the maximum last in some rows
+    best, index = row_argmax(s)
+    np.testing.assert_array_equal(index, np.argmax(s, axis=1))
+    np.testing.assert_array_equal(best, s.max(axis=1))
