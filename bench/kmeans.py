@@ -18,7 +18,8 @@ Three parts, each printed as a table and as JSON lines:
 
     python bench/kmeans.py --quick
     python bench/kmeans.py                                   # 100000x64x1024 and 300000x128x4096
-    python bench/kmeans.py --sizes 1000000x128x16384 --iters 1 --rounds 1 --warmup 0 --devices 0 --memory-devices ""
+    python bench/kmeans.py --sizes 1000000x128x16384 --iters 1 --rounds 1 --warmup 0 --judge-points 100000 \
+        --devices 0 --memory-devices ""
 
 With ``--iters 1`` the inertia compared is that of the timed iterations' own output (each starts from the
 initial centres), so a large size costs one iteration and one exact search per library.
@@ -49,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="timed interleaved rounds (default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each candidate first (0 for sizes "
                    "where compiling is negligible next to one iteration)")
+    p.add_argument("--judge-points", type=int, default=0,
+                   help="inertia judged on the first this many points (0: all; the points are in random order)")
     p.add_argument("--devices", type=int, default=8, help="fake devices of the sharded part (0: skip it)")
     p.add_argument("--sharded-sizes", default=None, help="sizes of the sharded part (default: the first size)")
     p.add_argument("--memory-devices", default=None,
@@ -120,11 +123,14 @@ def faiss_iteration(x, init):
     return run
 
 
-def faiss_inertia(x, centers) -> float:
-    """Mean squared distance of every point to its nearest centre (exact faiss search, the common judge)."""
+def faiss_inertia(x, centers, judge_points: int = 0) -> float:
+    """Mean squared distance of every point (or of the first ``judge_points``: the points are in random
+    order) to its nearest centre, by exact faiss search: the common judge of both libraries."""
     import faiss
     import numpy as np
 
+    if judge_points:
+        x = x[:judge_points]
     index = faiss.IndexFlatL2(centers.shape[1])
     index.add(np.ascontiguousarray(centers, np.float32))
     dist, _ = index.search(x, 1)
@@ -156,16 +162,16 @@ def speed_rows(sizes, args, mesh_layouts) -> list[dict]:
         t_faiss = common.median(times["faiss"])
         inertia = {}
         if args.iters == 1:  # every timed call starts from the initial centres: judge its output
-            inertia["faiss"] = faiss_inertia(x, outputs["faiss"])
-            inertia["clus_jax"] = faiss_inertia(x, to_host(outputs[mesh_layouts[0][0]][0])[:k])
+            inertia["faiss"] = faiss_inertia(x, outputs["faiss"], args.judge_points)
+            inertia["clus_jax"] = faiss_inertia(x, to_host(outputs[mesh_layouts[0][0]][0])[:k], args.judge_points)
         elif args.iters:
             km = faiss.Kmeans(d, k, niter=args.iters, max_points_per_centroid=1 << 30, seed=1, verbose=False)
             km.train(x, init_centroids=init)
-            inertia["faiss"] = faiss_inertia(x, km.centroids)
+            inertia["faiss"] = faiss_inertia(x, km.centroids, args.judge_points)
             for name, mesh in mesh_layouts[:1]:  # the same algorithm on every mesh (tests): one run
                 result = kmeans(x, k, num_iters=args.iters, init=init, mesh=mesh, block_k=args.block_k,
                                 chunk_rows=args.chunk_rows)
-                inertia["clus_jax"] = faiss_inertia(x, result.centers)
+                inertia["clus_jax"] = faiss_inertia(x, result.centers, args.judge_points)
         flops = 2.0 * n * k * d
         for name, t in times.items():
             seconds = common.median(t)
