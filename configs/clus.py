@@ -23,7 +23,8 @@ both from bench/methods.py): trains without NaN; train/swap/loss falls from 5.0 
   retrieval/emoji_openmoji/i2t_r10     0.025   0.018
   probe/easyvqa/linear_top1            0.39    0.41
   cluster/easyvqa/kmeans_nmi           0.68    0.68   (bank_1 argmax: 0.61)
-One seed each; the seed-to-seed spread of these figures is about as large as the gaps (see BENCHMARKS.md).
+One seed each: CLIP runs that differ only in float rounding already spread about as wide as these gaps
+(README: easy-VQA 0.40-0.42, held-out R@10 0.14-0.21).
 
 Arguments (``--config configs/clus.py:ARGS``):
   size=B/16      image tower by name (text tower follows text_size=...)
