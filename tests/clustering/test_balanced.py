@@ -42,6 +42,7 @@ def test_rejects_indivisible_sizes():
         balanced_assign(np.zeros((10, 3)))
 
 
+@pytest.mark.slow
 def test_balanced_kmeans_on_skewed_data_gives_equal_clusters():
     rng = np.random.default_rng(6)
     # 90% of the points in one blob, the rest in three small ones.

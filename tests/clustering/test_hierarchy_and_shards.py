@@ -9,6 +9,7 @@ from clus_jax.data.side_fields import write_side_file
 import kmeans_reference
 
 
+@pytest.mark.slow
 def test_two_level_maps_fine_centres_to_their_nearest_coarse_centre():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 5)).astype(np.float32)

@@ -88,6 +88,7 @@ def test_tol_stops_when_inertia_stops_falling():
     np.testing.assert_allclose(result.centers, centres, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_random_and_kmeanspp_init():
     x = blobs(n=500, centres=5, spread=0.05, seed=8)
     a = initial_centers(PointStream(x), 5, "random", "euclidean", seed=3)
@@ -120,6 +121,7 @@ def interrupt_at(iteration, fraction):
     return progress
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", [(3, 0.25), (3, 0.5)], ids=["after_3_iterations", "mid_pass"])
 def test_interrupted_run_resumes_to_the_same_centres(tmp_path, mesh_2x4, where):
     # Unclustered points and an interruption in the last iteration, so a lost partial sum or centre cannot
