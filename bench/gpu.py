@@ -284,8 +284,9 @@ def main() -> None:
                budget_s=args.budget_s if math.isfinite(args.budget_s) else None)
     best = None
     if "clip" in only:
-        for remat in (False, True):
-            ran = run_figure(bench, "gpu/clip", lambda b, r=remat: clip_config(args, "clip", b, r), search=True)
+        for remat in (False, True):  # --quick: remat at the batch found without it (one compile fewer)
+            ran = run_figure(bench, "gpu/clip", lambda b, r=remat: clip_config(args, "clip", b, r),
+                             search=not (remat and args.quick and best), batch=best)
             if not remat:
                 best = ran
     batch = best or (16 if args.quick else 256)
