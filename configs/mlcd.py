@@ -32,7 +32,10 @@ thousands. The centres start from the k-means centres (init=0: unicom's random i
 Expected result (measured on 2 shared cores, load average about 20, one seed each). Every train stage has the
 same budget, so CLIP (the pretrain stage) and MLCD train the same nano image tower for the same steps of batch
 128. Chance: easy-VQA 0.042, emoji category 0.11, R@10 0.047. The recipe took 17 minutes at steps=150 and 27
-at the default 400 on that host.
+at the default 400 on that host. The embedded dataset moved from v2 to v3 during the 400-step runs; only its
+OpenMoji evaluation images changed (the training set and the easy-VQA and held-out Twemoji files are
+byte-identical), so the emoji-category column, which includes the OpenMoji style, is not comparable between
+rows of the 400-step block; every other column is.
 
   run                                 easyVQA zs  emoji cat.  i2t R@10  t2i R@10  linear probe  k-NN
   400 steps (the default)
