@@ -40,13 +40,20 @@ shards written by ``python -m clus_jax.embed``, one shard at a time (re-iterable
 rows back to records).
 
 ``quality``: ``nmi``, ``adjusted_rand_index``, ``purity``, ``inertia``, ``cluster_sizes``.
+
+MoDE (``mode_ensemble``, MetaCLIP's rules): ``fine_assignment`` / ``coarse_assignment`` (nearest centre),
+``expert_membership`` (each expert's records plus a seeded out-of-cluster share), ``mode_ensemble_weights``
+(expert weights from a task's class embeddings), ``retrieval_weights`` (per query), ``ensemble_logits``.
 """
 from clus_jax.clustering import quality
 from clus_jax.clustering.assign import assign, assign_topk
 from clus_jax.clustering.balanced import balanced_assign
 from clus_jax.clustering.hierarchy import TwoLevelResult, two_level
 from clus_jax.clustering.kmeans import KMeansResult, kmeans
+from clus_jax.clustering.mode_ensemble import (coarse_assignment, ensemble_logits, expert_membership,
+                                               fine_assignment, mode_ensemble_weights, retrieval_weights)
 from clus_jax.clustering.shards import EmbeddingShards
 
 __all__ = ["EmbeddingShards", "KMeansResult", "TwoLevelResult", "assign", "assign_topk", "balanced_assign",
-           "kmeans", "quality", "two_level"]
+           "coarse_assignment", "ensemble_logits", "expert_membership", "fine_assignment", "kmeans",
+           "mode_ensemble_weights", "quality", "retrieval_weights", "two_level"]
