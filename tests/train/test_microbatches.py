@@ -1,7 +1,8 @@
 """``config.microbatches = M`` (GradCache) gives the single-batch step: the same per-step losses, the same
-gradients leaf by leaf (recorded in front of the real optimizer) and the same objective state, for M = 2, 4
-and 8, on one device and on 8 fake devices, for clip, siglip and swap with an EMA teacher and a queue (and
-brivl, whose momentum towers run through the micro-batched ``ctx.apply_model``).
+gradients leaf by leaf (recorded in front of the real optimizer) and the same objective state, on one device
+and on 8 fake devices, for clip (M = 8, and 4 on data=2 x tensor=4), siglip (M = 4, and 2 on data=8) and swap
+with an EMA teacher and a queue (M = 2, and 4 on data=2 x tensor=4), and brivl (M = 2), whose momentum towers
+run through the micro-batched ``ctx.apply_model``.
 
 Every micro-batched step starts from the state the single-batch run had before that step, so both compute
 the gradient at the same parameters; the single-batch step (M = 1) is the oracle.
@@ -73,15 +74,15 @@ def assert_steps_match(steps, ref_steps, what):
 
 
 MESH_8 = dict(data=8, fsdp=1, tensor=1)
-MESH_4_2 = dict(data=4, fsdp=2, tensor=1)
 MESH_2X4 = dict(data=2, fsdp=1, tensor=4)  # heads, MLP, vocabulary and swap banks split over 'tensor'
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("objective, sizes, meshes", [
-    ("clip", (2, 4, 8), ((MESH_2X4, 8),)),
-    ("siglip", (2, 4), ((MESH_8, 2), (MESH_4_2, 2))),
-    ("swap", (2, 4), ((MESH_2X4, 4),)),
+    # Each M of 2, 4, 8 is covered by some objective on one device; compiles are what this test costs.
+    ("clip", (8,), ((MESH_2X4, 4),)),
+    ("siglip", (4,), ((MESH_8, 2),)),
+    ("swap", (2,), ((MESH_2X4, 4),)),
     ("brivl", (2,), ()),  # momentum towers run micro-batched through ctx.apply_model
 ])
 def test_microbatches_equal_single_batch(objective, sizes, meshes, recording):
