@@ -8,6 +8,8 @@ Every micro-batched step starts from the state the single-batch run had before t
 the gradient at the same parameters; the single-batch step (M = 1) is the oracle.
 """
 
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -98,6 +100,20 @@ def test_microbatches_equal_single_batch(objective, sizes, meshes, recording):
     for mesh, m in meshes:  # 8 fake devices
         exp = build(config_for(objective, m, mesh), jax.devices())
         assert_steps_match(run_steps(exp, batches, starts), ref, f"{objective} {mesh} M={m}")
+
+
+FULL_MATRIX = [(objective, (2, 4, 8), ((MESH_8, 2), (MESH_2X4, 2), (MESH_2X4, 4), (MESH_2X4, 8)))
+               for objective in ("clip", "siglip", "swap")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("CLUS_JAX_FULL_MICROBATCH_MATRIX") != "1",
+                    reason="every M on every mesh (21 compiles): CLUS_JAX_FULL_MICROBATCH_MATRIX=1")
+@pytest.mark.parametrize("objective, sizes, meshes", FULL_MATRIX)
+def test_every_microbatch_count_on_every_mesh(objective, sizes, meshes, recording):
+    """M = 2, 4, 8 on one device and on 8 fake devices (data=8, and data=2 x tensor=4) against M = 1; the
+    suite's test above runs a cheaper subset of this matrix."""
+    test_microbatches_equal_single_batch(objective, sizes, meshes, recording)
 
 
 def test_split_takes_rows_of_every_device():
