@@ -22,6 +22,27 @@ from clus_jax.clustering import blocked as blocked
 _STEP_PER_ITERATION = 1_000_000_000  # checkpoint step = iteration * this + chunk (ordered by progress)
 
 
+def _manager(directory: str | None) -> ocp.CheckpointManager | None:
+    """A synchronous manager of ('arrays', 'meta') items keeping 2 saves, or None without a directory."""
+    if not directory:
+        return None
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
+                                 item_names=("arrays", "meta"))
+
+
+def _newest_meta(manager: ocp.CheckpointManager | None, fingerprint: dict[str, Any]) -> tuple[int | None, dict]:
+    """(step, meta) of the newest save, (None, {}) when there is none; a save of another clustering fails."""
+    if manager is None or manager.latest_step() is None:
+        return None, {}
+    step = manager.latest_step()
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta["fingerprint"] != fingerprint:
+        raise ValueError(f"checkpoint_dir {manager.directory} holds a different clustering "
+                         f"{meta['fingerprint']}; this one is {fingerprint} (use another directory)")
+    return step, meta
+
+
 @dataclasses.dataclass
 class KMeansState:
     centers: jax.Array
@@ -40,11 +61,7 @@ class KMeansCheckpoints:
 
     def __init__(self, directory: str | None, layout: blocked.Layout, dim: int, fingerprint: dict[str, Any]):
         self.layout, self.dim, self.fingerprint = layout, dim, {k: v for k, v in fingerprint.items()}
-        self.manager = None
-        if directory:
-            options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-            self.manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
-                                                 item_names=("arrays", "meta"))
+        self.manager = _manager(directory)
 
     def save(self, state: KMeansState) -> None:
         if self.manager is None:
@@ -59,13 +76,9 @@ class KMeansCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self) -> KMeansState | None:
-        if self.manager is None or self.manager.latest_step() is None:
+        step, meta = _newest_meta(self.manager, self.fingerprint)
+        if step is None:
             return None
-        step = self.manager.latest_step()
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["fingerprint"] != self.fingerprint:
-            raise ValueError(f"checkpoint_dir {self.manager.directory} holds a different clustering "
-                             f"{meta['fingerprint']}; this one is {self.fingerprint} (use another directory)")
         layout = self.layout
         ctr = layout.sharding(layout.centers_spec())
         acc = layout.sharding(layout.accumulator_spec())
@@ -88,11 +101,7 @@ class CenterCheckpoints:
 
     def __init__(self, directory: str | None, fingerprint: dict[str, Any]):
         self.fingerprint = dict(fingerprint)
-        self.manager = None
-        if directory:
-            options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True, enable_async_checkpointing=False)
-            self.manager = ocp.CheckpointManager(os.path.abspath(os.fspath(directory)), options=options,
-                                                 item_names=("arrays", "meta"))
+        self.manager = _manager(directory)
 
     def save(self, centers: np.ndarray, iteration: int, previous_inertia: float, done: bool) -> None:
         if self.manager is None:
@@ -105,13 +114,9 @@ class CenterCheckpoints:
 
     def restore(self) -> tuple[np.ndarray, int, float, bool] | None:
         """(centres, iteration, previous inertia, done) of the newest save, or None."""
-        if self.manager is None or self.manager.latest_step() is None:
+        step, meta = _newest_meta(self.manager, self.fingerprint)
+        if step is None:
             return None
-        step = self.manager.latest_step()
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if meta["fingerprint"] != self.fingerprint:
-            raise ValueError(f"checkpoint_dir {self.manager.directory} holds a different clustering "
-                             f"{meta['fingerprint']}; this one is {self.fingerprint} (use another directory)")
         arrays = self.manager.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))["arrays"]
         previous = meta["previous_inertia"]
         return (np.asarray(arrays["centers"], np.float32), int(meta["iteration"]),
