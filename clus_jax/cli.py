@@ -1,4 +1,5 @@
-"""What the commands share for a mistyped command: one readable ``error: ...`` line and exit code 2.
+"""What the commands share for a mistyped command: one readable ``error: ...`` line and exit code 2 (and
+exit 1 for an input that cannot be used), and the one JSON summary line a finished command prints.
 
 A user who mistypes a key, a file or an argument gets the name of what is wrong (and the closest key
 that exists), never a traceback from inside a flags library.
@@ -6,8 +7,9 @@ that exists), never a traceback from inside a flags library.
 from __future__ import annotations
 
 import difflib
+import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 
@@ -19,6 +21,20 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Prints ``error: <message>`` (one line) on stderr and exits with ``code``."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def run_and_print(run: Callable[[], Any], *, input_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Runs a command's ``run`` and prints its summary as one JSON line; a usage error exits 2 with one
+    line, one of ``input_errors`` or an unreadable path exits 1 with one line."""
+    try:
+        summary = run()
+    except UsageError as e:
+        fail(str(e))
+    except input_errors as e:
+        fail(str(e), code=1)
+    except (FileNotFoundError, PermissionError) as e:
+        fail(f"{type(e).__name__}: {exception_text(e)}", code=1)
+    print(json.dumps(summary), flush=True)
 
 
 def exception_text(e: BaseException) -> str:

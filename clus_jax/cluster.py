@@ -422,15 +422,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from clus_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()
-    try:
-        summary = run(args)
-    except cli.UsageError as e:
-        cli.fail(str(e))
-    except InputError as e:
-        cli.fail(str(e), code=1)
-    except (FileNotFoundError, PermissionError) as e:
-        cli.fail(f"{type(e).__name__}: {cli.exception_text(e)}", code=1)
-    print(json.dumps(summary), flush=True)
+    cli.run_and_print(lambda: run(args), input_errors=(InputError,))
 
 
 if __name__ == "__main__":

@@ -358,15 +358,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, overrides = parse_args(argv)
-    try:
-        summary = run(args, overrides)
-    except cli.UsageError as e:
-        cli.fail(str(e))
-    except RunError as e:
-        cli.fail(str(e), code=1)
-    except (FileNotFoundError, PermissionError) as e:
-        cli.fail(f"{type(e).__name__}: {cli.exception_text(e)}", code=1)
-    print(json.dumps(summary), flush=True)
+    cli.run_and_print(lambda: run(args, overrides), input_errors=(RunError,))
 
 
 if __name__ == "__main__":
