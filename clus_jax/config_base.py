@@ -106,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.image.ln_pre = True  # LayerNorm after the patch and position embeddings
     c.model.image.mean = (0.5, 0.5, 0.5)  # uint8 RGB pixels become (x / 255 - mean) / std (OpenAI CLIP:
     c.model.image.std = (0.5, 0.5, 0.5)  # mean (0.48145466, 0.4578275, 0.40821073), std (0.26862954, 0.26130258, 0.27577711))
+    # A convolutional stem: one 3x3 stride-2 convolution (+ act) per entry, then the patch embedding over
+    # its output at patch_size / 2**len(conv_stem); the token grid stays image_size / patch_size. () = the
+    # plain ViT patchify (open_clip's; required to export). See clus_jax/models/vit.py.
+    c.model.image.conv_stem = ()
 
     c.optim = ml_collections.ConfigDict(
         dict(lr=1e-3, warmup_steps=40, schedule="cosine", final_lr_fraction=0.0, b1=0.9, b2=0.98, eps=1e-6,

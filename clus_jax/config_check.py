@@ -80,6 +80,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"config.model.image.patch_size is required for size {m.image.size!r} (or use e.g. 'B/16')")
     if m.image.image_size % patch:
         raise ConfigError(f"config.model.image.image_size={m.image.image_size} is not divisible by patch_size={patch}")
+    stem = m.image.get("conv_stem", ())
+    if (not isinstance(stem, (tuple, list))
+            or not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) and c > 0 for c in stem)):
+        raise ConfigError(f"config.model.image.conv_stem={stem!r} must be a tuple of channel counts > 0 (() = none)")
+    if patch % 2 ** len(stem):
+        raise ConfigError(f"config.model.image.conv_stem has {len(stem)} stride-2 convolutions, so patch_size={patch} "
+                          f"must be divisible by {2 ** len(stem)}")
     for tower, size in (("image", isize), ("text", tsize)):
         width = m[tower].get("width") or size.width
         heads = m[tower].get("heads") or size.heads

@@ -66,7 +66,21 @@ def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, 
     pooling = _get(icfg, "pooling", "cls")
     tokens = patches + (1 if pooling == "cls" else 0)
     pooled_last = pooling == "cls" and bool(_get(model_config, "pooled_last_block", True))
-    return TowerShape(tokens, r["width"], r["depth"], r["mlp_dim"], pooled_last=pooled_last), patch * patch * 3, patches, pooling
+    stem = tuple(int(c) for c in _get(icfg, "conv_stem", ()) or ())
+    channels = stem[-1] if stem else 3
+    p = patch // 2 ** len(stem)
+    return TowerShape(tokens, r["width"], r["depth"], r["mlp_dim"], pooled_last=pooled_last), p * p * channels, patches, pooling
+
+
+def conv_stem_flops(model_config: Mapping[str, Any]) -> float:
+    """Forward FLOPs of the image tower's convolutional stem (3x3 stride-2 convolutions) on one image."""
+    icfg = model_config["image"]
+    side, c_in, total = int(_get(icfg, "image_size")), 3, 0.0
+    for c_out in tuple(int(c) for c in _get(icfg, "conv_stem", ()) or ()):
+        side = -(-side // 2)  # SAME padding, stride 2
+        total += 2.0 * side * side * 9 * c_in * c_out
+        c_in = c_out
+    return total
 
 
 def text_tower(model_config: Mapping[str, Any]) -> TowerShape:
@@ -85,6 +99,7 @@ def forward_flops_per_example(model_config: Mapping[str, Any], causal_attention_
     ib = block_forward_flops(img)
     tb = block_forward_flops(txt, causal_attention_factor)
     parts = {
+        "image_stem": conv_stem_flops(model_config),
         "image_patch_embed": 2.0 * patches * patch_dim * img.width,
         "image_dense": ib["dense"],
         "image_attention": ib["attention"],

@@ -80,15 +80,17 @@ def test_only_the_towers_in_use_count():
     assert image_only == 3 * 16 * image < both
 
 
-@pytest.mark.parametrize("size,pooling,pooled_last", [("mu", "cls", True), ("mu", "cls", False), ("nano", "gap", True),
-                                                      ("mu", "map", True)])
-def test_agrees_with_xla_cost_analysis(size, pooling, pooled_last):
+@pytest.mark.parametrize("size,pooling,pooled_last,stem", [("mu", "cls", True, ()), ("mu", "cls", False, ()),
+                                                           ("nano", "gap", True, ()), ("mu", "map", True, ()),
+                                                           ("mu", "cls", True, (8, 16))])
+def test_agrees_with_xla_cost_analysis(size, pooling, pooled_last, stem):
     """XLA counts every op (normalisations, softmax, AdamW) on top of the matmuls: a little above, never below."""
     from clus_jax.experiment import build
 
     # A small vocabulary: the gather and scatter-add of a 49408-row token table are not matmuls.
     c = tiny_config(**{"model.image.size": size, "model.text.size": size, "model.image.pooling": pooling,
-                       "model.pooled_last_block": pooled_last, "model.text.vocab_size": 64})
+                       "model.pooled_last_block": pooled_last, "model.text.vocab_size": 64,
+                       "model.image.conv_stem": stem})
     exp = build(c, jax.devices()[:1])
     cost = exp.step.jitted.lower(exp.abstract_state, exp.abstract_batch()).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

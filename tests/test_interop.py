@@ -214,7 +214,8 @@ def test_configs_clus_jax_cannot_express_are_refused_naming_the_key(edit, key):
 def test_runs_open_clip_cannot_express_are_refused_naming_the_key():
     config = helpers.tiny_config("clip")
     for key, value in (("model.image.pooling", "gap"), ("model.text.pooling", "mean"), ("model.text.causal", False),
-                       ("model.text.act", "quick_gelu"), ("tokenizer.name", "sentencepiece")):
+                       ("model.text.act", "quick_gelu"), ("tokenizer.name", "sentencepiece"),
+                       ("model.image.conv_stem", (8,))):
         bad = copy.deepcopy(config)
         node, leaf = bad, key.split(".")
         for part in leaf[:-1]:
@@ -222,6 +223,15 @@ def test_runs_open_clip_cannot_express_are_refused_naming_the_key():
         node[leaf[-1]] = value
         with pytest.raises(interop.UnsupportedConfig, match=f"config.{key}"):
             open_clip_config.from_run_config(bad)
+
+
+def test_a_conv_stem_run_does_not_match_an_open_clip_tower():
+    """Loading open_clip weights into a config with a convolutional stem names the key (its patch kernel
+    would read the stem's channels, not pixels)."""
+    config = helpers.tiny_config("clip")
+    config.model.image.conv_stem = (8,)
+    _, cfg, _ = open_clip.resolve(*QUICKGELU)
+    assert any("config.model.image.conv_stem=(8,)" in m for m in open_clip_config.mismatches(config.model, cfg))
 
 
 def test_missing_and_unexpected_tensors_and_torch_files_are_named(tmp_path):

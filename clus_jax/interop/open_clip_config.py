@@ -123,6 +123,7 @@ def to_model_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, A
             heads=v_width // head_width, mlp_dim=_mlp_dim(v_width, float(v.get("mlp_ratio", 4.0))), act=act,
             layer_scale_init=float(v.get("ls_init_value") or 0.0), patch_bias=False, ln_pre=not v.get("no_ln_pre", False),
             mean=tuple(float(x) for x in pp.get("mean", OPENAI_MEAN)), std=tuple(float(x) for x in pp.get("std", OPENAI_STD)),
+            conv_stem=(),
         ),
         "text": dict(
             context_length=int(t.get("context_length", 77)), vocab_size=int(t.get("vocab_size", 49408)), width=t_width,
@@ -166,7 +167,8 @@ def _resolved(model) -> dict[str, dict[str, Any]]:
                  layer_scale_init=float(model.image.get("layer_scale_init", 0.0)),
                  patch_bias=bool(model.image.get("patch_bias", True)), ln_pre=bool(model.image.get("ln_pre", True)),
                  mean=tuple(float(x) for x in model.image.get("mean", (0.5,) * 3)),
-                 std=tuple(float(x) for x in model.image.get("std", (0.5,) * 3)))
+                 std=tuple(float(x) for x in model.image.get("std", (0.5,) * 3)),
+                 conv_stem=tuple(int(c) for c in model.image.get("conv_stem", ())))
     text = dict(sizes.resolve(sizes.text_size(model.text.size), model.text))
     text.update(context_length=int(model.text.context_length), vocab_size=int(model.text.vocab_size),
                 causal=bool(model.text.get("causal", True)), pooling=model.text.get("pooling", "eot"),
@@ -211,6 +213,7 @@ def from_run_config(config) -> tuple[dict[str, Any], dict[str, Any]]:
     image, text = m["image"], m["text"]
     tokenizer = config.get("tokenizer", {}).get("name", "clip")
     problems = [
+        (bool(image["conv_stem"]), f"config.model.image.conv_stem={image['conv_stem']!r} (open_clip's ViT patchifies: ())"),
         (image["pooling"] != "cls", f"config.model.image.pooling={image['pooling']!r} (open_clip's ViT pools the class token: 'cls')"),
         (not text["causal"], "config.model.text.causal=False (open_clip's CLIP text tower is causal)"),
         (text["pooling"] not in ("eot", "argmax"), f"config.model.text.pooling={text['pooling']!r} (open_clip pools 'argmax')"),

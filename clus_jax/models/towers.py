@@ -82,6 +82,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> TwoTower:
         act=icfg.get("act", "gelu"), layer_scale_init=float(icfg.get("layer_scale_init", 0.0)),
         patch_bias=bool(icfg.get("patch_bias", True)), ln_pre=bool(icfg.get("ln_pre", True)),
         mean=tuple(float(v) for v in icfg.get("mean", (0.5,) * 3)), std=tuple(float(v) for v in icfg.get("std", (0.5,) * 3)),
+        conv_stem=tuple(int(c) for c in icfg.get("conv_stem", ())),
         **sizes.resolve(isize, icfg)
     )
     text = TextTransformer(

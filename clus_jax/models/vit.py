@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clus_jax.models.layers import ACT_BTE, Dtype, Encoder, Mlp, dense_init, layer_norm
+from clus_jax.models.layers import ACT_BTE, ACTIVATIONS, Dtype, Encoder, Mlp, dense_init, layer_norm
 
 
 class MapHead(nn.Module):
@@ -56,6 +56,10 @@ class VisionTransformer(nn.Module):
     ln_pre: bool = True  # LayerNorm after the patch and position embeddings (open_clip's no_ln_pre=False)
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # uint8 RGB pixels become (x / 255 - mean) / std
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    # Channels of a convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see
+    # better"): one 3x3 stride-2 convolution + activation per entry before the patch embedding, which then
+    # patchifies the stem's output with patch_size / 2**len(conv_stem). () = the plain patchify stem.
+    conv_stem: tuple[int, ...] = ()
 
     def normalize(self, images: jax.Array) -> jax.Array:
         """uint8 pixels -> (x / 255 - mean) / std per channel, as x / (255 std) - mean / std (float32).
@@ -74,8 +78,16 @@ class VisionTransformer(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
         x = self.normalize(images).astype(self.dtype)
+        for i, channels in enumerate(self.conv_stem):
+            x = nn.Conv(
+                int(channels), (3, 3), strides=2, padding="SAME", dtype=self.dtype,
+                kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, None, None, None)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                name=f"stem_conv_{i}",
+            )(x)
+            x = ACTIVATIONS[self.act](x)
         b, h, w, c = x.shape
-        p = self.patch_size
+        p = self.patch_size // 2 ** len(self.conv_stem)
         x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
         x = nn.Dense(
             self.width,
