@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
 SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
-           "microbatch_memory.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+           "microbatch_memory.py", "supervised_ceiling.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +118,11 @@ def test_microbatch_memory_quick(quick_runs):
     rows = records(quick_runs, "microbatch_memory.py")
     assert [(r["global_batch"], r["microbatches"]) for r in rows] == [(8, 1), (64, 8), (64, 1)]
     assert rows[1]["temp_vs_small"] < rows[2]["temp_vs_small"]
+
+
+@pytest.mark.slow
+def test_supervised_ceiling_quick(quick_runs):
+    rows = records(quick_runs, "supervised_ceiling.py")
+    assert [r["variant"] for r in rows] == ["default", "patch4_stem"]
+    assert all(0.0 <= r["top1"] <= r["shape_top1"] <= 1.0 for r in rows)
+    assert rows[1]["image_gflops"] > rows[0]["image_gflops"]  # 64 tokens and a stem against 16 tokens
