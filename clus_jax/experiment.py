@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from clus_jax import config_check, flops
+from clus_jax.config_base import TOWER_PATTERNS
 from clus_jax.data import fields as fields_lib
 from clus_jax.data.fields import FieldSpec
 from clus_jax.models.towers import TwoTower, build_model
@@ -34,10 +35,6 @@ from clus_jax.train.state import boxed_init, create_train_state
 from clus_jax.train.step import build_train_step
 
 PyTree = Any
-
-#: Parameter-path regex of each tower (its encoder and its projection to the shared embedding).
-TOWER_PATTERNS = {fields_lib.IMAGE: r"^image(_proj)?/", fields_lib.TEXT: r"^text(_proj)?/"}
-
 
 def objectives_of(config: ml_collections.ConfigDict) -> dict[str, tuple[Objective, float]]:
     """``config.objectives`` as name -> (objective, weight), in config order."""

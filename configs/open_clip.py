@@ -39,6 +39,7 @@ def get_config(arg: str | None = None):
     config.init_from.path = a.weights
     config.init_from.open_clip_config = a.model_config
     config.optim.lr = a.lr or (1e-3 if a.lit else 1e-5)
+    config.param_groups = []  # trained towers: both at the one fine-tuning rate, not the from-scratch default
     if a.lit:
         config.init_from.include = IMAGE_TOWER
         config.param_groups = [(IMAGE_TOWER, {"frozen": True})]

@@ -249,7 +249,8 @@ def test_embed_encoder_arguments_fail_with_one_line(args, named, tmp_path, capsy
 # --- the recipe ----------------------------------------------------------------------------------------
 
 def _tiny_overrides():
-    """tests/train/helpers.py's tiny CLIP, as train-stage overrides (what differs from base_config)."""
+    """tests/train/helpers.py's tiny CLIP, as train-stage overrides (what differs from base_config; the
+    parameter groups, a list, cannot be a command-line override and keep the default)."""
     tiny = helpers.tiny_config("clip", checkpoint_every=0, log_every=1).to_dict()
     base = config_base.base_config().to_dict()
     flat = {}
@@ -258,7 +259,7 @@ def _tiny_overrides():
         for key, value in a.items():
             if isinstance(value, dict):
                 walk(value, b[key], f"{prefix}{key}.")
-            elif value != b.get(key) and key not in ("total_steps", "batch_size", "objectives"):
+            elif value != b.get(key) and key not in ("total_steps", "batch_size", "objectives", "param_groups"):
                 flat[prefix + key] = value
     walk(tiny, base, "")
     return {**flat, "data.synthetic_size": 48}

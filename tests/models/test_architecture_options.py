@@ -107,15 +107,21 @@ def test_argmax_pooling_reads_the_first_largest_id(pooled_last_block):
     assert not np.allclose(got[:2], apply(tower.clone(pooling="eot"), params, tokens)[:2], atol=1e-3)
 
 
-def test_defaults_keep_the_original_parameter_tree():
-    """Checkpoints of existing configs must load: no new parameter, none removed, with the default keys."""
+@pytest.mark.parametrize("conv_stem", [(), (32, 64)])
+def test_defaults_keep_the_original_parameter_tree(conv_stem):
+    """Checkpoints of existing configs must load: no new parameter, none removed, with the default keys. The
+    options off (conv_stem=(), the plain patchify) give the original tree; the default stem adds its two
+    convolutions' kernels and biases and nothing else."""
     config = config_base.base_config()
+    config.model.image.conv_stem = conv_stem
     module = build_model(config.model)
     inputs = init_inputs(config.model)
     shapes = jax.eval_shape(module.init, jax.random.key(0), inputs["image"], inputs["text"])["params"]
     got = paths(shapes)
     assert {"image/patch_embed/bias", "image/ln_pre/scale", "image/ln_pre/bias"} <= got
     assert not any("/ls1" in p or "/ls2" in p for p in got)
+    stem = {f"image/stem_conv_{i}/{k}" for i in range(len(conv_stem)) for k in ("kernel", "bias")}
+    assert stem <= got
     # counted by hand: image 8 (patch kernel+bias, cls, pos, ln_pre, ln_post) + 4 blocks x 12 (ln1 2, attn 4,
     # ln2 2, mlp 4); text 4 (token and position embeddings, ln_final) + 4 x 12; two projections; logit scale
-    assert len(got) == 8 + 4 * 12 + 4 + 4 * 12 + 2 + 1
+    assert len(got) == 8 + 4 * 12 + 4 + 4 * 12 + 2 + 1 + len(stem)

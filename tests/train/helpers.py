@@ -16,7 +16,10 @@ def tiny_config(objective: str = "clip", **overrides):
     c.objectives = {objective: 1.0}
     c.batch_size = 16
     c.total_steps = 10
-    c.model.image.update(dict(size="mu", image_size=16, patch_size=4))
+    # The mechanism tests' tower: plain patches, one learning rate (the default stem and slow text tower
+    # are tested where they matter: tests/models/test_conv_stem.py, tests/test_configs.py).
+    c.model.image.update(dict(size="mu", image_size=16, patch_size=4, conv_stem=()))
+    c.param_groups = []
     # The full CLIP vocabulary: the synthetic source's captions go through the real tokenizer.
     c.model.text.update(dict(size="mu", context_length=8, vocab_size=49408))
     c.model.embed_dim = 32

@@ -79,6 +79,23 @@ def test_lr_mult_and_decay(recording):
     assert np.abs(after["logit_scale"] - before["logit_scale"]) > LR  # decayed: Adam step + lr * wd * 2.66
 
 
+def test_the_default_groups_train_the_text_tower_at_three_hundredths(recording):
+    """config_base's default param_groups, read by the real step: text/ and text_proj/ move 0.03 lr per entry on
+    the first Adam step, image/, image_proj/ and the logit scale a full lr."""
+    from clus_jax import config_base
+
+    default = list(config_base.base_config().param_groups)
+    assert default == [(r"^text(_proj)?/", {"lr_mult": 0.03})]
+    exp, states, grads = run(group_config(default), 1)
+    before, after, g = paths(states[0]["params"]), paths(states[1]["params"]), paths(grads[0])
+    seen = set()
+    for name, p in before.items():
+        lr_mult = 0.03 if name.startswith(("text/", "text_proj/")) else 1.0
+        assert_update(name, p, after[name], first_adam_update(g[name], p, lr_mult, p.ndim >= 2))
+        seen.add((name.split("/")[0], lr_mult))
+    assert {("text", 0.03), ("text_proj", 0.03), ("image", 1.0), ("image_proj", 1.0)} <= seen
+
+
 def test_trainable_window(recording):
     """Frozen before step 1 and from step 3: no update, no decay, moments untouched; step 1 is a first Adam step."""
     groups = [(r"^image/", {"trainable_from": 1, "trainable_until": 3})]
