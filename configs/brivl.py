@@ -9,8 +9,9 @@ Command (CPU, 2 cores; the default is the small-batch setting where the queues s
 and the same budget without queues, for comparison:
   python -m clus_jax.train --config configs/clip.py:batch=32 --workdir /tmp/clus_jax/clip_b32
 
-Expected result (measured, 400 steps of batch 32, one seed each; retrieval on the 211 held-out emoji
-concepts, chance R@1 0.005, R@10 0.047):
+Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
+config.param_groups=[]; BENCHMARKS 'Methods at equal compute' has the current ones; 400 steps of
+batch 32, one seed each; retrieval on the 211 held-out emoji concepts, chance R@1 0.005, R@10 0.047):
 
   run                                  easyVQA zero-shot  i2t R@1  t2i R@1  i2t R@10  t2i R@10  probe
   clip, batch 32                              0.25          0.024    0.013    0.128     0.070   0.44

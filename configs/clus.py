@@ -10,7 +10,9 @@ Command (CPU, about 4.5 minutes of compute on 2 cores, 20% more than configs/cli
 and the swap loss on top of the same 400 steps of batch 128):
   python -m clus_jax.train --config configs/clus.py --workdir /tmp/clus_jax/clus
 
-Expected result (measured on dataset v3, seed 0, next to configs/clip.py at the same seed, batch and steps,
+Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
+config.param_groups=[]; BENCHMARKS 'Methods at equal compute' has the current ones; on dataset v3,
+seed 0, next to configs/clip.py at the same seed, batch and steps,
 both from bench/methods.py): trains without NaN; train/swap/loss falls from 5.0 to 4.5 (the mean of ln 64 =
 4.2 and ln 256 = 5.5 is 4.9: clusters only start to form in 400 steps); every bank keeps using many clusters
 (train/swap/bank_*/used_clusters_* 22-48 per batch of 128, far from collapse at 1); train/clip/loss 2.6.

@@ -29,7 +29,9 @@ negative sampling of Partial-FC is off (sample_rate 1.0): a batch of 128 images 
 thousand positive labels, more than r K = 26 sampled centres; r = 0.1 is for K in the hundreds of
 thousands. The centres start from the k-means centres (init=0: unicom's random init).
 
-Expected result (measured on 2 shared cores, load average about 20, one seed each). Every train stage has the
+Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
+config.param_groups=[] in every stage; on 2 shared cores, load average about 20, one seed each).
+Every train stage has the
 same budget, so CLIP (the pretrain stage) and MLCD train the same nano image tower for the same steps of batch
 128. Chance: easy-VQA 0.042, emoji category 0.11, R@10 0.047. The recipe took 17 minutes at steps=150 and 27
 at the default 400 on that host. The embedded dataset moved from v2 to v3 during the 400-step runs; only its

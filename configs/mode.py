@@ -41,7 +41,8 @@ steps=, batch=, synthetic, image_size=); for get_recipe:
   encoder=minilm       or seed (see above)
   ooc=0.02 iters=10    out-of-cluster fraction; k-means iterations
 
-Expected result (measured 2026-12-01, defaults: fine=110, coarse=2, seed 150 + 2 x 125 steps against a dense
+Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
+config.param_groups=[]; 2026-12-01, defaults: fine=110, coarse=2, seed 150 + 2 x 125 steps against a dense
 400-step run, batch 128; stage times captions 191 s, clusters 875 s, subsets 8 s, seed 281 s, experts
 192 s and 183 s, dense 553 s, ensemble 79 s; the temperature-1 row is ``python -m clus_jax.evaluate.ensemble``
 of the same runs with ``--temperature 1``):
