@@ -24,10 +24,19 @@ STEPS = 2
 
 
 def sharded_config(objective):
-    """Width 64 with 4 heads and MLP 256 in both towers, vocabulary 64: all divisible by tensor=4."""
+    """Width 64 with 4 heads and MLP 256 in both towers, vocabulary 64: all divisible by tensor=4.
+
+    'clip_default_towers' is CLIP with what config_base adds to the mechanism tests' towers: a convolutional
+    stem (replicated kernels on batch-split images) and the text tower's learning-rate group."""
     tower = {"heads": 4, "width": 64, "mlp_dim": 256}
     overrides = {f"model.{t}.{k}": v for t in ("image", "text") for k, v in tower.items()}
     overrides.update({"model.text.vocab_size": 64, "optim.warmup_steps": 0})
+    if objective == "clip_default_towers":
+        from clus_jax import config_base
+
+        config = helpers.tiny_config("clip", **overrides, **{"model.image.conv_stem": (8, 16)})
+        config.param_groups = list(config_base.base_config().param_groups)
+        return config
     if objective == "swap":
         overrides.update({"swap.num_prototypes": (16, 6), "swap.teacher": "ema", "swap.teacher_momentum": 0.9,
                           "swap.queue_length": 16, "swap.queue_start_step": 0})
@@ -77,7 +86,7 @@ def assert_tensor_parallel(exp):
     assert "tensor" in tuple(params["text"]["token_embed"].spec), params["text"]["token_embed"].spec
 
 
-@pytest.mark.parametrize("objective", ["clip", "siglip", "clip_reg", "swap"])
+@pytest.mark.parametrize("objective", ["clip", "siglip", "clip_reg", "swap", "clip_default_towers"])
 def test_meshes_match_one_device(objective, recording):
     config = sharded_config(objective)
     batches = helpers.random_batches(config, STEPS)
@@ -89,6 +98,8 @@ def test_meshes_match_one_device(objective, recording):
     if objective == "swap":
         assert set(ref_steps[0][2][prototypes.PARAMS_KEY]) == {"bank_0", "bank_1"}
         assert int(ref_steps[1][3]["objective_states"]["swap"]["queue"]["filled"]) == 1  # step 1 uses the queue
+    if objective == "clip_default_towers":
+        assert {"stem_conv_0", "stem_conv_1"} <= set(ref_steps[0][2]["image"])  # the stem has gradients
     ref_starts = [before for *_, before in ref_steps]
     for mesh in MESHES:
         config.mesh.update(mesh)
