@@ -153,7 +153,10 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def apply_args(config: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
-    """Applies the shared config arguments (size, text_size, steps, batch, synthetic, image_size)."""
+    """Applies the shared config arguments (size, text_size, steps, batch, synthetic, image_size,
+    text_lr_mult: the default text-tower group's learning-rate multiplier, 1 = one rate for both towers)."""
+    if a.get("text_lr_mult"):
+        config.param_groups = [(TOWER_PATTERNS[fields_lib.TEXT], {"lr_mult": float(a.text_lr_mult)})]
     if a.get("size"):
         config.model.image.size = a.size
         if "/" in a.size:

@@ -28,13 +28,15 @@ Arguments (``--config configs/clip.py:ARGS``):
   steps=N        total steps
   batch=N        global batch size
   synthetic      random data instead of the embedded dataset (no build step)
+  text_lr_mult=X the text tower's learning rate, x the schedule (default 0.03; 1 = one rate)
 Any key can also be overridden: --config.optim.lr=3e-4 --config.mesh.fsdp=2
 """
 from clus_jax import config_base as common
 
 
 def get_config(arg: str | None = None):
-    a = common.parse_arg(arg, size="", text_size="", steps=0, batch=0, synthetic=False, image_size=0)
+    a = common.parse_arg(arg, size="", text_size="", steps=0, batch=0, synthetic=False, image_size=0,
+                         text_lr_mult=0.0)
     config = common.base_config()
     config.objectives = {"clip": 1.0}
     common.apply_args(config, a)

@@ -24,6 +24,15 @@ def test_config_is_runnable_documentation(path):
     config_check.validate(config, num_devices=8)
 
 
+def test_text_lr_mult_argument_replaces_the_default_text_group():
+    """configs/clip.py:text_lr_mult=X is the ablation's one switch; the step reads the group it writes
+    (tests/train/test_param_groups.py checks the update at the default 0.03)."""
+    assert config_base.load_config("configs/clip.py").param_groups == [(r"^text(_proj)?/", {"lr_mult": 0.03})]
+    config = config_base.load_config("configs/clip.py:text_lr_mult=0.3,steps=400")
+    assert config.param_groups == [(r"^text(_proj)?/", {"lr_mult": 0.3})]
+    assert config.total_steps == 400
+
+
 TINY = {"model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,
         "model.text.context_length": 8, "evals.sets": "none", "log_every": 1, "checkpoint_every": 0,
         "data.synthetic_size": 256}
