@@ -115,8 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
     # its output at patch_size / 2**len(conv_stem); the token grid stays image_size / patch_size. () = the
     # plain ViT patchify (open_clip's; required to export). See clus_jax/models/vit.py. The default, 8x8
     # tokens over a 32-pixel image from a (32, 64) stem, is what lets a nano tower tell easy-VQA's shapes
-    # apart: trained on the labels in the default budget it reaches 0.94 top-1, against 0.52 with the
-    # plain 8-pixel patches and 0.89 with 4-pixel ones (bench/supervised_ceiling.py).
+    # apart: trained on the labels in the default budget it reaches 0.94 top-1, against 0.53 with the
+    # plain 8-pixel patches and 0.91 with 4-pixel ones (bench/supervised_ceiling.py).
     c.model.image.conv_stem = (32, 64)
 
     c.optim = ml_collections.ConfigDict(

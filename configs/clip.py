@@ -13,7 +13,7 @@ final train/loss 1.83 / 1.86. Wall time: see the README's quick start (measured 
 
 Two defaults of config_base make easy-VQA's shapes learnable (the colour alone gives 1/3 of top-1):
   * the image tower: 8x8 tokens from a (32, 64) convolutional stem (model.image.patch_size=4,
-    model.image.conv_stem). With the labels, in this budget, the plain 8-pixel patches reach 0.52 top-1
+    model.image.conv_stem). With the labels, in this budget, the plain 8-pixel patches reach 0.53 top-1
     and the stem 0.94 (bench/supervised_ceiling.py): the old tower could not see the shapes.
   * the text tower at 0.03x the learning rate (config.param_groups). At one rate it maps "a red circle"
     and "a red rectangle" to one embedding (cosine 0.99) while colour is learned, and neither tower then
