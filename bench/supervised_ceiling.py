@@ -17,6 +17,7 @@ image-tower forward GFLOPs per image and the seconds it took (not a benchmark: a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -37,6 +38,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def labelled_train_records() -> tuple[dict[str, Any], ...]:
+    """The labelled easy-VQA training records of the embedded dataset (built if needed), read once."""
+    from clus_jax.data import embedded
+
+    path = embedded.build_embedded_dataset()
+    return tuple(r for r in embedded.read_split(path, "train") if r["style"] == "easyvqa" and r["label"] >= 0)
+
+
 def run_variant(name: str, overrides: dict[str, Any], steps: int, batch: int, lr: float, seed: int) -> dict[str, Any]:
     """Trains the variant's image tower + a linear head on the labels; returns its row of the table."""
     import flax.linen as nn
@@ -47,20 +57,20 @@ def run_variant(name: str, overrides: dict[str, Any], steps: int, batch: int, lr
 
     from clus_jax import config_base, flops
     from clus_jax.data import embedded, transforms
+    from clus_jax.evaluate.datasets import ClassificationSet
     from clus_jax.models.towers import build_model
 
-    config = config_base.load_config("configs/clip.py")
+    config = config_base.load_config(os.path.join(REPO_ROOT, "configs", "clip.py"))
     config.model.image.update(overrides)
     size = int(config.model.image.image_size)
     tower = build_model(config.model).image
-    path = embedded.build_embedded_dataset()
-    train = [r for r in embedded.read_split(path, "train") if r["style"] == "easyvqa" and r["label"] >= 0]
-    test = embedded.read_split(path, "easyvqa_test")
-    names = list(embedded.read_meta(path)["easyvqa_classnames"])
+    train = labelled_train_records()
+    # The evaluation's own easy-VQA test set at this size (centre crops, cached per size).
+    test_set = next(s for s in embedded.load_eval_sets(image_size=size)
+                    if isinstance(s, ClassificationSet) and s.name == "easyvqa")
+    names, test_x, test_y = list(test_set.classnames), test_set.images, np.asarray(test_set.labels)
     shape_of = np.asarray([n.split()[-1] for n in names])
     augment = transforms.TrainTransform(image_size=size, min_crop_scale=float(config.data.min_crop_scale), seed=seed)
-    test_x = np.stack([transforms.center_crop(transforms.to_rgb_image(r["image"]), size) for r in test])
-    test_y = np.asarray([r["label"] for r in test])
 
     class Classifier(nn.Module):
         image: nn.Module

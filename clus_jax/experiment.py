@@ -36,6 +36,7 @@ from clus_jax.train.step import build_train_step
 
 PyTree = Any
 
+
 def objectives_of(config: ml_collections.ConfigDict) -> dict[str, tuple[Objective, float]]:
     """``config.objectives`` as name -> (objective, weight), in config order."""
     return {name: (registry.get(name), float(w)) for name, w in dict(config.objectives).items()}

@@ -66,17 +66,22 @@ def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, 
     pooling = _get(icfg, "pooling", "cls")
     tokens = patches + (1 if pooling == "cls" else 0)
     pooled_last = pooling == "cls" and bool(_get(model_config, "pooled_last_block", True))
-    stem = tuple(int(c) for c in _get(icfg, "conv_stem", ()) or ())
+    stem = _conv_stem(icfg)
     channels = stem[-1] if stem else 3
     p = patch // 2 ** len(stem)
     return TowerShape(tokens, r["width"], r["depth"], r["mlp_dim"], pooled_last=pooled_last), p * p * channels, patches, pooling
+
+
+def _conv_stem(icfg: Mapping[str, Any]) -> tuple[int, ...]:
+    """The channels of ``config.model.image.conv_stem`` (() without a stem)."""
+    return tuple(int(c) for c in _get(icfg, "conv_stem", ()) or ())
 
 
 def conv_stem_flops(model_config: Mapping[str, Any]) -> float:
     """Forward FLOPs of the image tower's convolutional stem (3x3 stride-2 convolutions) on one image."""
     icfg = model_config["image"]
     side, c_in, total = int(_get(icfg, "image_size")), 3, 0.0
-    for c_out in tuple(int(c) for c in _get(icfg, "conv_stem", ()) or ()):
+    for c_out in _conv_stem(icfg):
         side = -(-side // 2)  # SAME padding, stride 2
         total += 2.0 * side * side * 9 * c_in * c_out
         c_in = c_out
