@@ -1,7 +1,7 @@
 """Every method at equal compute: each method's config trained on the embedded data with the same global
 batch, steps and towers, for several seeds, summarised as one table of mean ± std.
 
-    python bench/methods.py --workdir /tmp/clus_jax/methods                      # 5 methods x 3 seeds
+    python bench/methods.py --workdir /tmp/clus_jax/methods                      # 7 methods x 3 seeds
     python bench/methods.py --workdir DIR --methods clip,clus --seeds 2 --steps 200
     python bench/methods.py --workdir DIR --collect                              # table of finished runs
     python bench/methods.py --workdir DIR --dry-run                              # print the commands
@@ -13,6 +13,18 @@ shared defaults. Wall time is timed around each run (the embedded dataset is bui
 The table (``DIR/methods.md``, ``DIR/methods.csv``) has one row per method and, for each metric present in
 the runs' final ``metrics.jsonl`` records, the mean ± sample std over seeds (every metric in the CSV;
 the key ones, each ``cluster/.../*_nmi`` the evaluation writes and the wall time in the Markdown). A method joins by adding a line to ``METHODS``.
+
+Methods that are recipes (``RECIPES``: MLCD, MoDE) run ``python -m clus_jax.recipe`` in ``DIR/<method>_s<seed>``
+with the same budget split over their train stages, so that the steps of all stages add up to the steps of
+one CLIP run (the offline embed and cluster stages are extra, and in the wall time):
+
+- MLCD: a CLIP pretrain stage of steps/4, the MLCD stage on its k-means labels for steps/2, the LiT stage
+  (frozen image tower, new text tower) for steps/4; figures from the LiT stage's evaluation;
+- MoDE: a seed run of 3/8 of the steps and two data experts of 5/16 each from it; figures from the MoDE
+  (metadata) ensemble of ``clus_jax.evaluate.ensemble`` (zero-shot and retrieval only: an ensemble has no
+  single image embedding for a probe, k-NN or k-means). The dense baseline is the ``clip`` row.
+
+The seed of a recipe goes to each of its train stages and to its clustering.
 """
 from __future__ import annotations
 
@@ -21,9 +33,10 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -38,6 +51,44 @@ METHODS: dict[str, str] = {
     "clip_reg": "configs/clip_reg.py",
     "clus": "configs/clus.py",
     "brivl": "configs/brivl.py",
+}
+
+
+def mlcd_args(steps: int, batch: int, seed: int) -> str:
+    """pretrain steps/4 + mlcd steps/2 + lit steps/4 = steps."""
+    quarter = steps // 4
+    return (f"pretrain_steps={quarter},steps={steps - 2 * quarter},lit_steps={quarter},batch={batch},"
+            f"seed={seed}")
+
+
+def mode_args(steps: int, batch: int, seed: int) -> str:
+    """seed run 3/8 + two experts of 5/16 each = steps; no dense baseline (the clip row is one)."""
+    expert = steps * 5 // 16
+    return f"seed_steps={steps - 2 * expert},expert_steps={expert},batch={batch},dense=0,seed={seed}"
+
+
+def lit_stage_metrics(workdir: str, steps: int) -> dict[str, float] | None:
+    """The final metrics of the recipe's ``lit`` stage, or None before it finished."""
+    metrics, step = sweep.read_final_metrics(os.path.join(workdir, "lit"))
+    if step is None or step < steps // 4:
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def ensemble_metrics(workdir: str, steps: int) -> dict[str, float] | None:
+    """The ``ensemble`` row of the recipe's ``ensemble_2/ensemble.json``, or None before it exists."""
+    del steps
+    path = os.path.join(workdir, "ensemble_2", "ensemble.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {k: float(v) for k, v in json.load(f)["rows"]["ensemble"].items()}
+
+
+# method -> (recipe config, (steps, batch, seed) -> its :ARGS, (workdir, steps) -> final metrics or None)
+RECIPES: dict[str, tuple[str, Callable[[int, int, int], str], Callable[[str, int], dict | None]]] = {
+    "mlcd": ("configs/mlcd.py", mlcd_args, lit_stage_metrics),
+    "mode": ("configs/mode.py", mode_args, ensemble_metrics),
 }
 # The table's leading columns, in this order, when present; other result keys follow sorted.
 KEY_METRICS = (
@@ -78,15 +129,35 @@ def plan(workdir: str, methods: Sequence[str], seeds: Sequence[int], steps: int,
     """(method, config spec, run, common overrides) for every method and seed."""
     out = []
     for method in methods:
-        if method not in METHODS:
-            raise KeyError(f"unknown method {method!r}; known: {sorted(METHODS)}")
-        spec = config_spec(method, steps, batch)
+        if method not in METHODS and method not in RECIPES:
+            raise KeyError(f"unknown method {method!r}; known: {sorted([*METHODS, *RECIPES])}")
         for seed in seeds:
             name = f"{method}_s{seed}"
+            if method in RECIPES:
+                path, args, _ = RECIPES[method]
+                run = sweep.Run(index=len(out), name=name, overrides={}, workdir=os.path.join(workdir, name),
+                                total_steps=steps)
+                out.append((method, f"{path}:{args(steps, batch, seed)}", run, []))
+                continue
             run = sweep.Run(index=len(out), name=name, overrides={"seed": seed},
                             workdir=os.path.join(workdir, name), total_steps=steps)
-            out.append((method, spec, run, method_overrides(method, batch)))
+            out.append((method, config_spec(method, steps, batch), run, method_overrides(method, batch)))
     return out
+
+
+def recipe_command(spec: str, run: sweep.Run) -> list[str]:
+    """The command that runs (or resumes) a recipe method's stages in the run's workdir."""
+    return [sys.executable, "-m", "clus_jax.recipe", "--config", spec, "--workdir", run.workdir]
+
+
+def run_metrics(method: str, run: sweep.Run) -> dict[str, float] | None:
+    """A finished run's final metrics (result keys, ``train/loss`` where there is one), None before it ends."""
+    if method in RECIPES:
+        return RECIPES[method][2](run.workdir, run.total_steps or 0)
+    metrics, step = sweep.read_final_metrics(run.workdir)
+    if step is None or step < (run.total_steps or 0):
+        return None
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def train_all(planned, extra_overrides: Sequence[str]) -> list[str]:
@@ -95,9 +166,13 @@ def train_all(planned, extra_overrides: Sequence[str]) -> list[str]:
 
     embedded.build_embedded_dataset()  # once, outside every run's wall time
     failed = []
-    for _, spec, run, overrides in planned:
+    for method, spec, run, overrides in planned:
         start = time.perf_counter()
-        bad = sweep.run_local(spec, [run], [*overrides, *extra_overrides])
+        if method in RECIPES:
+            finished = run_metrics(method, run) is not None
+            bad = not finished and subprocess.run(recipe_command(spec, run), cwd=REPO_ROOT).returncode != 0
+        else:
+            bad = sweep.run_local(spec, [run], [*overrides, *extra_overrides])
         seconds = time.perf_counter() - start
         if bad:
             failed.append(run.name)
@@ -117,10 +192,10 @@ def summarise(planned) -> tuple[list[str], dict[str, dict[str, tuple[float, floa
     """(columns, {method: {column: (mean, std, n)}}) over the finished runs of each method."""
     per_method: dict[str, dict[str, list[float]]] = {}
     for method, _, run, _ in planned:
-        metrics, step = sweep.read_final_metrics(run.workdir)
-        if step is None or step < (run.total_steps or 0):
+        metrics = run_metrics(method, run)
+        if metrics is None:
             continue
-        values = {k: float(v) for k, v in metrics.items() if sweep.is_result_key(k) and isinstance(v, (int, float))}
+        values = {k: float(v) for k, v in metrics.items() if sweep.is_result_key(k)}
         values["train/loss"] = metrics.get("train/loss", math.nan)
         timing = os.path.join(run.workdir, TIMING_FILE)
         if os.path.exists(timing):
@@ -171,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Other --config.KEY=VALUE arguments apply to every run.")
     p.add_argument("--workdir", required=True)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated names of METHODS")
+    p.add_argument("--methods", default=",".join([*METHODS, *RECIPES]),
+                   help="comma-separated names of METHODS and RECIPES")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH)
@@ -186,9 +262,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.steps, args.batch)
     except KeyError as e:
         p.error(str(e.args[0]))
+    if rest and any(m in RECIPES for m, *_ in planned):
+        p.error(f"{' '.join(rest)}: --config overrides apply to single-config methods only, not to "
+                f"{', '.join(sorted({m for m, *_ in planned if m in RECIPES}))}")
     if args.dry_run:
-        for _, spec, run, overrides in planned:
-            print(" ".join(sweep.train_command(spec, run, [*overrides, *rest])))
+        for method, spec, run, overrides in planned:
+            command = (recipe_command(spec, run) if method in RECIPES
+                       else sweep.train_command(spec, run, [*overrides, *rest]))
+            print(" ".join(command))
         return 0
     failed = [] if args.collect else train_all(planned, rest)
     print(write_table(args.workdir, *summarise(planned)), end="")

@@ -58,3 +58,23 @@ def get_config(arg: str | None = None):
     common.apply_args(config, a)
     config.swap.freeze_prototypes_steps = min(config.swap.freeze_prototypes_steps, config.total_steps // 10)
     return config
+
+
+def get_sweep(arg: str | None = None):
+    """Clus's knobs one at a time around the default (BENCHMARKS 'Clus knob sweep'):
+    python -m clus_jax.sweep --config configs/clus.py:steps=400,batch=128 --workdir DIR"""
+    del arg
+    return [
+        {},
+        {"objectives.swap": 0.25},
+        {"objectives.swap": 1.0},
+        {"swap.num_prototypes": (24, 64)},
+        {"swap.num_prototypes": (256, 1024)},
+        {"swap.teacher": "none"},
+        {"swap.teacher_momentum": 0.999},
+        {"swap.queue_length": 1024},
+        {"swap.epsilon": 0.02},
+        {"swap.epsilon": 0.1},
+        {"swap.temperature": 0.2},
+        {"swap.freeze_prototypes_steps": 0},
+    ]

@@ -68,13 +68,15 @@ Arguments (``--config configs/mlcd.py:ARGS``, for both get_config and get_recipe
   k=N            number of centres (256)          labels=L     positives per image (8)
   features=DIR   a finished clip run to embed with (default: the recipe's pretrain stage)
   init=0         random centres instead of the k-means centres
+  pretrain_steps=N, lit_steps=N   steps of the pretrain and lit stages (default: steps=, as the mlcd stage)
+  seed=S         seed of every train stage and of k-means (default: the configs' own)
   size=, text_size=, steps=, batch=, synthetic, image_size=   as in configs/clip.py
 Any key can also be overridden: --config.mlcd.scale=64 --config.mlcd.margin=0.5 --config.mlcd.sample_rate=0.1
 """
 from clus_jax import config_base as common
 
 ARGS = dict(k=256, labels=8, features="", init=True, size="", text_size="", steps=0, batch=0, synthetic=False,
-            image_size=0)
+            image_size=0, pretrain_steps=0, lit_steps=0, seed=-1)
 
 
 def get_config(arg: str | None = None):
@@ -94,20 +96,27 @@ def get_recipe(arg: str | None = None):
     from clus_jax.recipe import Stage
 
     a = common.parse_arg(arg, **ARGS)
-    shared = ",".join(f"{k}={a[k]}" for k in ("size", "text_size", "steps", "batch", "image_size") if a[k])
+    shared = ",".join(f"{k}={a[k]}" for k in ("size", "text_size", "batch", "image_size") if a[k])
     shared += ",synthetic" if a.synthetic else ""
-    suffix = f":{shared}" if shared else ""
-    stages = [] if a.features else [Stage("pretrain", train=f"configs/clip.py{suffix}")]
+
+    def spec(path: str, steps: int, extra: str = "") -> str:
+        args = ",".join(filter(None, [extra, f"steps={steps}" if steps else "", shared]))
+        return f"{path}:{args}" if args else path
+
+    seeded = {"seed": a.seed} if a.seed >= 0 else {}
+    stages = [] if a.features else [Stage("pretrain", train=spec("configs/clip.py", a.pretrain_steps or a.steps),
+                                          overrides=seeded)]
     source = a.features or "{pretrain}"
     stages += [
         Stage("embed", module="clus_jax.embed",
               args=["--workdir", source, "--out", "{workdir}", "--modality", "image"]),
         Stage("cluster", module="clus_jax.cluster", outputs={"labels": "labels", "centers": "centers.npy"},
               args=["--features", "{embed}", "--field", "image_emb", "--k", str(a.k), "--metric", "cosine",
-                    "--topk", str(a.labels), "--assign-to", "{workdir}/labels", "--out", "{workdir}"]),
-        Stage("mlcd", train=f"configs/mlcd.py:k={a.k},labels={a.labels}" + (f",{shared}" if shared else ""),
+                    "--topk", str(a.labels), "--assign-to", "{workdir}/labels", "--out", "{workdir}",
+                    *(["--seed", str(a.seed)] if a.seed >= 0 else [])]),
+        Stage("mlcd", train=spec("configs/mlcd.py", a.steps, f"k={a.k},labels={a.labels}"),
               overrides={"data.side_fields.cluster_labels": "{cluster.labels}",
-                         **({"mlcd.init_centers": "{cluster.centers}"} if a.init else {})}),
-        Stage("lit", train="configs/lit.py:init={mlcd}" + (f",{shared}" if shared else "")),
+                         **({"mlcd.init_centers": "{cluster.centers}"} if a.init else {}), **seeded}),
+        Stage("lit", train=spec("configs/lit.py", a.lit_steps or a.steps, "init={mlcd}"), overrides=seeded),
     ]
     return stages

@@ -40,6 +40,8 @@ steps=, batch=, synthetic, image_size=); for get_recipe:
   dense=True           also train the dense baseline
   encoder=minilm       or seed (see above)
   ooc=0.02 iters=10    out-of-cluster fraction; k-means iterations
+  seed=S               seed of every train stage, the clustering and the out-of-cluster draw (default:
+                       the configs' own seed and 0)
 
 Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
 config.param_groups=[]; 2026-12-01, defaults: fine=110, coarse=2, seed 150 + 2 x 125 steps against a dense
@@ -139,7 +141,8 @@ def mode_stages(*, fine: int = 110, coarse: int = 2, experts: int = 0, seed_step
 
 def get_recipe(arg: str | None = None) -> list[Stage]:
     a = common.parse_arg(arg, fine=110, coarse=2, experts=0, seed_steps=150, expert_steps=125, batch=128,
-                         dense=True, encoder="minilm", ooc=0.02, iters=10)
+                         dense=True, encoder="minilm", ooc=0.02, iters=10, seed=-1)
+    seeded = {"seed": a.seed} if a.seed >= 0 else {}
     return mode_stages(fine=a.fine, coarse=a.coarse, experts=a.experts, seed_steps=a.seed_steps,
                        expert_steps=a.expert_steps, batch=a.batch, dense=a.dense, encoder=a.encoder,
-                       ooc_ratio=a.ooc, iters=a.iters)
+                       ooc_ratio=a.ooc, iters=a.iters, seed=max(a.seed, 0), train_overrides=seeded)

@@ -55,3 +55,48 @@ def test_table_is_mean_and_sample_std_of_finished_runs(tmp_path):
     assert "| clip | 3 | 0.300 ± 0.265 | 0.600 ± 0.100 | 40 ± 10 |" in text
     assert "| clus | 2 | 0.300 ± 0.141 |  |  |" in text
     assert open(os.path.join(wd, "methods.csv")).read().splitlines()[1].startswith("clip,3,0.3,0.264575,")
+
+
+@pytest.mark.parametrize("steps", [400, 60])
+@pytest.mark.parametrize("method", sorted(methods.RECIPES))
+def test_recipe_methods_split_the_same_budget_over_their_train_stages(method, steps, monkeypatch, tmp_path):
+    """MLCD's and MoDE's train stages add up to one CLIP run's steps at the same batch, and the seed reaches
+    every train stage and the clustering."""
+    from clus_jax import config_base, recipe
+
+    monkeypatch.chdir(methods.REPO_ROOT)
+    planned = methods.plan(str(tmp_path), [method], [2], steps=steps, batch=48)
+    (_, spec, run, overrides), = planned
+    assert run.name == f"{method}_s2" and overrides == []
+    stages = recipe.resolve(recipe.recipe_stages(spec), run.workdir)
+    trains = [s for s in stages if s.train is not None]
+    configs = [config_base.load_config(s.train) for s in trains]
+    assert sum(c.total_steps for c in configs) == steps
+    assert {c.batch_size for c in configs} == {48}
+    assert all(s.overrides["seed"] == "2" for s in trains)
+    cluster = next(s for s in stages if s.stage.module == "clus_jax.cluster")
+    assert cluster.argv[cluster.argv.index("--seed") + 1] == "2"
+    assert not any(s.name.startswith("dense") for s in stages)  # the clip row is MoDE's dense baseline
+
+
+def test_recipe_methods_are_read_from_their_result_stage(tmp_path):
+    """MLCD's figures are its LiT stage's final metrics, MoDE's the ensemble row; unfinished runs are left out."""
+    wd = str(tmp_path)
+    planned = methods.plan(wd, ["mlcd", "mode"], range(2), steps=8, batch=8)
+    key = "retrieval/emoji_heldout/i2t_r10"
+    _write_run(wd, "mlcd_s0/pretrain", 2, {key: 0.9})  # another stage's figures are not MLCD's
+    _write_run(wd, "mlcd_s0/lit", 2, {key: 0.2})
+    _write_run(wd, "mlcd_s1/lit", 1, {key: 0.9})  # unfinished
+    os.makedirs(os.path.join(wd, "mode_s1", "ensemble_2"))
+    with open(os.path.join(wd, "mode_s1", "ensemble_2", "ensemble.json"), "w") as f:
+        json.dump({"rows": {"expert_0": {key: 0.9}, "ensemble": {key: 0.3}}}, f)
+    columns, table = methods.summarise(planned)
+    assert columns == [key]
+    assert table["mlcd"][key] == (pytest.approx(0.2), 0.0, 1)
+    assert table["mode"][key] == (pytest.approx(0.3), 0.0, 1)
+
+
+def test_config_overrides_are_refused_for_recipe_methods(capsys):
+    with pytest.raises(SystemExit):
+        methods.main(["--workdir", "/nonexistent", "--methods", "clip,mode", "--dry-run", "--config.optim.lr=1e-3"])
+    assert "single-config methods only, not to mode" in capsys.readouterr().err

@@ -141,3 +141,27 @@ def test_local_sweep_end_to_end(tmp_path):
         [sys.executable, "-m", "clus_jax.sweep", "--config", "configs/clip.py:steps=2,batch=16,synthetic",
          "--workdir", str(tmp_path), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("already finished") == len(rows)
+
+
+def test_clus_sweep_overrides_reach_the_config_the_trainer_parses(tmp_path, monkeypatch):
+    """configs/clus.py's knob sweep: one knob per run around the default, and each run's command-line
+    overrides, parsed as the trainer parses them (ml_collections config flags), give the intended values
+    (a tuple of bank sizes, a string teacher) rather than failing or arriving as strings."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    monkeypatch.chdir(ROOT)
+    spec = "configs/clus.py:steps=400,batch=128"
+    runs = sweep.expand(spec, str(tmp_path))
+    assert runs[0].overrides == {} and all(len(r.overrides) == 1 for r in runs[1:])
+    assert {r.total_steps for r in runs} == {400}
+    for run in runs:
+        argv = ["train", "--config", spec, *run.override_args()]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=False, sys_argv=argv)
+        fv(argv)
+        for key, value in run.overrides.items():
+            node = fv.config
+            for part in key.split("."):
+                node = node[part]
+            assert tuple(node) == tuple(value) if isinstance(value, tuple) else node == value, (key, node)
