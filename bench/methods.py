@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -196,7 +195,8 @@ def summarise(planned) -> tuple[list[str], dict[str, dict[str, tuple[float, floa
         if metrics is None:
             continue
         values = {k: float(v) for k, v in metrics.items() if sweep.is_result_key(k)}
-        values["train/loss"] = metrics.get("train/loss", math.nan)
+        if "train/loss" in metrics:  # a recipe's result (MoDE's ensemble) may have none
+            values["train/loss"] = metrics["train/loss"]
         timing = os.path.join(run.workdir, TIMING_FILE)
         if os.path.exists(timing):
             with open(timing) as f:

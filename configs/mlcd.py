@@ -14,8 +14,9 @@ The whole method, one command (stages in DIR/<name>, a re-run skips finished one
   cluster   python -m clus_jax.cluster --k 256 --metric cosine --topk 8 ...     centres + top-8 labels side file
   mlcd      python -m clus_jax.train --config configs/mlcd.py                   image tower (+ centres) with MLCD
   lit       python -m clus_jax.train --config configs/lit.py:init={mlcd}        frozen image tower, new text tower
-Every train stage ends with the evaluation (zero-shot, retrieval, linear probe, k-NN); the pretrain stage
-is CLIP at the same image-tower budget as the mlcd stage (400 steps of batch 128, same towers).
+Every train stage ends with the evaluation (zero-shot, retrieval, linear probe, k-NN). By default every train
+stage runs the configs' total_steps (600) of batch 128 on the same towers; pretrain_steps= and lit_steps= give
+the pretrain and lit stages their own, as the equal-compute benchmark does.
 
 The MLCD stage alone, on labels made elsewhere (a side file of cluster_labels int32 [8] keyed by record index,
 as python -m clus_jax.cluster --topk 8 --assign-to DIR writes it):
@@ -29,40 +30,29 @@ negative sampling of Partial-FC is off (sample_rate 1.0): a batch of 128 images 
 thousand positive labels, more than r K = 26 sampled centres; r = 0.1 is for K in the hundreds of
 thousands. The centres start from the k-means centres (init=0: unicom's random init).
 
-Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
-config.param_groups=[] in every stage; on 2 shared cores, load average about 20, one seed each).
-Every train stage has the
-same budget, so CLIP (the pretrain stage) and MLCD train the same nano image tower for the same steps of batch
-128. Chance: easy-VQA 0.042, emoji category 0.11, R@10 0.047. The recipe took 17 minutes at steps=150 and 27
-at the default 400 on that host. The embedded dataset moved from v2 to v3 during the 400-step runs; only its
-OpenMoji evaluation images changed (the training set and the easy-VQA and held-out Twemoji files are
-byte-identical), so the emoji-category column, which includes the OpenMoji style, is not comparable between
-rows of the 400-step block; every other column is.
+Expected result at equal compute (bench/methods.py, the current default towers, seeds 0-2, 2026-12-01): the
+stages split one CLIP run's 400 steps of batch 128 as pretrain 100 + mlcd 200 + lit 100
+(configs/mlcd.py:pretrain_steps=100,steps=200,lit_steps=100,batch=128,seed=S), against configs/clip.py at
+400 steps. Chance: easy-VQA 0.042, R@10 0.047.
 
-  run                                 easyVQA zs  emoji cat.  i2t R@10  t2i R@10  linear probe  k-NN
-  400 steps (the default)
-  clip (the pretrain stage)             0.376       0.205      0.137     0.183       0.466      0.408
-  mlcd image tower (the mlcd stage)       -           -          -         -         0.441      0.412
-    + LiT text tower (the lit stage)    0.439       0.200      0.251     0.341       0.441      0.412
-  mlcd, random centres (init=0)           -           -          -         -         0.417      0.423
-  mlcd, scale 64                          -           -          -         -         0.461      0.423
-  150 steps (steps=150)
-  clip (the pretrain stage)             0.154       0.098      0.123     0.096       0.353      0.258
-  mlcd image tower (the mlcd stage)       -           -          -         -         0.387      0.293
-    + LiT text tower (the lit stage)    0.269       0.221      0.171     0.175       (0.369)   (0.285)
-  mlcd, random centres (init=0)           -           -          -         -         0.394      0.348
+  run (mean over 3 seeds)                easyVQA zs  i2t R@10  t2i R@10  linear probe  k-NN
+  clip, 400 steps (the methods table)      0.821      0.147     0.179       0.820      0.819
+  pretrain stage (clip, 100 steps)         0.278      0.060     0.058       0.562      0.391
+  mlcd stage (image tower, 200 steps)        -          -         -         0.597      0.437
+  lit stage (new text tower, 100 steps)    0.402      0.207     0.224       0.597      0.437
 
-At 150 steps MLCD's linear probe is above CLIP's (0.387 vs 0.353, the paper's claim) and so is k-NN. At 400
-steps k-NN is level or above (0.412-0.423 vs 0.408) but the linear probe is not: 0.441 at the defaults, 0.461
-at scale 64, against CLIP's 0.466 (CLIP's own probe spreads over 0.41-0.47 with float rounding alone, see the
-README). Why, as far as these figures show: MLCD learns the clusters of its feature extractor, a 400-step CLIP
-of the same size, whose image embeddings are nearly collapsed (k-means inertia 0.002 in cosine units), so its
-labels carry little that the contrastive run did not already give; the paper's labels come from a far stronger
-CLIP ViT-L/14. Tried: random centres (0.417) and scale 64 (0.461). On zero-shot and retrieval the LiT stage on
-the MLCD tower beats CLIP clearly (easy-VQA 0.439 vs 0.376, held-out R@10 0.25/0.34 vs 0.14/0.18). The mlcd
-stage's loss goes 18.9 -> 13.4 (positive cosine about 0.2, sampled negatives -0.1, over 90% of the centres hit
-per step). The LiT stage's image tower is bit-identical to the mlcd stage's; at 150 steps its probe figures
-(in brackets) still differ from the mlcd stage's, by the evaluation alone.
+MLCD + LiT beats CLIP on held-out-concept retrieval (i2t R@10 0.207 +- 0.018 vs 0.147 +- 0.021, t2i 0.224 vs
+0.179) and falls far behind it on easy-VQA zero-shot and the probe. The 200 MLCD steps lift the probe of the
+100-step CLIP tower they start from (0.56 -> 0.60) but not to where 300 more CLIP steps take it (0.82): the labels
+are k-means clusters of a weak 100-step tower, which sees colour and barely shape (the paper clusters the
+features of a far stronger CLIP ViT-L/14). The LiT stage trains its text tower at the full rate against a frozen
+image tower, which is what lifts retrieval on the held-out concepts. The mlcd stage's loss ends at 14.1;
+every stage's figures are its own final evaluation; the whole recipe took 5-7 minutes per seed on shared
+cores (embed and k-means included).
+
+With the earlier towers (patch 8, no stem, one learning rate) and 400 steps in every stage, MLCD's k-NN was
+level with CLIP's and its linear probe at 150 steps above it (0.387 vs 0.353, the paper's claim), and LiT on
+the MLCD tower beat CLIP on easy-VQA (0.439 vs 0.376) and retrieval (R@10 0.25/0.34 vs 0.14/0.18).
 
 Arguments (``--config configs/mlcd.py:ARGS``, for both get_config and get_recipe):
   k=N            number of centres (256)          labels=L     positives per image (8)

@@ -87,13 +87,15 @@ def test_recipe_methods_are_read_from_their_result_stage(tmp_path):
     _write_run(wd, "mlcd_s0/pretrain", 2, {key: 0.9})  # another stage's figures are not MLCD's
     _write_run(wd, "mlcd_s0/lit", 2, {key: 0.2})
     _write_run(wd, "mlcd_s1/lit", 1, {key: 0.9})  # unfinished
-    os.makedirs(os.path.join(wd, "mode_s1", "ensemble_2"))
-    with open(os.path.join(wd, "mode_s1", "ensemble_2", "ensemble.json"), "w") as f:
-        json.dump({"rows": {"expert_0": {key: 0.9}, "ensemble": {key: 0.3}}}, f)
+    for seed, value in ((0, 0.2), (1, 0.4)):  # two seeds: a std over results without train/loss
+        os.makedirs(os.path.join(wd, f"mode_s{seed}", "ensemble_2"))
+        with open(os.path.join(wd, f"mode_s{seed}", "ensemble_2", "ensemble.json"), "w") as f:
+            json.dump({"rows": {"expert_0": {key: 0.9}, "ensemble": {key: value}}}, f)
     columns, table = methods.summarise(planned)
     assert columns == [key]
     assert table["mlcd"][key] == (pytest.approx(0.2), 0.0, 1)
-    assert table["mode"][key] == (pytest.approx(0.3), 0.0, 1)
+    assert table["mode"][key] == (pytest.approx(0.3), pytest.approx(0.14142136, rel=1e-6), 2)
+    assert "train/loss" not in table["mode"]
 
 
 def test_config_overrides_are_refused_for_recipe_methods(capsys):
