@@ -53,31 +53,44 @@ METHODS: dict[str, str] = {
 }
 
 
-def mlcd_args(steps: int, batch: int, seed: int) -> str:
-    """pretrain steps/4 + mlcd steps/2 + lit steps/4 = steps."""
+def mlcd_split(steps: int) -> tuple[int, int, int]:
+    """(pretrain, mlcd, lit) steps: steps/4 + steps/2 + steps/4 = steps."""
     quarter = steps // 4
-    return (f"pretrain_steps={quarter},steps={steps - 2 * quarter},lit_steps={quarter},batch={batch},"
-            f"seed={seed}")
+    return quarter, steps - 2 * quarter, quarter
+
+
+def mlcd_args(steps: int, batch: int, seed: int) -> str:
+    pretrain, mlcd, lit = mlcd_split(steps)
+    return f"pretrain_steps={pretrain},steps={mlcd},lit_steps={lit},batch={batch},seed={seed}"
+
+
+MODE_EXPERTS = 2  # configs/mode.py's coarse clusters, each with an expert
 
 
 def mode_args(steps: int, batch: int, seed: int) -> str:
     """seed run 3/8 + two experts of 5/16 each = steps; no dense baseline (the clip row is one)."""
     expert = steps * 5 // 16
-    return f"seed_steps={steps - 2 * expert},expert_steps={expert},batch={batch},dense=0,seed={seed}"
+    return (f"seed_steps={steps - MODE_EXPERTS * expert},expert_steps={expert},batch={batch},dense=0,"
+            f"seed={seed}")
 
 
-def lit_stage_metrics(workdir: str, steps: int) -> dict[str, float] | None:
-    """The final metrics of the recipe's ``lit`` stage, or None before it finished."""
-    metrics, step = sweep.read_final_metrics(os.path.join(workdir, "lit"))
-    if step is None or step < steps // 4:
+def finished_metrics(workdir: str, steps: int) -> dict[str, float] | None:
+    """The numeric final metrics of the train run in ``workdir``, or None before it reached ``steps``."""
+    metrics, step = sweep.read_final_metrics(workdir)
+    if step is None or step < steps:
         return None
     return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def lit_stage_metrics(workdir: str, steps: int) -> dict[str, float] | None:
+    """The final metrics of the recipe's ``lit`` stage, or None before it finished."""
+    return finished_metrics(os.path.join(workdir, "lit"), mlcd_split(steps)[2])
+
+
 def ensemble_metrics(workdir: str, steps: int) -> dict[str, float] | None:
-    """The ``ensemble`` row of the recipe's ``ensemble_2/ensemble.json``, or None before it exists."""
+    """The ``ensemble`` row of the recipe's ``ensemble_<experts>/ensemble.json``, or None before it exists."""
     del steps
-    path = os.path.join(workdir, "ensemble_2", "ensemble.json")
+    path = os.path.join(workdir, f"ensemble_{MODE_EXPERTS}", "ensemble.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -153,10 +166,7 @@ def run_metrics(method: str, run: sweep.Run) -> dict[str, float] | None:
     """A finished run's final metrics (result keys, ``train/loss`` where there is one), None before it ends."""
     if method in RECIPES:
         return RECIPES[method][2](run.workdir, run.total_steps or 0)
-    metrics, step = sweep.read_final_metrics(run.workdir)
-    if step is None or step < (run.total_steps or 0):
-        return None
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return finished_metrics(run.workdir, run.total_steps or 0)
 
 
 def train_all(planned, extra_overrides: Sequence[str]) -> list[str]:

@@ -6,8 +6,10 @@ and the other way round, with the codes coming from an EMA teacher of both tower
 0.99, cosine to 1.0). Prototypes are frozen for the first tenth of the run (at most 50 steps). Which
 parts follow the Clus paper and which are a reconstruction is written in clus_jax/objectives/swap.py.
 
-Command (CPU; 600 steps of batch 128 by default. A step costs about a third more than configs/clip.py's: the
-EMA teacher runs a forward pass of both towers, and the swap loss itself adds 1-6%, BENCHMARKS train-step table):
+Command (CPU; 600 steps of batch 128 by default). A step costs more than configs/clip.py's: the swap loss
+itself adds 1-6% (measured, BENCHMARKS train-step table), and the EMA teacher adds a forward pass of both towers,
+estimated at about a third of a forward-backward step (not measured alone; the methods table's wall times, on
+shared cores, are 426 s against CLIP's 305 s):
   python -m clus_jax.train --config configs/clus.py --workdir /tmp/clus_jax/clus
 
 Expected result at equal compute (bench/methods.py, 400 steps of batch 128, the current default towers,
