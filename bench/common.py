@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -20,6 +19,9 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from clus_jax import hostmem  # noqa: E402  (no jax import: safe before XLA flags are set)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from host import cpu_model, family  # noqa: E402,F401  (re-exported: every bench names its host)
 
 # Architectures of the step and open_clip comparisons. MLP ratio 4 everywhere; batch 128.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -215,6 +217,7 @@ def device_info() -> dict[str, Any]:
     d = jax.devices()[0]
     return dict(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count(),
                 host=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__,
+                avx512=family()["avx512"], amx=family()["amx"],
                 date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                 malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "retain"), load_average=load_average())
 
@@ -225,17 +228,6 @@ def load_average() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def datasheet_peak_tflops(device_kind: str, dtype: str) -> float | None:

@@ -1,14 +1,18 @@
 """Every benchmark script runs end to end with --quick and prints its JSON records (no timings checked).
 
-The scripts start together (one subprocess each) and every test waits for its own, so the wall time is
-about that of the slowest script rather than the sum.
+The scripts run in the background as the module starts, a few at a time (half the cores, at least one: each
+script uses every core it is given, and the other xdist worker runs beside them), in the order the tests ask
+for them. Each has its own time limit from its own start: ``BASE_S`` on the reference host, scaled by the host
+factor (``tests/host_limits.py``), so a slow host is given the time it needs and a hang still fails with the
+script's own output.
 """
+import concurrent.futures
 import json
 import os
 import re
-import subprocess
 import sys
 
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +20,13 @@ OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
 SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
            "microbatch_memory.py", "supervised_ceiling.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+# Seconds one script may take on the reference host, run alone beside one other test worker.
+BASE_S = 300
+
+
+def _run_one(script: str, env: dict):
+    runner = [sys.executable] if script.endswith(".py") else ["bash"]
+    return host_limits.run([*runner, os.path.join("bench", script), "--quick"], BASE_S, cwd=REPO, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +34,18 @@ def quick_runs():
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
     env["PYTHON"] = sys.executable  # what bench/gpu.sh runs gpu.py with
-    runner = lambda s: [sys.executable] if s.endswith(".py") else ["bash"]  # noqa: E731
-    procs = {s: subprocess.Popen([*runner(s), os.path.join("bench", s), "--quick"], cwd=REPO, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in SCRIPTS}
-    yield procs
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
+    at_once = max(1, (os.cpu_count() or 2) // 2)
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        futures = {s: pool.submit(_run_one, s, env) for s in SCRIPTS}
+        yield futures
+        for f in futures.values():
+            f.cancel()
 
 
 def records(quick_runs, script: str) -> list[dict]:
-    out, err = quick_runs[script].communicate(timeout=300)
-    assert quick_runs[script].returncode == 0, err[-3000:]
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    proc = quick_runs[script].result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.mark.slow

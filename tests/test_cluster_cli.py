@@ -12,6 +12,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import host_limits  # registered by tests/conftest.py
 import pytest
 from PIL import Image
 
@@ -60,8 +61,8 @@ def embedded(tmp_path_factory):
 
 
 def _command(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clus_jax.cluster", *args], cwd=REPO, env=ENV, capture_output=True,
-                          text=True, timeout=600)
+    return host_limits.run([sys.executable, "-m", "clus_jax.cluster", *args], cwd=REPO, env=ENV, capture_output=True,
+                           text=True, base_s=600)
 
 
 def _in_process(capsys, *args: str) -> tuple[dict, str]:
@@ -205,9 +206,9 @@ def test_an_interrupted_clustering_resumes_to_the_same_centres(embedded, tmp_pat
     features = embedded[0]
     args = ["--features", features, "--k", "10", "--iters", "5", "--chunk-rows", "2048", "--checkpoint-every", "0",
             "--seed", "3"]
-    killed = subprocess.run([sys.executable, "-m", "clus_jax.cluster", *args, "--out", str(tmp_path / "a")],
-                            cwd=REPO, env={**ENV, "CLUS_JAX_FAULT": "after_iteration:3"}, capture_output=True,
-                            text=True, timeout=600)
+    killed = host_limits.run([sys.executable, "-m", "clus_jax.cluster", *args, "--out", str(tmp_path / "a")],
+                             cwd=REPO, env={**ENV, "CLUS_JAX_FAULT": "after_iteration:3"}, capture_output=True,
+                             text=True, base_s=600)
     assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL as pass 4 began
     assert "iteration 3/5  pass 100%" in killed.stderr and not (tmp_path / "a" / "summary.json").exists()
     resumed, err = _in_process(capsys, *args, "--out", str(tmp_path / "a"))
@@ -291,9 +292,9 @@ def test_two_processes_cluster_like_one(embedded, tmp_path, capsys):
     args = ["--features", features, "--k", "8", "--iters", "2", "--mesh", "data=4,tensor=2", "--topk", "3"]
     out = tmp_path / "two"
     env = {k: v for k, v in ENV.items() if not k.startswith(("CLUS_JAX_", "LOCAL_"))}
-    proc = subprocess.run(["bash", "launch/local.sh", "2", *args, "--assign-to", str(out / "labels"), "--out", str(out)],
-                          cwd=REPO, env={**env, "MODULE": "clus_jax.cluster", "PYTHON": sys.executable, "TIMEOUT": "300"},
-                          capture_output=True, text=True, timeout=360)
+    env.update(MODULE="clus_jax.cluster", PYTHON=sys.executable, TIMEOUT=str(int(host_limits.limit(300))))
+    proc = host_limits.run(["bash", "launch/local.sh", "2", *args, "--assign-to", str(out / "labels"), "--out", str(out)],
+                           cwd=REPO, env=env, base_s=360)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     for i in (0, 1):
         assert "cluster: iteration 2/2  pass 100%" in (out / "logs" / f"process_{i}.log").read_text()

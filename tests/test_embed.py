@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import host_limits  # registered by tests/conftest.py
 import pytest
 from PIL import Image
 
@@ -55,7 +56,7 @@ def run(tmp_path_factory):
            "--workdir", workdir, "--config.model.image.size=mu", "--config.model.text.size=mu",
            "--config.model.image.image_size=16", "--config.model.text.context_length=8", "--config.model.embed_dim=32",
            "--config.evals.sets=none", "--config.data.synthetic_size=64"]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
 
@@ -63,7 +64,7 @@ def run(tmp_path_factory):
 def _embed(run, data_path, out, *extra):
     cmd = [sys.executable, "-m", "clus_jax.embed", "--workdir", run, "--out", str(out), "--data.source=array_record",
            f"--data.path={data_path}", "--shard-size", str(SHARD), "--batch-size", str(BATCH), *extra]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
@@ -141,7 +142,7 @@ def test_two_processes_write_disjoint_ranges_that_cover_every_record(run, data, 
 def test_another_embedding_into_the_same_directory_is_refused(run, data, embedded):
     cmd = [sys.executable, "-m", "clus_jax.embed", "--workdir", run, "--out", str(embedded[0]), "--modality", "image",
            "--data.source=array_record", f"--data.path={data[0]}", "--shard-size", str(SHARD)]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "holds embeddings of something else" in proc.stderr and "modality" in proc.stderr
 
@@ -155,7 +156,7 @@ def test_another_embedding_into_the_same_directory_is_refused(run, data, embedde
 ], ids=["modality", "data-key", "data-value", "process-index", "unknown-flag"])
 def test_bad_arguments_print_one_line(run, args, named, tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.embed", "--workdir", run, "--out", str(tmp_path / "o"), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
     assert named in lines[0]
@@ -163,7 +164,7 @@ def test_bad_arguments_print_one_line(run, args, named, tmp_path):
 
 def test_a_missing_run_prints_one_line(tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.embed", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no config.json" in proc.stderr
 
 

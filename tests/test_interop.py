@@ -19,6 +19,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 import clus_jax
@@ -343,7 +344,7 @@ live = pytest.mark.skipif(torch_python() is None, reason="needs PyTorch and open
 
 def run_script(*args):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
-    done = subprocess.run([torch_python(), SCRIPT, *args], capture_output=True, text=True, env=env, timeout=900)
+    done = host_limits.run([torch_python(), SCRIPT, *args], capture_output=True, text=True, env=env, base_s=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,8 +29,9 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], base_s: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """The command within ``base_s`` seconds on the reference host, scaled by the host factor."""
+    return host_limits.run(cmd, base_s, cwd=ROOT, env=_env(**env))
 
 
 def _commands(stdout: str) -> list[list[str]]:
@@ -101,14 +103,14 @@ def test_tpu_pod_usage_errors():
 def test_tpu_pod_runs_plan_first_and_refuses_when_it_does_not_fit():
     env = {**TPU_ENV, "CONFIG": TINY_CONFIG, "EXTRA_ARGS": " ".join(TINY), "PYTHON": sys.executable,
            "ACCELERATOR_TYPE": "v4-8"}
-    out = _run(["launch/tpu_pod.sh", "--dry-run"], timeout=300, DEVICE_MEMORY_GB="0.001", **env)
+    out = _run(["launch/tpu_pod.sh", "--dry-run"], base_s=300, DEVICE_MEMORY_GB="0.001", **env)
     assert out.returncode == 1
     assert "not launching" in out.stderr and "does not fit" in out.stderr
     plan = _commands(out.stdout)[0]
     assert plan[1:4] == ["-m", "clus_jax.plan", "--num-devices"] and plan[4] == "4"  # v4-8: 4 chips
     assert not any(c[0] == "gcloud" for c in _commands(out.stdout))
 
-    out = _run(["launch/tpu_pod.sh", "--dry-run"], timeout=300, **env)
+    out = _run(["launch/tpu_pod.sh", "--dry-run"], base_s=300, **env)
     assert out.returncode == 0, out.stderr
     plan = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("{")))
     assert plan["num_devices"] == 4 and plan["fits"] and plan["device_memory_bytes"] == 32 * 2**30
@@ -258,11 +260,11 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
 def test_two_local_processes_match_one_process(tmp_path):
     """2 processes x 4 devices and 1 process x 8 devices: same global batches, same mesh, same losses."""
     args = ["--config", TINY_CONFIG, *TINY]
-    one = _run([sys.executable, "-m", "clus_jax.train", *args, "--workdir", str(tmp_path / "one")], timeout=600,
+    one = _run([sys.executable, "-m", "clus_jax.train", *args, "--workdir", str(tmp_path / "one")], base_s=600,
                JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run(["launch/local.sh", "2", *args, "--workdir", str(tmp_path / "two")], timeout=600,
-               PYTHON=sys.executable, TIMEOUT="500")
+    two = _run(["launch/local.sh", "2", *args, "--workdir", str(tmp_path / "two")], base_s=600,
+               PYTHON=sys.executable, TIMEOUT=str(int(host_limits.limit(500))))
     assert two.returncode == 0, (two.stdout[-3000:], two.stderr[-3000:])
     expected, got = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(got) == [1, 2, 3, 4] and sorted(expected) == sorted(got)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import host_limits  # registered by tests/conftest.py
 import pytest
 import train_helpers as helpers
 
@@ -286,7 +287,7 @@ def test_an_expert_added_to_a_finished_mode_run_trains_only_the_new_one(tmp_path
 
     def recipe(n):
         cmd = [sys.executable, "-m", "clus_jax.recipe", "--config", f"{spec}:{n}", "--workdir", str(work)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        proc = host_limits.run(cmd, cwd=ROOT, capture_output=True, text=True, base_s=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         return proc.stdout
 

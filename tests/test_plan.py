@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 from clus_jax import plan as plan_lib
@@ -73,7 +74,7 @@ def test_plan_cli_simulates_devices_and_fails_when_too_big():
             "--num-devices", "4", "--mesh", "data=2,fsdp=2", "--device-memory-gb", "0.001", "--workdir", "ignored",
             *[f"--config.{k}={v}" for k, v in TINY.items()]]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = host_limits.run(args, cwd=ROOT, env=env, capture_output=True, text=True, base_s=300)
     assert out.returncode == plan_lib.EXIT_DOES_NOT_FIT, out.stderr[-2000:]
     plan = json.loads(out.stdout.strip().splitlines()[-1])
     assert plan["num_devices"] == 4 and plan["platform"] == "cpu" and plan["fits"] is False
@@ -86,6 +87,6 @@ def test_plan_cli_simulates_devices_and_fails_when_too_big():
 def test_plan_cli_config_error():
     args = [sys.executable, "-m", "clus_jax.plan", "--config", "configs/clip.py:batch=10,synthetic",
             "--num-devices", "4"]
-    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = host_limits.run(args, cwd=ROOT, capture_output=True, text=True, base_s=300)
     assert out.returncode == plan_lib.EXIT_CONFIG_ERROR
     assert "config.batch_size=10 is not divisible" in out.stderr

@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 from clus_jax import recipe
@@ -223,7 +224,7 @@ def test_printed_launcher_commands_run_the_stage_module(config, tmp_path, capsys
                                              "bash launch/gpu_slurm.sbatch --dry-run"))):
         code, out, _ = _main(capsys, "--config", config, "--workdir", "/s/rec", "--launcher", launcher)
         line = [x for x in out.splitlines() if "MODULE=json.tool" in x][0].replace(*replace)
-        proc = subprocess.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        proc = host_limits.run(["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, base_s=60)
         assert proc.returncode == 0, proc.stderr
         ran = next(c for c in reversed(proc.stdout.splitlines()) if "-m json.tool" in c)
         assert ran.rstrip("'").endswith("-m json.tool --indent 2 /s/rec/make/numbers.json /s/rec/pretty/pretty.json")

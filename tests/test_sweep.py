@@ -8,6 +8,7 @@ import shlex
 import subprocess
 import sys
 
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 from clus_jax import sweep
@@ -73,8 +74,8 @@ def test_launcher_commands(tmp_path):
     gpu = shlex.split(sweep.launcher_command("gpu_slurm", spec, run, []))
     assert gpu[-3:] == ["sbatch", "--job-name=0_lr0.001", "launch/gpu_slurm.sbatch"]
 
-    out = subprocess.run([sys.executable, "-m", "clus_jax.sweep", "--config", spec, "--workdir", str(tmp_path / "d"),
-                          "--launcher", "gpu_slurm"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = host_limits.run([sys.executable, "-m", "clus_jax.sweep", "--config", spec, "--workdir", str(tmp_path / "d"),
+                          "--launcher", "gpu_slurm"], cwd=ROOT, capture_output=True, text=True, base_s=120)
     assert out.returncode == 0 and out.stdout.count("sbatch --job-name=") == 1
     assert not (tmp_path / "d").exists()  # printing commands creates nothing
 
@@ -110,8 +111,8 @@ def test_collect_writes_one_row_per_run(tmp_path):
 
     # --collect alone finds the runs again from the directory
     (tmp_path / "sw" / "results.md").unlink()
-    out = subprocess.run([sys.executable, "-m", "clus_jax.sweep", "--workdir", str(tmp_path / "sw"), "--collect"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = host_limits.run([sys.executable, "-m", "clus_jax.sweep", "--workdir", str(tmp_path / "sw"), "--collect"],
+                          cwd=ROOT, capture_output=True, text=True, base_s=120)
     assert out.returncode == 1  # not every run finished
     assert "| 0_lr0.001 |" in out.stdout and (tmp_path / "sw/results.md").exists()
 
@@ -119,10 +120,10 @@ def test_collect_writes_one_row_per_run(tmp_path):
 @pytest.mark.slow
 def test_local_sweep_end_to_end(tmp_path):
     """configs/clip.py's sweep on a tiny synthetic model: every run trains, then results.{csv,md}."""
-    out = subprocess.run(
+    out = host_limits.run(
         [sys.executable, "-m", "clus_jax.sweep", "--config", "configs/clip.py:steps=2,batch=16,synthetic",
          "--workdir", str(tmp_path), *TINY],
-        cwd=ROOT, capture_output=True, text=True, timeout=900)
+        cwd=ROOT, capture_output=True, text=True, base_s=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     points = sweep.sweep_points(str(ROOT / "configs/clip.py"))
     with open(tmp_path / "results.csv") as f:
@@ -137,9 +138,9 @@ def test_local_sweep_end_to_end(tmp_path):
     assert (tmp_path / "results.md").read_text().count("| finished |") == len(rows)
 
     # a second invocation skips the finished runs
-    again = subprocess.run(
+    again = host_limits.run(
         [sys.executable, "-m", "clus_jax.sweep", "--config", "configs/clip.py:steps=2,batch=16,synthetic",
-         "--workdir", str(tmp_path), *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
+         "--workdir", str(tmp_path), *TINY], cwd=ROOT, capture_output=True, text=True, base_s=300)
     assert again.returncode == 0 and again.stdout.count("already finished") == len(rows)
 
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 from clus_jax.train import loop
@@ -45,8 +46,8 @@ def test_cli_prints_one_line_for_a_missing_path(tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:steps=2,batch=8", "--workdir",
            str(tmp_path / "w"), "--config.data.source=tar", f"--config.data.path={tmp_path}/missing-*.tar",
            "--config.evals.sets=none"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    proc = host_limits.run(cmd, cwd=REPO, capture_output=True, text=True, base_s=300,
+                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: FileNotFoundError" in proc.stderr and "missing-" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -60,9 +61,9 @@ def test_cli_prints_one_line_for_a_missing_path(tmp_path):
 ], ids=["mistyped-key", "missing-file", "mistyped-argument", "unparsable-value"])
 def test_cli_prints_one_line_for_a_mistyped_command(args, named, tmp_path):
     workdir = tmp_path / "w"
-    proc = subprocess.run([sys.executable, "-m", "clus_jax.train", *args, "--workdir", str(workdir)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
+    proc = host_limits.run([sys.executable, "-m", "clus_jax.train", *args, "--workdir", str(workdir)], cwd=REPO,
+                           capture_output=True, text=True, base_s=120,
+                           env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]

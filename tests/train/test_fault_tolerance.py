@@ -11,8 +11,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,7 +74,7 @@ class Run:
 
     def __init__(self, workdir, fault=None):
         before = len(records(workdir))
-        proc = subprocess.run(command(workdir), cwd=REPO, env=env(fault), capture_output=True, text=True, timeout=600)
+        proc = host_limits.run(command(workdir), 600, cwd=REPO, env=env(fault))
         self.returncode, self.stdout, self.stderr = proc.returncode, proc.stdout, proc.stderr
         self.steps = loss_steps(records(workdir)[before:])
 
@@ -125,17 +125,10 @@ def test_sigkill_after_a_step_and_during_an_async_save(reference, tmp_path):
 def test_sigterm_saves_at_the_next_step_and_exits_cleanly(reference, tmp_path):
     workdir = str(tmp_path)
     proc = subprocess.Popen(command(workdir), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        seen.append(line)
-        if line.startswith("step 2/"):
-            break
-        assert line or proc.poll() is None, "training ended before it could be preempted"
+    reader = host_limits.LineReader(proc)
+    reader.until("step 2/", 300)
     proc.send_signal(signal.SIGTERM)
-    rest, _ = proc.communicate(timeout=300)
-    output = "".join(seen) + rest
+    output = reader.rest(300)
     assert proc.returncode == 0, output[-3000:]
     done, _ = checkpoints(workdir)
     assert done and done[-1] < STEPS, done  # saved where it stopped, not at the end

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import host_limits  # registered by tests/conftest.py
 import pytest
 
 from clus_jax.experiment import build
@@ -110,7 +111,7 @@ def test_cli_writes_metrics_and_prints_a_summary(tmp_path):
            "--config.model.image.image_size=16", "--config.model.text.context_length=8", "--config.log_every=2",
            "--config.evals.sets=none"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = host_limits.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, base_s=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 4/4" in proc.stdout
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -125,7 +126,7 @@ def test_cli_rejects_a_bad_config_value_with_one_line(tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:synthetic", "--workdir", str(tmp_path),
            "--config.batch_size=12"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = host_limits.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, base_s=120)
     assert proc.returncode == 2
     assert "error: config.batch_size=12 is not divisible by the data-parallel size 8" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,0 +1,112 @@
+"""The host's processor family and measured float32 matmul rate, the context every CPU timing needs.
+
+Hosts of this project differ by a factor of three: an AVX-512 core runs XLA's float32 matmul about three times
+as fast as an AVX2-only one. Every timing this repo records is printed next to these figures, and the tests
+scale their subprocess time limits by ``host_factor`` so a slow or busy host is not mistaken for a hang.
+
+    python bench/host.py            # one line for a person, then one JSON record
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from typing import Any
+
+# XLA float32 matmul rate of the host the suite's base time limits were set on (AVX-512, 2 cores).
+REFERENCE_GFLOPS = 200.0
+
+
+def cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo (or what the platform module knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags (empty where /proc/cpuinfo is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def family() -> dict[str, Any]:
+    """Model, vector extensions XLA:CPU can use, and the cores this process may run on."""
+    flags = cpu_flags()
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return dict(model=cpu_model(), machine=platform.machine(), cores=cores,
+                avx2="avx2" in flags, avx512=any(f.startswith("avx512") for f in flags),
+                amx=any(f.startswith("amx") for f in flags))
+
+
+def xla_matmul_gflops(n: int = 1024, reps: int = 4, samples: int = 5) -> float:
+    """Median float32 GFLOP/s of a jitted chain of ``reps`` n x n x n matmuls on the first JAX device.
+
+    The default takes under a second on any host here (8.6 GFLOP a sample); it measures the host as it is
+    now, so a busy host measures slower, which is what a time limit should scale with.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / n**0.5
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32) / n**0.5
+
+    @jax.jit
+    def chain(x, y):
+        for _ in range(reps):
+            x = x @ y
+        return x
+
+    chain(a, b).block_until_ready()
+    times = []
+    for _ in range(samples):
+        t0 = time.perf_counter()
+        chain(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2.0 * n**3 * reps / times[len(times) // 2] / 1e9
+
+
+def host_factor(gflops: float, reference: float = REFERENCE_GFLOPS) -> float:
+    """How many times slower than the reference host this one is (never below 1)."""
+    return max(1.0, reference / max(gflops, 1e-3))
+
+
+def describe(gflops: float | None = None) -> dict[str, Any]:
+    """Family, measured matmul rate and host factor in one record."""
+    gflops = xla_matmul_gflops() if gflops is None else gflops
+    return dict(family(), xla_matmul_gflops=round(gflops, 1), host_factor=round(host_factor(gflops), 2))
+
+
+def summary(record: dict[str, Any]) -> str:
+    """One line for a log: 'AMD EPYC | AVX2, no AVX-512, no AMX | 2 cores | XLA f32 matmul 68 GFLOP/s'."""
+    ext = ", ".join([("AVX2" if record["avx2"] else "no AVX2"), ("AVX-512" if record["avx512"] else "no AVX-512"),
+                     ("AMX" if record["amx"] else "no AMX")])
+    return (f"{record['model']} | {ext} | {record['cores']} cores | XLA float32 matmul "
+            f"{record['xla_matmul_gflops']:.0f} GFLOP/s | host factor {record['host_factor']:.2f}")
+
+
+def main() -> None:
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    record = describe()
+    print("host:", summary(record), flush=True)
+    print(json.dumps(dict(bench="host", **record)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
