@@ -17,6 +17,12 @@ class UsageError(ValueError):
     """A command-line mistake; its message is the whole error line."""
 
 
+def format_eta(seconds: float) -> str:
+    """A progress line's time left as h:mm:ss, never negative."""
+    s = max(int(seconds), 0)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Prints ``error: <message>`` (one line) on stderr and exits with ``code``."""
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)

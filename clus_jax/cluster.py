@@ -169,11 +169,6 @@ def _check_spec(out: epath.Path, spec: dict[str, Any]) -> None:
     _write_bytes(path, json.dumps(spec, indent=1).encode())
 
 
-def _format_eta(seconds: float) -> str:
-    s = max(int(seconds), 0)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 class Progress:
     """The k-means progress callback: 'cluster: iteration i/n  pass p%  inertia x  eta h:mm:ss' on stderr,
     at most every ``every`` seconds and at the end of every pass. ``resumed``: say where the pass began.
@@ -200,7 +195,7 @@ class Progress:
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.num_iters - done) / rate if rate > 0 else 0.0
         print(f"cluster: iteration {iteration + 1}/{self.num_iters}  pass {100 * pass_fraction:.0f}%  "
-              f"inertia {inertia:.6g}  eta {_format_eta(eta)}", file=sys.stderr, flush=True)
+              f"inertia {inertia:.6g}  eta {cli.format_eta(eta)}", file=sys.stderr, flush=True)
 
 
 def _sizes_figure(sizes: np.ndarray, title: str, coarse: np.ndarray | None = None) -> bytes:

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from clus_jax.cli import format_eta
 from clus_jax.data.pipeline import create_train_iterator
 from clus_jax.data.tokenizers import create_tokenizer
 from clus_jax.evaluate.runner import sets_for
@@ -21,6 +22,7 @@ from clus_jax.train import faults
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.train.eval_hook import evaluate_and_save, make_encoders
 from clus_jax.train.metrics_writer import MetricWriter
+from clus_jax.train.progress import Eta
 
 log = logging.getLogger("clus_jax")
 
@@ -38,11 +40,6 @@ def load_eval_sets(config: ml_collections.ConfigDict) -> list:
 
         return load_embedded(image_size=int(config.model.image.image_size), cache_dir=config.data.get("cache_dir") or None)
     raise registry.ConfigError(f"config.evals.sets={config.evals.sets!r} must be 'embedded' or 'none'")
-
-
-def _format_eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class _Preemption:
@@ -128,10 +125,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         results = evaluate_and_save(eval_sets, bind_encoders(exp.model_params(state["params"])), state["params"],
                                     workdir, step)
         results["eval/seconds"] = time.time() - t0
+        eta.evaluated(results["eval/seconds"])
         writer.write(step, results)
         return results
 
     total = int(config.total_steps)
+    eta = Eta(total, start_step)
+    eval_every = int(config.eval_every or 0)
     preemption = _Preemption()
     pending = None  # (step, metrics) of the previous step: read one step late, never blocking the current one
     window = {"t0": time.time(), "images": 0, "data_wait": 0.0, "steps": 0}
@@ -157,10 +157,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             record.update({"train/images_per_sec": ips, "train/data_wait_fraction": window["data_wait"] / max(elapsed, 1e-9),
                            "data/skipped": skipped_total})
             writer.write(pending_step, record)
-            eta = (total - pending_step) * elapsed / max(window["steps"], 1)
+            # Evaluations still to come: the periodic ones after this step, and the final one.
+            evals_left = 1 + (((total - 1) // eval_every - pending_step // eval_every) if eval_every else 0)
             if pindex == 0:
                 print(f"step {pending_step}/{total}  loss {record['train/loss']:.4f}  {ips:.0f} img/s  "
-                      f"data-wait {100 * record['train/data_wait_fraction']:.0f}%  eta {_format_eta(eta)}", flush=True)
+                      f"data-wait {100 * record['train/data_wait_fraction']:.0f}%  "
+                      f"eta {format_eta(eta.left(pending_step, evals_left))}", flush=True)
             final_metrics.update(record)
             loss_sum, loss_count = 0.0, 0
             window.update(t0=time.time(), images=0, data_wait=0.0, steps=0)
@@ -175,6 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             window["data_wait"] += time.time() - t_data
             state, metrics = step_fn(state, batch)
             step += 1
+            eta.step(step)
             window["images"] += int(config.batch_size)
             window["steps"] += 1
             if pending is not None:

@@ -1,0 +1,48 @@
+"""The estimated time to finish a run, printed on every progress line.
+
+The first step of a process compiles the train step (a minute on a slow 2-core host), and the steps right
+after it still warm caches and the input pipeline. An estimate from the last log window alone counts the
+compilation in the first window and then swings with every window's noise. ``Eta`` takes the rate of all
+steps since ``warmup`` steps after the process's first one, so it settles as soon as that rate has a few
+windows behind it, and adds the time of the evaluations still to come, once one has been measured.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+class Eta:
+    """Seconds left in a run of ``total`` steps that (re)started at ``start_step``.
+
+    Call ``step(n)`` after step n is dispatched and ``evaluated(seconds)`` after each evaluation; ``left(n)``
+    is the remaining steps times the steady step time, plus ``evals_left`` evaluations at the last one's
+    measured cost (the final evaluation included, once any evaluation has been timed).
+    """
+
+    def __init__(self, total: int, start_step: int, warmup: int = 5, clock: Callable[[], float] = time.monotonic):
+        self.total, self.start_step, self.warmup, self.clock = total, start_step, warmup, clock
+        self.t0 = clock()
+        self.steady: tuple[int, float] | None = None  # (step, time) where the steady rate is measured from
+        self.eval_s: float | None = None
+        self.eval_total = 0.0
+
+    def step(self, n: int) -> None:
+        if self.steady is None and n >= self.start_step + self.warmup:
+            self.steady = (n, self.clock())
+            self.eval_total = 0.0
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_s = seconds
+        self.eval_total += seconds
+
+    def step_seconds(self, n: int) -> float:
+        """Seconds per step: the steady rate (evaluations taken out), or the whole run's rate before it."""
+        now = self.clock()
+        if self.steady is not None and n > self.steady[0]:
+            return (now - self.steady[1] - self.eval_total) / (n - self.steady[0])
+        return (now - self.t0) / max(n - self.start_step, 1)
+
+    def left(self, n: int, evals_left: int = 1) -> float:
+        evals = evals_left * self.eval_s if self.eval_s is not None else 0.0
+        return max(self.total - n, 0) * self.step_seconds(n) + evals
