@@ -217,7 +217,7 @@ def device_info() -> dict[str, Any]:
     d = jax.devices()[0]
     return dict(platform=d.platform, device_kind=d.device_kind, device_count=jax.device_count(),
                 host=cpu_model(), cpus=os.cpu_count(), jax=jax.__version__,
-                avx512=family()["avx512"], amx=family()["amx"],
+                **{k: v for k, v in family().items() if k in ("ids", "avx2", "avx512", "amx")},
                 date=datetime.date.today().isoformat(), xla_flags=os.environ.get("XLA_FLAGS", ""),
                 malloc=os.environ.get("CLUS_JAX_BENCH_MALLOC", "retain"), load_average=load_average())
 

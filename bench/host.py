@@ -42,6 +42,23 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def cpu_ids() -> str:
+    """'family F model M' from /proc/cpuinfo: the model name alone ('AMD EPYC') hides the generation, and
+    with it whether the cores have AVX-512 (Zen 2 is family 23, Zen 4 family 25 model 17 and up)."""
+    ids = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("cpu family", "model") and key.strip() not in ids:
+                    ids[key.strip()] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        pass
+    return f"family {ids['cpu family']} model {ids['model']}" if len(ids) == 2 else ""
+
+
 def family() -> dict[str, Any]:
     """Model, vector extensions XLA:CPU can use, and the cores this process may run on."""
     flags = cpu_flags()
@@ -49,7 +66,7 @@ def family() -> dict[str, Any]:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return dict(model=cpu_model(), machine=platform.machine(), cores=cores,
+    return dict(model=cpu_model(), ids=cpu_ids(), machine=platform.machine(), cores=cores,
                 avx2="avx2" in flags, avx512=any(f.startswith("avx512") for f in flags),
                 amx=any(f.startswith("amx") for f in flags))
 
@@ -97,7 +114,8 @@ def summary(record: dict[str, Any]) -> str:
     """One line for a log: 'AMD EPYC | AVX2, no AVX-512, no AMX | 2 cores | XLA f32 matmul 68 GFLOP/s'."""
     ext = ", ".join([("AVX2" if record["avx2"] else "no AVX2"), ("AVX-512" if record["avx512"] else "no AVX-512"),
                      ("AMX" if record["amx"] else "no AMX")])
-    return (f"{record['model']} | {ext} | {record['cores']} cores | XLA float32 matmul "
+    ids = f" ({record['ids']})" if record.get("ids") else ""
+    return (f"{record['model']}{ids} | {ext} | {record['cores']} cores | XLA float32 matmul "
             f"{record['xla_matmul_gflops']:.0f} GFLOP/s | host factor {record['host_factor']:.2f}")
 
 

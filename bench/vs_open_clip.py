@@ -36,6 +36,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import host  # noqa: E402
 
 QUICK_ARCH = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=2, vision_heads=1, embed_dim=64,
                   context_length=16, vocab_size=1000, text_width=64, text_layers=2, text_heads=2, mlp_ratio=4,
@@ -179,6 +180,9 @@ def main() -> None:
         raise SystemExit(f"no python at {args.torch_python}: set up the open_clip environment (see --help)")
     script = os.path.abspath(__file__)
     base = ["--threads", str(args.threads), "--precision", args.precision, "--warmup", str(warmup)]
+    # The processor family and its matmul rate, measured before the workers start: a ratio from one family
+    # says nothing about another (AVX-512 and AMX hosts run XLA's and oneDNN's kernels differently).
+    host_record = host.describe()
     load_start = common.load_average()
     mallocs = [m for m in args.malloc.split(",") if m]
     if args.quick:
@@ -203,11 +207,12 @@ def main() -> None:
     import jax
 
     info = dict(common.device_info(), threads=args.threads, precision=args.precision, rounds=rounds,
-                load_average_start=load_start)
+                load_average_start=load_start, xla_matmul_gflops=host_record["xla_matmul_gflops"])
     torch_version = next(w.info["torch"] for (_, _, fw), w in workers.items() if fw == "open_clip")
     print(f"{info['host']} ({info['cpus']} CPUs), {args.threads} threads per side, {args.precision}, "
           f"{rounds} interleaved rounds, jax {jax.__version__}, torch {torch_version}, {info['date']}, "
           f"load average {load_start} -> {info['load_average']}")
+    print("host:", host.summary(host_record))
     rows = []
     for arch in archs:
         batch = arch_dims(arch)["batch_size"]

@@ -18,7 +18,7 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
-SCRIPTS = ["step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
+SCRIPTS = ["host.py", "step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
            "microbatch_memory.py", "supervised_ceiling.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 # Seconds one script may take on the reference host, run alone beside one other test worker.
 BASE_S = 300
@@ -46,6 +46,13 @@ def records(quick_runs, script: str) -> list[dict]:
     proc = quick_runs[script].result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+def test_host(quick_runs):
+    (row,) = records(quick_runs, "host.py")
+    assert row["xla_matmul_gflops"] > 0 and row["host_factor"] >= 1.0 and row["cores"] >= 1
+    assert {"model", "ids", "avx2", "avx512", "amx"} <= set(row)
 
 
 @pytest.mark.slow
@@ -78,6 +85,8 @@ def test_input_quick(quick_runs):
 def test_vs_open_clip_quick(quick_runs):
     rows = records(quick_runs, "vs_open_clip.py")
     assert len(rows) == 1 and rows[0]["ratio"] > 0
+    # A ratio is only meaningful next to the processor family and its matmul rate.
+    assert rows[0]["xla_matmul_gflops"] > 0 and {"host", "ids", "avx512", "amx"} <= set(rows[0])
 
 
 @pytest.mark.slow
