@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import host_limits  # registered by tests/conftest.py
 import pytest
+import tolerances  # registered by tests/conftest.py
 
 import clus_jax
 from clus_jax import interop
@@ -47,7 +48,9 @@ def flat(tree):
 
 
 def assert_close(got, want, what):
-    """The issue's bar: cosine >= 0.99999 and max abs difference <= 1e-4, row by row (float32)."""
+    """The issue's bar: cosine >= 0.99999 and max abs difference <= 1e-4, row by row (float32). Two frameworks
+    order their sums differently: for the vectors' small towers (at most 192-term sums and 3 blocks, depth 4,
+    |emb| <= 1) that is within tolerances.network_atol(192, 1, 4) = 9e-5."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got.shape == want.shape, what
     cos = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
@@ -91,7 +94,7 @@ def test_options_case_matches_open_clip(options):
     np.testing.assert_array_equal(np.asarray(options.params["logit_scale"]), vectors["logit_scale"].reshape(()))
     assert float(options.params["logit_bias"]) != 0.0
     assert not options.config.model.image.ln_pre and options.config.model.text.pooling == "argmax"
-    np.testing.assert_allclose(options.config.model.image.mean, 0.5)
+    np.testing.assert_allclose(options.config.model.image.mean, 0.5)  # a config value read from JSON: exact
 
 
 @pytest.mark.parametrize("case", ["quickgelu", "options"])
@@ -129,7 +132,11 @@ def test_a_patch_bias_is_folded_into_the_position_embedding():
     encode = lambda m, p: jax.jit(lambda q: m.apply({"params": q}, images, method="encode_image"))(p)  # noqa: E731
     want = encode(module, params)
     got = encode(build_model(imported.model), open_clip_weights.to_params(state, model_cfg))
-    np.testing.assert_allclose(got, want, atol=1e-6)
+    # Another program (bias added to the float32 position table, not to the patches): reordered sums through
+    # the 'mu' tower (256-term sums, depth 3: tolerances.network_atol); a lost bias moves rows by ~1e-2.
+    atol = tolerances.network_atol(256, float(np.max(np.abs(want))), 3)
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    assert atol < 1e-3
 
 
 OPEN_CLIP_VIT_CONFIGS = {  # a few of open_clip 3.3.0's model_configs/*.json, as they are
@@ -322,8 +329,10 @@ def test_a_run_exports_and_reimports_bit_identically(run, tmp_path):
         np.testing.assert_array_equal(again[key], saved[key], err_msg=key)
     ours, theirs = clus_jax.load(run), interop.load_open_clip(tmp_path / "export")
     images, texts = run_inputs(ours)
-    np.testing.assert_allclose(theirs.encode_image(images), ours.encode_image(images), atol=1e-6)
-    np.testing.assert_allclose(theirs.encode_text(texts), ours.encode_text(texts), atol=1e-6)
+    # Bitwise: the same module and batch (the same program) on the bit-identical parameters checked above.
+    assert ours.module == theirs.module and ours.config.evals.batch_size == theirs.config.evals.batch_size
+    np.testing.assert_array_equal(theirs.encode_image(images), ours.encode_image(images))
+    np.testing.assert_array_equal(theirs.encode_text(texts), ours.encode_text(texts))
 
 
 # ---------------------------------------------------------------------------------------------------------

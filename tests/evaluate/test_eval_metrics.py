@@ -26,6 +26,7 @@ def test_zeroshot_classifier_normalises_each_template_then_the_mean():
     embs = np.array([[[3.0, 0.0], [0.0, 1.0]],      # class 0: two templates of very different norms
                      [[0.0, -2.0], [0.0, -5.0]]])   # class 1
     w = M.zeroshot_classifier(embs)
+    assert w.dtype == np.float64  # float64: 1e-7 is ~1e8 times the few roundings of two normalisations
     np.testing.assert_allclose(w, [[np.sqrt(0.5), np.sqrt(0.5)], [0.0, -1.0]], atol=1e-7)
     with pytest.raises(ValueError, match="templates"):
         M.zeroshot_classifier(embs[0])
@@ -143,6 +144,7 @@ def test_ridge_solver_matches_direct_solve(n):
     x, y = rng.normal(size=(n, 10)), rng.integers(0, 3, n)
     t = 2.0 * np.eye(3)[y] - 1.0
     direct = np.linalg.solve(x.T @ x + 0.5 * np.eye(10), x.T @ t)
+    # float64: condition number below 1e3 here, so two solves differ by about 1e3 * 1e-16 of |w| ~ 1.
     np.testing.assert_allclose(M._RidgeSolver(x, y, 3).weights(0.5), direct, atol=1e-8)
 
 
@@ -198,7 +200,7 @@ def test_confusion_matrix_and_per_class_accuracy_by_hand():
     conf = M.confusion_matrix(labels, preds, 4)
     np.testing.assert_array_equal(conf, [[2, 0, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]])
     acc = M.per_class_accuracy(conf)
-    np.testing.assert_allclose(acc[[0, 1, 3]], [2 / 3, 1 / 2, 1.0])
+    np.testing.assert_allclose(acc[[0, 1, 3]], [2 / 3, 1 / 2, 1.0])  # float64 ratios of counts: one rounding
     assert np.isnan(acc[2])  # no example of class 2
     with pytest.raises(ValueError, match="predictions must lie"):
         M.confusion_matrix([0], [4], 4)
@@ -217,6 +219,7 @@ def test_pca_2d_against_the_covariance_eigenvectors():
     eigs, vecs = np.linalg.eigh(cov)  # ascending
     top = vecs[:, ::-1][:, :2]
     centred = x - x.mean(0)
+    # float64 throughout (SVD against eigh): eigen-gaps of 1 and more keep the axes to ~1e-14 of |x| ~ 10.
     np.testing.assert_allclose(np.abs(points), np.abs(centred @ top), atol=1e-9)
     np.testing.assert_allclose(ratio, eigs[::-1][:2] / eigs.sum(), rtol=1e-9)
     assert ratio[0] == pytest.approx(9 / 10.01, abs=0.05)

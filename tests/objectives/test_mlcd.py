@@ -22,21 +22,25 @@ from clus_jax.objectives.mlcd import margin_softmax_loss, mlcd_loss, sample_nega
 from clus_jax.objectives.registry import ConfigError, LossContext
 from clus_jax.parallel import mesh as mesh_lib
 from clus_jax.parallel import partitioning
+import tolerances  # registered by tests/conftest.py
 import train_helpers as helpers  # registered by tests/conftest.py
 from train_helpers import recording  # noqa: F401  (fixture)
 import unicom_reference as ref  # registered by tests/conftest.py
 
-RTOL64, RTOL32 = 1e-9, 1e-5
+# Float64 against the float64 oracle: the bounds below with u = 2^-53 are far below RTOL64. Float32 against it:
+# the bounds below, derived per case (cosine_loss_bounds).
+RTOL64 = 1e-9
+U = tolerances.U32
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PRECISIONS = [(np.float64, RTOL64), (np.float32, RTOL32)]
+PRECISIONS = [np.float64, np.float32]
 MLCD = registry.get("mlcd")
 
 
 @pytest.fixture(params=PRECISIONS, ids=["float64", "float32"])
 def precision(request):
-    dtype, rtol = request.param
+    dtype = request.param
     with jax.enable_x64(dtype == np.float64):
-        yield dtype, rtol
+        yield dtype
 
 
 def assert_close(got, want, rtol, err_msg=""):
@@ -44,6 +48,69 @@ def assert_close(got, want, rtol, err_msg=""):
     want = np.asarray(want, np.float64)
     np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * float(np.abs(want).max()),
                                err_msg=err_msg)
+
+
+def assert_matches(got, want, dtype, float32_atol, err_msg=""):
+    """float64: RTOL64 of the largest entry; float32: the derived bound of one evaluation (rtol 0)."""
+    if dtype == np.float64:
+        assert_close(got, want, RTOL64, err_msg)
+    else:
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=float32_atol, err_msg=err_msg)
+
+
+def with_cosine_weights(oracle, *args):
+    """(the oracle's result, its dL/dcos [B, C]): the weights its gradients pass through the cosines."""
+    captured, through = {}, ref._through_cosines
+
+    def capture(e, w, g_cos):
+        captured["g_cos"] = g_cos
+        return through(e, w, g_cos)
+
+    ref._through_cosines = capture
+    try:
+        result = oracle(*args)
+    finally:
+        ref._through_cosines = through
+    return result, captured["g_cos"]
+
+
+def cosine_loss_bounds(e, w, labels, scale, loss, g_cos, margin=0.0, cos_margin=0.0, terms_per_row=1):
+    """(loss atol, dL/de atol, dL/dw atol) of one float32 evaluation of a loss over logits ``s cos(e_b, w_c)`` of
+    raw rows (unicom's margin softmax, one term per row, ``labels`` [B]; MLCD's Eq. 5, two, ``labels`` [B, l])
+    against the float64 oracle on the same float32 inputs, whose dL/dcos is ``g_cos``.
+
+    Both sides are normalised in float32 (unit_rows_relative_error(D) each), so a cosine errs by gamma(D) plus
+    twice that. ArcFace's ``cos(arccos c + m)`` moves by at most arccos's change, ``dc / sin(theta)`` or, near
+    c = +-1, ``1.6 sqrt(dc)``, and rounds ~25u more (arccos, + m, cos, the straight-through pair); CosFace's
+    ``c - m`` rounds once. Each term (a softmax over C, or log(1 + sum exp) over at most C) errs by
+    log_softmax_atol; the B-row mean adds gamma(B) of the loss. Gradient: the weights dL/dcos are probabilities
+    times s / B (minus the one-hot target for the softmax, whose p errs all the same: 2 s / B more there), off
+    by their relative error; through the D-term sums and each normalisation's backward ``(g - x (x . g)) / |x|``
+    as in test_moco.py: that error twice, plus the dot's gamma and the rows' error, per row over its |x|.
+    """
+    (batch, dim), classes = np.shape(e), len(w)
+    ure, g = tolerances.unit_rows_relative_error(dim), tolerances.gamma
+    cos_err = g(dim) + 2 * ure
+    margin_err = 0.0
+    labels = np.asarray(labels).reshape(batch, -1)
+    if margin:
+        cos, _ = ref.cosines(e, w)
+        c = np.abs(np.take_along_axis(cos, np.maximum(labels, 0), axis=1)[labels >= 0])
+        sine = np.sqrt(np.maximum(1 - np.minimum(c + cos_err, 1.0) ** 2, 0.0))
+        d_theta = np.minimum(cos_err / np.maximum(sine, 1e-300), 1.6 * np.sqrt(cos_err))
+        margin_err = float(d_theta.max()) + 25 * U
+    logit_atol = scale * (cos_err + max(margin_err, 2 * U if cos_margin else 0.0) + U)
+    p_err = tolerances.log_softmax_atol(classes + 1, logit_atol, scale)
+    loss_atol = terms_per_row * p_err + (g(batch) + g(terms_per_row) + 2 * U) * loss
+    weights = np.abs(g_cos)
+    if terms_per_row == 1:  # softmax - onehot
+        weights[np.arange(batch), labels[:, 0]] += 2 * scale / batch
+
+    def through(rows, weight_sums, n):  # the gradient of raw ``rows``, whose unit rows' weights add up to weight_sums
+        err = weight_sums * (p_err + 2 * g(n) + 3 * U + 2 * ure)
+        return float(np.max((2 * err + (g(dim) + 2 * ure + 6 * U) * weight_sums) / np.linalg.norm(rows, axis=1)))
+
+    return loss_atol, through(e, weights.sum(axis=1), classes), through(w, weights.sum(axis=0), batch)
 
 
 def near_centres(rng, batch, dim, num_classes, labels, spread=0.6):
@@ -98,14 +165,18 @@ def unicom_results(dtype):
 @pytest.mark.parametrize("case", range(len(UNICOM_CASES)),
                          ids=["arc_s32_m03", "arc_s32_m05", "arc_s64_m05", "cos_s64_m04"])
 def test_margin_softmax_matches_unicom(case, precision):
-    dtype, rtol = precision
+    dtype = precision
     results, inputs = unicom_results(dtype)
     (loss, (g_e, g_w)), (e, w, labels) = results[case], inputs[case]
     assert loss.dtype == dtype
-    want, want_e, want_w = ref.margin_softmax_numpy(e, labels, w, *UNICOM_CASES[case])
-    np.testing.assert_allclose(float(loss), want, rtol=rtol)
-    assert_close(g_e, want_e, rtol)
-    assert_close(g_w, want_w, rtol)
+    scale, arc, cos_m = UNICOM_CASES[case]
+    (want, want_e, want_w), g_cos = with_cosine_weights(ref.margin_softmax_numpy, e, labels, w, scale, arc, cos_m)
+    loss_atol, e_atol, w_atol = cosine_loss_bounds(e, w, labels, scale, want, g_cos, arc, cos_m)
+    assert_matches(float(loss), want, dtype, loss_atol)
+    assert_matches(g_e, want_e, dtype, e_atol)
+    assert_matches(g_w, want_w, dtype, w_atol)
+    # A wrong margin or scale, or a dropped normalisation backward, moves the gradients by a good part of them.
+    assert e_atol < 0.05 * np.abs(want_e).max() and w_atol < 0.05 * np.abs(want_w).max() and loss_atol < 0.01 * want
 
 
 def test_margin_is_straight_through_and_the_floor_keeps_unicom_gradient():
@@ -200,15 +271,18 @@ def mlcd_results(dtype):
 
 @pytest.mark.parametrize("case", range(len(MLCD_CASES)), ids=["s32", "s64_pad_mask", "s64_m05_pad", "s16_m0_mask"])
 def test_mlcd_loss_matches_eq5(case, precision):
-    dtype, rtol = precision
+    dtype = precision
     scale, margin, _, masked = MLCD_CASES[case]
     results, inputs = mlcd_results(dtype)
     (loss, (g_e, g_w)), (e, w, labels, mask) = results[case], inputs[case]
     assert loss.dtype == dtype
-    want, want_e, want_w = ref.mlcd_numpy(e, labels, w, scale, margin, mask if masked else None)
-    np.testing.assert_allclose(float(loss), want, rtol=rtol)
-    assert_close(g_e, want_e, rtol)
-    assert_close(g_w, want_w, rtol)
+    (want, want_e, want_w), g_cos = with_cosine_weights(ref.mlcd_numpy, e, labels, w, scale, margin,
+                                                        mask if masked else None)
+    loss_atol, e_atol, w_atol = cosine_loss_bounds(e, w, labels, scale, want, g_cos, margin, terms_per_row=2)
+    assert_matches(float(loss), want, dtype, loss_atol)
+    assert_matches(g_e, want_e, dtype, e_atol)
+    assert_matches(g_w, want_w, dtype, w_atol)
+    assert e_atol < 0.05 * np.abs(want_e).max() and w_atol < 0.05 * np.abs(want_w).max() and loss_atol < 0.01 * want
     assert np.all(np.isfinite(g_e)) and np.all(np.isfinite(g_w))
 
 
@@ -239,10 +313,12 @@ def test_mlcd_loss_is_stable_at_scale_64():
     e[1] = ref.normalize(w[1])  # a positive at cos 1
     loss, g = jax.jit(jax.value_and_grad(lambda e: mlcd_loss(e, jnp.asarray(labels), jnp.asarray(w, jnp.float32),
                                                              scale=64.0)))(jnp.asarray(e, jnp.float32))
-    want, want_e, _ = ref.mlcd_numpy(np.float32(e), labels, np.float32(w), 64.0, 0.3)
+    (want, want_e, _), g_cos = with_cosine_weights(ref.mlcd_numpy, np.float32(e), labels, np.float32(w), 64.0, 0.3)
     assert want > 100 and np.isfinite(float(loss))
-    np.testing.assert_allclose(float(loss), want, rtol=1e-5)
-    assert_close(g, want_e, 1e-4)
+    # The margin at cos ~ -1 is ill-conditioned (arccos's slope ~ 1 / sin(theta)): the bound is loose there.
+    loss_atol, e_atol, _ = cosine_loss_bounds(np.float32(e), np.float32(w), labels, 64.0, want, g_cos, 0.3, 0.0, 2)
+    np.testing.assert_allclose(float(loss), want, rtol=0, atol=loss_atol)
+    np.testing.assert_allclose(np.asarray(g), want_e, rtol=0, atol=e_atol)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -340,24 +416,32 @@ def test_sharded_objective_equals_one_device_with_the_same_sampled_centres(mesh_
     mask[sampled] = True
     # One device, the same sampled centres: mlcd_loss with those as the negative mask ...
     one_loss, (one_e, one_w) = one_device_mlcd(e, w, labels, mask)
-    np.testing.assert_allclose(float(loss), float(one_loss), rtol=1e-5)
-    assert_close(g_e, one_e, 1e-5)
-    assert_close(g_w, one_w, 1e-5)
+    (want, want_e, want_w), g_cos = with_cosine_weights(ref.mlcd_numpy, e, labels, w, SCALE, MARGIN, mask)
+    # Sharded sums run in another order: two float32 evaluations, each within the bounds of the exact values.
+    loss_atol, e_atol, w_atol = cosine_loss_bounds(e, w, labels, SCALE, want, g_cos, MARGIN, terms_per_row=2)
+    np.testing.assert_allclose(float(loss), float(one_loss), rtol=0, atol=2 * loss_atol)
+    np.testing.assert_allclose(np.asarray(g_e), one_e, rtol=0, atol=2 * e_atol)
+    np.testing.assert_allclose(np.asarray(g_w), one_w, rtol=0, atol=2 * w_atol)
+    assert 2 * e_atol < 0.05 * np.abs(want_e).max() and 2 * w_atol < 0.05 * np.abs(want_w).max()
     # ... and the float64 oracle of Eq. 5 on them.
-    want, want_e, want_w = ref.mlcd_numpy(e, labels, w, SCALE, MARGIN, mask)
-    np.testing.assert_allclose(float(loss), want, rtol=2e-5)
-    assert_close(g_e, want_e, 2e-5)
-    assert_close(g_w, want_w, 2e-5)
+    np.testing.assert_allclose(float(loss), want, rtol=0, atol=loss_atol)
+    np.testing.assert_allclose(np.asarray(g_e), want_e, rtol=0, atol=e_atol)
+    np.testing.assert_allclose(np.asarray(g_w), want_w, rtol=0, atol=w_atol)
     assert not np.any(np.asarray(g_w)[~mask])  # centres that were not sampled get no gradient
 
     # Diagnostics, by NumPy.
     cos, _ = ref.cosines(e, w)
     pos, neg = ref.mlcd_sets(labels, k, mask)
-    np.testing.assert_allclose(metrics["positive_cosine"], cos[pos].mean(), rtol=1e-5)
-    np.testing.assert_allclose(metrics["negative_cosine"], cos[neg].mean(), rtol=1e-5, atol=1e-7)  # near 0
+    # Means of float32 cosines, each off by gamma(D) and both rows' normalisation (cos_err), plus the sums' gamma.
+    cos_err = tolerances.gamma(D) + 2 * tolerances.unit_rows_relative_error(D)
+    for got, sel in ((metrics["positive_cosine"], pos), (metrics["negative_cosine"], neg)):
+        atol = cos_err + tolerances.mean_atol(int(sel.sum()), float(np.abs(cos[sel]).mean())) + U * abs(got)
+        np.testing.assert_allclose(got, cos[sel].mean(), rtol=0, atol=atol)
+    # Counts are exact in float32; the one division rounds by u, under 1e-6 = 16.8u.
     np.testing.assert_allclose(metrics["classes_hit_fraction"], len(np.unique(labels[labels >= 0])) / k, rtol=1e-6)
     np.testing.assert_allclose(metrics["labels_per_row"], (labels >= 0).sum() / B, rtol=1e-6)
-    np.testing.assert_allclose(metrics["positive_term"] + metrics["negative_term"], want, rtol=2e-5)
+    np.testing.assert_allclose(metrics["positive_term"] + metrics["negative_term"], want, rtol=0,
+                               atol=loss_atol + 2 * U * want)  # two means where the loss takes one, and a sum
 
 
 def test_sampling_depends_on_the_step_key():
@@ -437,7 +521,9 @@ def test_train_step_image_only_sharded_centres_and_lr_multiplier(tmp_path, recor
     assert exp.shardings["params"]["mlcd"]["centers"].spec == P(("data", "fsdp", "tensor"))
     state = exp.init_state()
     before = jax.device_get(state)
-    np.testing.assert_allclose(before["params"]["mlcd"]["centers"], ref.normalize(centres), rtol=1e-6, atol=1e-7)
+    # NumPy's float32 x / |x|: each entry within unit_rows_relative_error(D) = 8u of the float64 one.
+    np.testing.assert_allclose(before["params"]["mlcd"]["centers"], ref.normalize(centres),
+                               rtol=tolerances.unit_rows_relative_error(D), atol=0)
     new, metrics = exp.step(state, exp.global_batch(train_batches(config, 1)[0]))
     after, metrics = jax.device_get(new), {k: float(v) for k, v in metrics.items()}
     assert np.isfinite(metrics["mlcd/loss"]) and metrics["mlcd/classes_hit_fraction"] > 0
@@ -453,6 +539,8 @@ def test_train_step_image_only_sharded_centres_and_lr_multiplier(tmp_path, recor
     g = np.asarray(grads["mlcd"]["centers"], np.float64) * clip
     assert np.abs(g).max() > 1e-4 and (g == 0).mean() > 0.5  # sampled centres only (r = 0.25)
     want = w0 - 5.0 * optim.lr * (g / (np.abs(g) + optim.eps) + optim.weight_decay * w0)
+    # Float32 AdamW: the update within ~8u of its size 5 lr (1 + wd |w|) (moments, bias corrections, sqrt,
+    # division; the clip cancels in g / |g|) and the subtraction within u of the result: 8u 5 lr < 1e-8 <= atol.
     np.testing.assert_allclose(after["params"]["mlcd"]["centers"], want, rtol=1e-4, atol=1e-7)
 
 

@@ -20,6 +20,7 @@ from clus_jax.parallel import partitioning
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.train.step import make_apply_model
 
+import tolerances  # registered by tests/conftest.py
 import train_helpers as helpers  # registered by tests/conftest.py
 from swav_reference import log_softmax_numpy as log_softmax_np
 from swav_reference import swav_sinkhorn_numpy as swav_sinkhorn_np
@@ -67,6 +68,39 @@ def swap_loss_np(image, text, banks, *, temperature=0.1, epsilon=0.05, num_iters
         per_bank.append(dict(loss=loss, cross=cross, within=inner, entropy=entropy, used=used, codes=codes))
         total += loss
     return total / len(banks), per_bank
+
+
+U, DIM = tolerances.U32, 32
+# Scores of float32 unit rows (norms within u of 1) against prototypes normalised in float32: gamma(D), the
+# prototypes' unit_rows_relative_error(D) and the rows' u; |s| <= 1 + u.
+SCORE_ATOL = tolerances.gamma(DIM) + tolerances.unit_rows_relative_error(DIM) + 2 * U
+
+
+def pair_atol(value, batch, protos, code_rows=None, temperature=0.1, epsilon=0.05, num_iters=3):
+    """One float32 evaluation of a half-sum of two CEs (the cross-modal or the within-modality term) against
+    its float64 value: tolerances.swap_loss_bounds, with codes of ``code_rows`` rows (the batch, or with the
+    queue's) off by sinkhorn_log_atol."""
+    log_atol = tolerances.sinkhorn_log_atol(code_rows or batch, protos, num_iters, epsilon, 1 + U, SCORE_ATOL)
+    codes = float(np.expm1(log_atol))
+    return tolerances.swap_loss_bounds(batch, protos, temperature, 1 + U, value, codes, SCORE_ATOL)[0], codes
+
+
+def bank_atols(ref, batch, within=0.0, code_rows=None):
+    """Per bank of swap_loss_np: 'cross', 'within' (pair_atol), 'loss' (cross + within x within-modality, and
+    two roundings), 'entropy' (the codes' relative error weights |log q| + 1, summing to H + 1 per row; the
+    sums add gamma of H)."""
+    protos = ref["codes"]["image"].shape[1]
+    cross, codes = pair_atol(ref["cross"], batch, protos, code_rows)
+    inner, _ = pair_atol(ref["within"], batch, protos, code_rows)
+    h = ref["entropy"]
+    entropy = codes * (h + 1) + (tolerances.gamma(protos) + tolerances.gamma(batch) + 4 * U) * h
+    return dict(cross=cross, within=inner, loss=cross + within * inner + 2 * U * ref["loss"], entropy=entropy)
+
+
+def loss_atol(per_bank, batch, within=0.0, code_rows=None):
+    """The objective's value, the mean of the banks' losses: their bounds' mean, and the mean's rounding."""
+    banks = [bank_atols(ref, batch, within, code_rows) for ref in per_bank]
+    return float(np.mean([b["loss"] for b in banks])) + 2 * U * max(ref["loss"] for ref in per_bank)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,12 +160,14 @@ def test_loss_and_metrics_match_numpy(mesh_shape):
     loss, metrics, new_state = run_objective(config, mesh_shape, {"image_emb": image, "text_emb": text},
                                              {prototypes.PARAMS_KEY: banks}, {})
     want, per_bank = swap_loss_np(image, text, list(banks.values()), within=0.3)
-    np.testing.assert_allclose(loss, want, rtol=2e-5)
+    np.testing.assert_allclose(loss, want, rtol=0, atol=loss_atol(per_bank, 16, 0.3))
     for i, ref in enumerate(per_bank):
-        np.testing.assert_allclose(metrics[f"bank_{i}/loss"], ref["loss"], rtol=2e-5)
-        np.testing.assert_allclose(metrics[f"bank_{i}/cross_modal"], ref["cross"], rtol=2e-5)
-        np.testing.assert_allclose(metrics[f"bank_{i}/within_modality"], ref["within"], rtol=2e-5)
-        np.testing.assert_allclose(metrics[f"bank_{i}/code_entropy"], ref["entropy"], rtol=1e-4)
+        atol = bank_atols(ref, 16, 0.3)
+        assert atol["loss"] < 0.01 * ref["loss"]  # a term dropped, or the codes of the wrong modality, move it by more
+        np.testing.assert_allclose(metrics[f"bank_{i}/loss"], ref["loss"], rtol=0, atol=atol["loss"])
+        np.testing.assert_allclose(metrics[f"bank_{i}/cross_modal"], ref["cross"], rtol=0, atol=atol["cross"])
+        np.testing.assert_allclose(metrics[f"bank_{i}/within_modality"], ref["within"], rtol=0, atol=atol["within"])
+        np.testing.assert_allclose(metrics[f"bank_{i}/code_entropy"], ref["entropy"], rtol=0, atol=atol["entropy"])
         assert metrics[f"bank_{i}/used_clusters_image"] == ref["used"]["image"]
         assert metrics[f"bank_{i}/used_clusters_text"] == ref["used"]["text"]
     assert new_state == {}
@@ -147,11 +183,13 @@ def test_cross_modal_direction_and_within_knob():
     q = {m: swav_sinkhorn_np(x @ bank.T, 0.05, 3) for m, x in (("image", image), ("text", text))}
     swapped = 0.5 * (ce_np(q["text"], image @ bank.T, 0.1) + ce_np(q["image"], text @ bank.T, 0.1))
     unswapped = 0.5 * (ce_np(q["image"], image @ bank.T, 0.1) + ce_np(q["text"], text @ bank.T, 0.1))
-    np.testing.assert_allclose(loss, swapped, rtol=2e-5)
-    assert abs(swapped - unswapped) > 1e-3
+    swapped_atol, unswapped_atol = pair_atol(swapped, 16, 12)[0], pair_atol(unswapped, 16, 12)[0]
+    np.testing.assert_allclose(loss, swapped, rtol=0, atol=swapped_atol)
+    assert abs(swapped - unswapped) > max(1e-3, 2 * (swapped_atol + unswapped_atol))
     with_within, _, _ = run_objective(swap_config(**{"swap.within_modality_weight": 1.0}), MESHES_1[0],
                                       {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}, {})
-    np.testing.assert_allclose(with_within, swapped + unswapped, rtol=2e-5)
+    np.testing.assert_allclose(with_within, swapped + unswapped, rtol=0,
+                               atol=swapped_atol + unswapped_atol + 2 * U * (swapped + unswapped))
 
 
 def fake_apply(params, batch):
@@ -175,11 +213,12 @@ def test_teacher_codes_are_the_targets(teacher_prototypes):
     outputs, params = {"image_emb": image, "text_emb": text}, {prototypes.PARAMS_KEY: banks}
     state = {"teacher": teacher, "queue": {**queue, "filled": np.int32(2)}}
     code_banks = list(teacher["banks"].values()) if teacher_prototypes == "teacher" else None
-    want, _ = swap_loss_np(image, text, list(banks.values()), code_rows={"image": t_image, "text": t_text},
-                           code_banks=code_banks, queues={m: q.reshape(-1, 32) for m, q in queue.items()})
+    want, per_bank = swap_loss_np(image, text, list(banks.values()), code_rows={"image": t_image, "text": t_text},
+                                  code_banks=code_banks, queues={m: q.reshape(-1, 32) for m, q in queue.items()})
+    atol = loss_atol(per_bank, 16, code_rows=16 + 32)  # the codes come from the queue's 32 rows and the batch
     for mesh_shape in MESHES_1[:2]:
         loss, _, new = run_objective(config, mesh_shape, outputs, params, state, apply_model=fake_apply)
-        np.testing.assert_allclose(loss, want, rtol=2e-5, err_msg=str(mesh_shape))
+        np.testing.assert_allclose(loss, want, rtol=0, atol=atol, err_msg=str(mesh_shape))
         # The queue keeps the rows the codes came from: the teacher's.
         np.testing.assert_array_equal(new["queue"]["image"][0], t_image)
         np.testing.assert_array_equal(new["queue"]["text"][1], queue["text"][0])
@@ -203,7 +242,9 @@ def test_teacher_equal_to_student_gives_the_swav_loss():
     teacher = {"towers": {"image_emb": image, "text_emb": text}, "banks": banks}
     taught, _, _ = run_objective(swap_config(**{"swap.teacher": "ema"}), MESHES_1[0], outputs, params,
                                  {"teacher": teacher}, apply_model=fake_apply)
-    np.testing.assert_allclose(taught, plain, rtol=1e-6)
+    # Two programs (the codes' scores from the teacher's inputs): two float32 evaluations, each within the bound.
+    _, per_bank = swap_loss_np(image, text, list(banks.values()))
+    np.testing.assert_allclose(taught, plain, rtol=0, atol=2 * loss_atol(per_bank, 16))
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES_1[:2], ids=["one_device", "data2_tensor4"])
@@ -225,7 +266,8 @@ def test_queue_rows_enter_the_codes_once_full(mesh_shape):
     assert abs(with_queue - without) > 1e-3
 
     loss, metrics, new = run_objective(config, mesh_shape, outputs, params, state(slots), step=7)
-    np.testing.assert_allclose(loss, with_queue, rtol=2e-5)
+    _, per_bank = swap_loss_np(image, text, list(banks.values()), queues=flat)
+    np.testing.assert_allclose(loss, with_queue, rtol=0, atol=loss_atol(per_bank, batch, code_rows=batch * (slots + 1)))
     assert metrics["queue_in_use"] == 1.0
     # FIFO: the batch goes in front, the oldest slot drops out.
     np.testing.assert_array_equal(new["queue"]["image"][0], image)
@@ -233,7 +275,8 @@ def test_queue_rows_enter_the_codes_once_full(mesh_shape):
     assert int(new["queue"]["filled"]) == slots
 
     loss, metrics, new = run_objective(config, mesh_shape, outputs, params, state(slots - 1), step=7)
-    np.testing.assert_allclose(loss, without, rtol=2e-5)
+    _, per_bank = swap_loss_np(image, text, list(banks.values()))
+    np.testing.assert_allclose(loss, without, rtol=0, atol=loss_atol(per_bank, batch))
     assert metrics["queue_in_use"] == 0.0
     assert int(new["queue"]["filled"]) == slots
 
@@ -261,6 +304,8 @@ def test_config_errors_name_the_key():
 
 def test_momentum_schedule_is_cosine_from_base_to_final():
     base, final, total = 0.9, 0.99, 10
+    # The float32 schedule rounds a few times, each by at most u m (cos's argument error is damped by
+    # (final - base) / 2): within 5u of m, under 1e-6 = 16.8u.
     got = [float(teachers.momentum(jnp.int32(t), base, final, total)) for t in (0, 5, 10, 20)]
     np.testing.assert_allclose(got, [base, (base + final) / 2, final, final], rtol=1e-6)
     t = 3
@@ -287,9 +332,9 @@ def test_init_banks_unit_rows_and_logical_axes():
         box = banks[name]
         assert isinstance(box, nn.LogicallyPartitioned) and tuple(box.names) == ("prototypes", "proj")
         assert box.value.shape == (k, 32) and box.value.dtype == jnp.float32
-        np.testing.assert_allclose(np.linalg.norm(box.value, axis=-1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(box.value, axis=-1), 1.0, rtol=0, atol=tolerances.unit_norm_atol(32))
         assert np.linalg.matrix_rank(np.asarray(box.value)) == k  # random directions, not one repeated row
-    assert not np.allclose(banks["bank_0"].value[:7], banks["bank_1"].value[:7])  # one key per bank
+    assert not np.allclose(banks["bank_0"].value[:7], banks["bank_1"].value[:7])  # one key per bank: O(1) apart
     assert prototypes.bank_sizes(ml_collections.ConfigDict({"num_prototypes": 5})) == (5,)
     assert prototypes.bank_sizes(swap_config().swap) == (12, 6)
 
@@ -308,7 +353,7 @@ def test_swap_objective_owns_its_banks():
     assert exp.shardings["params"][prototypes.PARAMS_KEY]["bank_1"].spec == P()  # 4 does not divide 6
     banks = jax.device_get(exp.init_state()["params"][prototypes.PARAMS_KEY])
     for bank in banks.values():
-        np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(bank, axis=-1), 1.0, rtol=0, atol=tolerances.unit_norm_atol(32))
     # A run without the swap objective has no banks at all.
     assert prototypes.PARAMS_KEY not in build(helpers.tiny_config("clip")).abstract_state["params"]
 
@@ -382,8 +427,10 @@ def test_prototypes_unit_rows_and_freeze(reference):
     assert moments and all(np.all(v == 0) for v in moments.values())
     for t in range(1, FREEZE + 1):  # frozen steps: the stored banks are the re-normalised rows, moments stay zero
         for name, bank in states[t]["params"][key].items():
-            np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, atol=1e-6)
-            np.testing.assert_allclose(bank, unit(before[name]), atol=1e-6)
+            np.testing.assert_allclose(np.linalg.norm(bank, axis=1), 1.0, rtol=0, atol=tolerances.unit_norm_atol(32))
+            # Normalised in float32 once per step: each entry within t unit_rows_relative_error(32) of the exact.
+            rtol = t * tolerances.unit_rows_relative_error(32)
+            np.testing.assert_allclose(bank, unit(before[name]), rtol=rtol, atol=0)
         assert all(np.all(v == 0) for v in adam_leaves(states[t]["opt_state"]).values())
     # Other parameters did train meanwhile.
     assert np.abs(states[FREEZE]["params"]["text"]["token_embed"] - states[0]["params"]["text"]["token_embed"]).max() > 0
@@ -409,11 +456,16 @@ def test_ema_teacher_follows_the_student(reference):
         m = np.float32(cfg.teacher_momentum_final - (cfg.teacher_momentum_final - cfg.teacher_momentum)
                        * (math.cos(math.pi * t / reference.config.total_steps) + 1) / 2)
         old, new = reference.states[t], reference.states[t + 1]
-        want = jax.tree.map(lambda tch, s: m * tch + (np.float32(1) - m) * s,
-                            old["objective_states"]["swap"]["teacher"], teacher_source(new["params"]))
-        for (path, got), exp in zip(jax.tree_util.tree_leaves_with_path(new["objective_states"]["swap"]["teacher"]),
-                                    jax.tree.leaves(want)):
-            np.testing.assert_allclose(got, exp, rtol=1e-6, atol=1e-8, err_msg=f"step {t} {jax.tree_util.keystr(path)}")
+        before, source = old["objective_states"]["swap"]["teacher"], teacher_source(new["params"])
+        want = jax.tree.map(lambda tch, s: m * tch + (np.float32(1) - m) * s, before, source)
+        after = jax.tree_util.tree_leaves_with_path(new["objective_states"]["swap"]["teacher"])
+        for (path, got), exp, tch, s in zip(after, jax.tree.leaves(want), jax.tree.leaves(before),
+                                            jax.tree.leaves(source)):
+            # Two float32 evaluations of m t + (1 - m) s (here and in the step, maybe fused), each within 3u (|t| + |s|)
+            # of the exact; the two m (float32 schedule, float64 one rounded) within 6u, times |t - s|.
+            tch, s = np.asarray(tch, np.float64), np.asarray(s, np.float64)
+            atol = 6 * U * float(np.max(np.abs(tch) + np.abs(s))) + 6 * U * float(np.max(np.abs(tch - s)))
+            np.testing.assert_allclose(got, exp, rtol=0, atol=atol, err_msg=f"step {t} {jax.tree_util.keystr(path)}")
     # The teacher starts as a copy of the student (whose stored banks this test rescaled after init).
     first = reference.states[0]
     teacher = first["objective_states"]["swap"]["teacher"]
@@ -423,7 +475,9 @@ def test_ema_teacher_follows_the_student(reference):
     for a, b in zip(jax.tree.leaves(teacher["towers"]), jax.tree.leaves(towers)):
         np.testing.assert_array_equal(a, b)
     for name, bank in first["params"][prototypes.PARAMS_KEY].items():
-        np.testing.assert_allclose(teacher["banks"][name], unit(bank), atol=1e-6)
+        # Normalised in float32: each entry within unit_rows_relative_error(32) of the exact.
+        rtol = tolerances.unit_rows_relative_error(32)
+        np.testing.assert_allclose(teacher["banks"][name], unit(bank), rtol=rtol, atol=0)
 
 
 @pytest.mark.slow
@@ -443,7 +497,10 @@ def test_queue_fills_fifo_with_teacher_embeddings(reference):
         for m in ("image", "text"):
             for slot in range(slots):
                 if slot < len(written):
-                    np.testing.assert_allclose(queue[m][slot], emb[written[slot]][m], rtol=1e-5, atol=1e-6)
+                    # Embeddings recomputed in another program: network_atol's estimate ('mu' towers, 2 blocks).
+                    want = emb[written[slot]][m]
+                    atol = tolerances.network_atol(256, float(np.abs(want).max()), 3)
+                    np.testing.assert_allclose(queue[m][slot], want, rtol=0, atol=atol)
                 else:
                     np.testing.assert_array_equal(queue[m][slot], 0.0)
     in_use = [m["swap/queue_in_use"] for m in reference.metrics]
@@ -463,10 +520,12 @@ def test_meshes_match_one_device(reference, mesh_shape):
         assert run.shardings["params"][prototypes.PARAMS_KEY]["bank_0"].spec == P("tensor")
         assert run.shardings["objective_states"]["swap"]["teacher"]["banks"]["bank_1"].spec == P("tensor")
     assert run.shardings["objective_states"]["swap"]["queue"]["image"].spec == P(None, ("data", "fsdp") if mesh_shape["fsdp"] > 1 else "data")
+    # Observed margins, not bounds: the runs train on different roundings, and Adam below has none.
     for key in ("loss", "clip/loss", "swap/loss", "swap/bank_0/loss", "swap/bank_1/loss"):
         np.testing.assert_allclose([m[key] for m in run.metrics], [m[key] for m in reference.metrics], rtol=1e-5, err_msg=key)
     assert [m["swap/queue_in_use"] for m in run.metrics] == [m["swap/queue_in_use"] for m in reference.metrics]
     # Adam divides by sqrt(v): near-zero gradients amplify reduction-order rounding to a fraction of one step.
+    # Not a bound: an entry within rounding of zero could flip the sign of a first Adam step (2 lr = 6e-3).
     got, want = run.states[-1], reference.states[-1]
     for part in ("params", "objective_states"):
         for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got[part]), jax.tree.leaves(want[part])):
