@@ -80,9 +80,13 @@ def test_only_the_towers_in_use_count():
     assert image_only == 3 * 16 * image < both
 
 
-@pytest.mark.parametrize("size,pooling,pooled_last,stem", [("mu", "cls", True, ()), ("mu", "cls", False, ()),
-                                                           ("nano", "gap", True, ()), ("mu", "map", True, ()),
-                                                           ("mu", "cls", True, (8, 16))])
+# The fast tier compiles one tower; the other poolings, the full last block and the stem run in the slow tier.
+@pytest.mark.parametrize("size,pooling,pooled_last,stem", [
+    ("mu", "cls", True, ()),
+    pytest.param("mu", "cls", False, (), marks=pytest.mark.slow),
+    pytest.param("nano", "gap", True, (), marks=pytest.mark.slow),
+    pytest.param("mu", "map", True, (), marks=pytest.mark.slow),
+    pytest.param("mu", "cls", True, (8, 16), marks=pytest.mark.slow)])
 def test_agrees_with_xla_cost_analysis(size, pooling, pooled_last, stem):
     """XLA counts every op (normalisations, softmax, AdamW) on top of the matmuls: a little above, never below."""
     from clus_jax.experiment import build

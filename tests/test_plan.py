@@ -45,6 +45,7 @@ def test_parse_mesh():
     ],
     ids=["tiny", "small"],
 )
+@pytest.mark.slow  # compiles the step on 8 devices twice; the fast tier runs the command's config check
 def test_plan_state_matches_compiled_arguments(spec, overrides, mesh):
     """State + batch bytes per device from shapes and shardings = XLA's argument size (within 10%)."""
     assert jax.device_count() == 8
@@ -68,6 +69,7 @@ def test_plan_state_matches_compiled_arguments(spec, overrides, mesh):
     assert "activations + temporaries (XLA)" in plan_lib.format_table(plan, 16)
 
 
+@pytest.mark.slow
 def test_plan_cli_simulates_devices_and_fails_when_too_big():
     """--num-devices 4 on fake CPU devices; a tiny --device-memory-gb gives exit 3 and one clear line."""
     args = [sys.executable, "-m", "clus_jax.plan", "--config", "configs/clip.py:batch=16,synthetic",

@@ -19,7 +19,8 @@ from clus_jax.train.metrics_writer import read_metrics
 
 import train_helpers as helpers  # registered by tests/conftest.py
 
-pytestmark = pytest.mark.slow  # one training run with two evaluations, shared by every test here
+# The tests that read the module's finished run (one training run with two evaluations) are slow; the fast tier
+# draws a report from a hand-written metrics file.
 
 SETS = ("easyvqa", "emoji_category")
 NOT_FIGURES = ("step", "eval/seconds")
@@ -48,6 +49,7 @@ def figures(record):
     return {k: v for k, v in record.items() if k not in NOT_FIGURES}
 
 
+@pytest.mark.slow
 def test_every_evaluation_saves_its_arrays_and_figures(finished_run):
     assert artifacts.steps(finished_run) == [2, 4]
     arrays = artifacts.read(artifacts.step_dir(finished_run, 4))
@@ -57,12 +59,14 @@ def test_every_evaluation_saves_its_arrays_and_figures(finished_run):
     assert easy.confusion.sum() == len(easy.labels) == easy.projection.shape[0]
     (line,) = eval_lines(finished_run, 4)
     assert artifacts.read_metrics(artifacts.step_dir(finished_run, 4)) == figures(line)
+    # float64 ratios of the same integer counts on both sides: default tolerances are far above their rounding.
     assert np.trace(easy.confusion) / easy.confusion.sum() == pytest.approx(line["zeroshot/easyvqa/top1"])
     np.testing.assert_allclose(np.nanmean(easy.per_class_accuracy), line["zeroshot/easyvqa/mean_per_class_top1"])
     assert {f"cluster/{s}/{src}_{score}" for s in SETS for src in ("kmeans", "bank_0", "bank_1")
             for score in ("nmi", "ari", "purity")} <= set(line)
 
 
+@pytest.mark.slow
 def test_report_writes_every_png_and_the_page_shows_them(finished_run, tmp_path, capsys):
     copy = str(tmp_path / "other" / "clus_tiny")  # same last name: the labels must still differ
     shutil.copytree(finished_run, copy)
@@ -86,6 +90,7 @@ def test_report_writes_every_png_and_the_page_shows_them(finished_run, tmp_path,
     assert "cluster/easyvqa/kmeans_nmi" in page and "per-class zero-shot accuracy" in page
 
 
+@pytest.mark.slow
 def test_a_run_without_swap_or_arrays_still_reports(finished_run, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -95,6 +100,26 @@ def test_a_run_without_swap_or_arrays_still_reports(finished_run, tmp_path):
     files = report.write_report([str(bare)], str(tmp_path / "out"))
     assert {os.path.basename(p) for p in files["png"]} == {"loss.png", "learning_rate.png", "eval_zeroshot.png"}
     assert "No run trained the swap objective" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_a_hand_written_metrics_file_gives_its_curves(tmp_path):
+    """Whatever a run logged is drawn: a metrics file written by hand (no training) gives the loss, learning
+    rate and zero-shot curves, each a real image, and the page shows each one."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with open(workdir / "metrics.jsonl", "w") as f:
+        for step in (1, 2, 3, 4):
+            f.write(json.dumps({"step": step, "train/loss": 4.0 / step, "train/clip/loss": 4.0 / step,
+                                "train/learning_rate": 1e-3 * step, "train/logit_scale": 10.0 + step}) + "\n")
+        f.write(json.dumps({"step": 4, "zeroshot/easyvqa/top1": 0.5, "retrieval/emoji_heldout/i2t_r1": 0.1}) + "\n")
+    files = report.write_report([str(workdir)], str(tmp_path / "out"))
+    names = sorted(os.path.basename(p) for p in files["png"])
+    assert {"loss.png", "learning_rate.png", "logit_scale.png", "eval_zeroshot.png"} <= set(names), names
+    page = open(files["report"][0]).read()
+    for path in files["png"]:
+        with Image.open(path) as image:
+            assert image.size[0] > 100 and image.size[1] > 100
+        assert os.path.basename(path) in page
 
 
 def test_a_directory_that_is_not_a_run_is_one_error_line(tmp_path, capsys):
@@ -107,6 +132,7 @@ def test_a_directory_that_is_not_a_run_is_one_error_line(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err
 
 
+@pytest.mark.slow
 def test_reevaluation_of_a_step_gives_the_runs_own_figures_under_the_same_names(finished_run, tmp_path, capsys):
     workdir = str(tmp_path / "run")
     shutil.copytree(finished_run, workdir)

@@ -39,6 +39,7 @@ def lit_config(workdir, **overrides):
     return c
 
 
+@pytest.mark.slow  # the tests that read a trained run (the clip_run fixture)
 def test_lit_stage_keeps_the_loaded_image_tower_bit_identical(clip_run, tmp_path):
     source, saved = clip_run
     config = lit_config(source)
@@ -65,6 +66,7 @@ def test_lit_stage_keeps_the_loaded_image_tower_bit_identical(clip_run, tmp_path
     assert not any("image/encoder" in jax.tree_util.keystr(p) for p, _ in opt_leaves)
 
 
+@pytest.mark.slow
 def test_frozen_tower_costs_less_compute_and_memory(clip_run):
     source, _ = clip_run
 
@@ -88,6 +90,7 @@ def test_frozen_tower_costs_less_compute_and_memory(clip_run):
     assert temps[0] < temps[1], temps  # its activations are not kept for a gradient
 
 
+@pytest.mark.slow
 def test_resume_ignores_init_from(clip_run, tmp_path):
     """A run that restarts from its own checkpoint never reads the init_from source again."""
     source, _ = clip_run
@@ -105,6 +108,7 @@ def test_resume_ignores_init_from(clip_run, tmp_path):
     assert saved[-1] == 6
 
 
+@pytest.mark.slow
 def test_shape_mismatch_fails_before_compiling_naming_the_parameter(clip_run):
     source, _ = clip_run
     config = lit_config(source)
@@ -113,6 +117,7 @@ def test_shape_mismatch_fails_before_compiling_naming_the_parameter(clip_run):
         build(config)
 
 
+@pytest.mark.slow
 def test_exclude_and_fresh_parameters(clip_run):
     """Everything but the logit scale comes from the source; a parameter the source lacks starts fresh."""
     source, saved = clip_run
@@ -131,6 +136,7 @@ def test_exclude_and_fresh_parameters(clip_run):
     assert params["swap/bank_0"].shape == (8, 32)
 
 
+@pytest.mark.slow
 def test_bad_source_and_selection_fail_naming_the_key(clip_run, tmp_path):
     source, _ = clip_run
     config = lit_config(str(tmp_path / "nowhere"))

@@ -94,6 +94,7 @@ def test_nonfinite_step_is_skipped_and_counted():
     assert int(after["step"]) == 1
 
 
+@pytest.mark.slow
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, monkeypatch):
     config = loop_config(max_consecutive_nonfinite=2)
     config.model.logit_scale_init = float("nan")
