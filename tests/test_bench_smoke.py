@@ -1,8 +1,7 @@
 """Every benchmark script runs end to end with --quick and prints its JSON records (no timings checked).
 
-The scripts run in the background as the module starts, a few at a time (half the cores, at least one: each
-script uses every core it is given, and the other xdist worker runs beside them), in the order the tests ask
-for them. Each has its own time limit from its own start: ``BASE_S`` on the reference host, scaled by the host
+The scripts run in the background as the module starts, as many at a time as the run has cores, in the order
+the tests ask for them. Each has its own time limit from its own start: ``BASE_S`` on the reference host, scaled by the host
 factor (``tests/host_limits.py``), so a slow host is given the time it needs and a hang still fails with the
 script's own output.
 """
@@ -34,7 +33,7 @@ def quick_runs():
     env = dict(os.environ)
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\S+", "", env.get("XLA_FLAGS", "")).strip()
     env["PYTHON"] = sys.executable  # what bench/gpu.sh runs gpu.py with
-    at_once = max(1, (os.cpu_count() or 2) // 2)
+    at_once = max(1, len(os.sched_getaffinity(0)))
     with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
         futures = {s: pool.submit(_run_one, s, env) for s in SCRIPTS}
         yield futures
