@@ -21,6 +21,8 @@ from clus_jax.models.towers import build_model, init_inputs
 from clus_jax.models.vit import VisionTransformer
 from clus_jax.train.optim import path_str
 
+import tolerances  # registered by tests/conftest.py
+
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -42,26 +44,43 @@ def test_activations_are_the_exact_gelu_and_quick_gelu():
     erf = np.vectorize(math.erf)
     gelu = 0.5 * x * (1 + erf(x / math.sqrt(2)))
     quick = x / (1 + np.exp(-1.702 * x))
-    np.testing.assert_allclose(layers.ACTIVATIONS["gelu"](jnp.asarray(x, jnp.float32)), gelu, atol=1e-6)
-    np.testing.assert_allclose(layers.ACTIVATIONS["quick_gelu"](jnp.asarray(x, jnp.float32)), quick, atol=1e-6)
-    # and the MLP uses the one it is given: fc2(act(fc1 x)) by hand
+    # x rounds to float32 (u |x|, times a slope <= 1.13), erf / exp are within a few ulps and three more
+    # roundings follow, each within u of a value at most |x| <= 6: 8 u * 6 = 2.9e-6. The tanh approximation
+    # of GELU is 4.7e-4 away, quick_gelu 0.02.
+    atol = 8 * tolerances.U32 * 6.0
+    np.testing.assert_allclose(layers.ACTIVATIONS["gelu"](jnp.asarray(x, jnp.float32)), gelu, rtol=0, atol=atol)
+    np.testing.assert_allclose(layers.ACTIVATIONS["quick_gelu"](jnp.asarray(x, jnp.float32)), quick, rtol=0, atol=atol)
+    # and the MLP uses the one it is given: fc2(act(fc1 x)) by hand, in float64
     mlp = Mlp(8, act="quick_gelu")
     h = np.random.default_rng(0).normal(size=(2, 3, 4)).astype(np.float32)
     p = init(mlp, h)
     p = jax.tree.map(lambda v: v + 0.1, p)  # nonzero biases
-    hidden = h @ np.asarray(p["fc1"]["kernel"]) + np.asarray(p["fc1"]["bias"])
-    want = (hidden / (1 + np.exp(-1.702 * hidden))) @ np.asarray(p["fc2"]["kernel"]) + np.asarray(p["fc2"]["bias"])
-    np.testing.assert_allclose(apply(mlp, p, h), want, atol=1e-5)
+    w1, b1, w2, b2 = (np.asarray(v, np.float64) for v in (p["fc1"]["kernel"], p["fc1"]["bias"], p["fc2"]["kernel"],
+                                                           p["fc2"]["bias"]))
+    hidden = h @ w1 + b1
+    act = hidden / (1 + np.exp(-1.702 * hidden))
+    want = act @ w2 + b2
+    # float32: fc1's 4 products and bias are within gamma(5) of their absolute sum; quick_gelu has a slope
+    # <= 1.1 and its own 8 u |hidden| (above); fc2 adds gamma(9) of its absolute terms.
+    hidden_err = tolerances.gamma(5) * (np.abs(h) @ np.abs(w1) + np.abs(b1))
+    act_err = 1.1 * hidden_err + 8 * tolerances.U32 * np.abs(hidden)
+    atol = act_err @ np.abs(w2) + tolerances.gamma(9) * (np.abs(act) @ np.abs(w2) + np.abs(b2))
+    np.testing.assert_allclose(apply(mlp, p, h), want, rtol=0, atol=float(atol.max()))
 
 
 def test_pixel_normalisation_default_is_bitwise_the_old_map_and_mean_std_follow_open_clip():
     images = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
     vit = VisionTransformer(patch_size=4, width=8, depth=1, heads=2, mlp_dim=16)
     old = jax.jit(lambda x: x.astype(jnp.float32) / 127.5 - 1.0)  # the tower's expression before the option
+    # The same float32 expression compiled the same way: bitwise.
     assert np.array_equal(np.asarray(jax.jit(vit.normalize)(images)), np.asarray(old(images)))
     vit = vit.clone(mean=OPENAI_MEAN, std=OPENAI_STD)
     want = (images / 255.0 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD)  # ToTensor + Normalize, float64
-    np.testing.assert_allclose(np.asarray(vit.normalize(images)), want, atol=2e-6)
+    # x / (255 std) - mean / std in float32: each term carries at most 4 roundings (the constant, its product
+    # or quotient, the division, perhaps by a reciprocal), the subtraction one of the result: 1.4e-6 here.
+    terms = images / (255.0 * np.array(OPENAI_STD)) + np.array(OPENAI_MEAN) / np.array(OPENAI_STD)
+    atol = 4 * tolerances.U32 * terms.max() + tolerances.U32 * np.abs(want).max()
+    np.testing.assert_allclose(np.asarray(vit.normalize(images)), want, rtol=0, atol=atol)
     floats = np.ones((1, 4, 4, 3), np.float32)
     assert np.array_equal(np.asarray(vit.normalize(floats)), floats)  # already normalised
 
@@ -79,8 +98,14 @@ def test_layer_scale_multiplies_each_branch_by_its_own_per_channel_scale():
     plain["attn"] = {**p["attn"], "out_kernel": p["attn"]["out_kernel"] * p["ls1"], "out_bias": p["attn"]["out_bias"] * p["ls1"]}
     plain["mlp"] = {**p["mlp"], "fc2": {"kernel": p["mlp"]["fc2"]["kernel"] * p["ls2"], "bias": p["mlp"]["fc2"]["bias"] * p["ls2"]}}
     got = apply(scaled, p, x)
-    np.testing.assert_allclose(got, apply(Block(heads=2, mlp_dim=16), plain, x), atol=1e-5)
-    assert not np.allclose(got, apply(Block(heads=2, mlp_dim=16), {k: v for k, v in p.items() if k[:2] != "ls"}, x), atol=1e-3)
+    want = apply(Block(heads=2, mlp_dim=16), plain, x)
+    # ls * (h @ W) against h @ (W * ls): one more rounding per term of the 16-term sums (n = 17), in the
+    # attention branch and the MLP branch after it (depth 2).
+    atol = tolerances.network_atol(17, float(np.max(np.abs(want))), 2)
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+    # Without the scales (in [0.1, 2]) the branches change by O(1), far beyond atol (~1e-5).
+    assert not np.allclose(got, apply(Block(heads=2, mlp_dim=16), {k: v for k, v in p.items() if k[:2] != "ls"}, x),
+                           rtol=0, atol=1e-3)
 
 
 def test_patch_bias_and_ln_pre_switch_their_parameters_off():
@@ -103,8 +128,12 @@ def test_argmax_pooling_reads_the_first_largest_id(pooled_last_block):
     cut = np.zeros_like(tokens)
     for i, first in enumerate((1, 4, 7)):
         cut[i, : first + 1] = tokens[i, : first + 1]  # nothing after the pooled token: EOT pooling reads it
-    np.testing.assert_allclose(got, apply(tower.clone(pooling="eot"), params, cut), atol=1e-5)
-    assert not np.allclose(got[:2], apply(tower.clone(pooling="eot"), params, tokens)[:2], atol=1e-3)
+    want = apply(tower.clone(pooling="eot"), params, cut)
+    # Other tokens after the pooled one (masked, so exact zeros in attention) and, with pooled_last_block, the
+    # last block on one token: the same sums, blocked differently. Width 16, MLP 32, 2 blocks + embedding.
+    np.testing.assert_allclose(got, want, rtol=0, atol=tolerances.network_atol(32, float(np.max(np.abs(want))), 3))
+    # Pooling another token moves the output by O(1), far beyond that (~1e-5).
+    assert not np.allclose(got[:2], apply(tower.clone(pooling="eot"), params, tokens)[:2], rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("conv_stem", [(), (32, 64)])

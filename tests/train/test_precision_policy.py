@@ -61,7 +61,9 @@ def test_bfloat16_run_tracks_float32():
     assert "bf16" not in f32_hlo and "bf16" in bf16_hlo  # the towers really compute in bfloat16 ...
     assert not np.array_equal(f32, bf16)
     assert f32.max() > 1.2 * f32.min(), f32  # a curve worth tracking (on random pairs it settles near log B)
-    np.testing.assert_allclose(bf16, f32, rtol=0.05)  # ... and every step's loss is within 5%
+    # ... and every step's loss is within 5%: bfloat16 rounds each layer's inputs and outputs (u = 2**-8 =
+    # 0.4%; products accumulate in float32), a few roundings in each of 3 layers and 12 steps on top: ~12 u.
+    np.testing.assert_allclose(bf16, f32, rtol=0.05)
     assert dtypes(state["params"]) == {jnp.dtype(jnp.float32)}  # trained state: float32 masters and moments
     (adam,) = adam_states(state["opt_state"])
     assert dtypes(adam.mu) == dtypes(adam.nu) == {jnp.dtype(jnp.float32)}
