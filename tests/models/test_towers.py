@@ -99,6 +99,7 @@ def test_causal_text_ignores_future_tokens_before_pooling():
     assert not np.allclose(base, model.apply(variables, changed, method="encode_text"), rtol=0, atol=1e-3)
 
 
+@pytest.mark.slow  # compiles the towers three times
 def test_remat_and_bfloat16_knobs():
     images, text = inputs()
     ref_model = build_model(model_config())
@@ -139,7 +140,7 @@ def test_vit_b16_with_12_layer_512_text_tower_is_a_config_line():
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_pooled_last_block_matches_the_full_last_block(causal, remat):
     """The last block computing only the CLS / EOT token gives the full stack's values and gradients."""
     overrides = {"text.causal": causal, "remat": remat}

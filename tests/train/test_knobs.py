@@ -160,6 +160,7 @@ def assert_differs(value, other, atol, what):
 # -- objective weights ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # three objectives' steps compiled twice
 def test_objective_weights():
     config = knob_config("siglip")
     config.objectives = {"clip": 1.5, "siglip": 0.3}

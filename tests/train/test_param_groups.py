@@ -66,6 +66,7 @@ def assert_update(name, before, after, expected):
     np.testing.assert_allclose(after - before, expected, rtol=1e-4, atol=atol, err_msg=name)
 
 
+@pytest.mark.slow  # the fast tier trains the default groups; the other group knobs train in the slow tier
 def test_lr_mult_and_decay(recording):
     groups = [(r"^image/", {"lr_mult": 5.0}), (r"^text/", {"decay": False}), (r"^logit_scale$", {"decay": True})]
     exp, states, grads = run(group_config(groups), 1)
@@ -102,6 +103,7 @@ def test_the_default_groups_train_the_text_tower_at_three_hundredths(recording):
     assert {("text", 0.03), ("text_proj", 0.03), ("image", 1.0), ("image_proj", 1.0)} <= seen
 
 
+@pytest.mark.slow
 def test_trainable_window(recording):
     """Frozen before step 1 and from step 3: no update, no decay, moments untouched; step 1 is a first Adam step."""
     groups = [(r"^image/", {"trainable_from": 1, "trainable_until": 3})]
@@ -126,6 +128,7 @@ def test_trainable_window(recording):
     assert window and all(np.all(v == 0) for v in window)
 
 
+@pytest.mark.slow
 def test_frozen_for_the_run(recording):
     frozen = [(r"^text(_proj)?/", {"frozen": True})]
     exp, states, _ = run(group_config(frozen), 2)
