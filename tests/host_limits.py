@@ -63,14 +63,10 @@ def run(cmd: Sequence[str], base_s: float, **kwargs: Any) -> subprocess.Complete
         pytest.fail(timeout_message(cmd, base_s, e.stdout, e.stderr), pytrace=False)
 
 
-def communicate(proc: subprocess.Popen, base_s: float) -> tuple[Any, Any]:
-    """``proc.communicate()`` within ``limit(base_s)``; past it the process is killed and the test fails."""
-    try:
-        return proc.communicate(timeout=limit(base_s))
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(timeout_message(proc.args, base_s, out, err), pytrace=False)
+def _kill_and_fail(proc: subprocess.Popen, base_s: float) -> None:
+    proc.kill()
+    out, err = proc.communicate()
+    pytest.fail(timeout_message(proc.args, base_s, out, err), pytrace=False)
 
 
 def wait(proc: subprocess.Popen, base_s: float) -> int:
@@ -78,9 +74,7 @@ def wait(proc: subprocess.Popen, base_s: float) -> int:
     try:
         return proc.wait(timeout=limit(base_s))
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(timeout_message(proc.args, base_s, out, err), pytrace=False)
+        _kill_and_fail(proc, base_s)
 
 
 class LineReader:
@@ -99,14 +93,18 @@ class LineReader:
         self.proc.kill()
         pytest.fail(timeout_message(self.proc.args, base_s, "".join(self.seen)), pytrace=False)
 
-    def until(self, prefix: str, base_s: float) -> None:
-        """Waits for a line starting with ``prefix``; fails if the process ends first or runs past the limit."""
+    def _lines_until(self, base_s: float):
+        """Each line as it comes (None at the end), until the limit; past it the process is killed, test failed."""
         end = deadline(base_s)
         while True:
             try:
-                line = self._lines.get(timeout=max(0.0, end - time.time()))
+                yield self._lines.get(timeout=max(0.0, end - time.time()))
             except queue.Empty:
                 self._fail(base_s)
+
+    def until(self, prefix: str, base_s: float) -> None:
+        """Waits for a line starting with ``prefix``; fails if the process ends first or runs past the limit."""
+        for line in self._lines_until(base_s):
             assert line is not None, f"the process ended before printing {prefix!r}:\n" + _tail("".join(self.seen))
             self.seen.append(line)
             if line.startswith(prefix):
@@ -114,12 +112,7 @@ class LineReader:
 
     def rest(self, base_s: float) -> str:
         """Everything printed so far and until the process exits, within the limit."""
-        end = deadline(base_s)
-        while True:
-            try:
-                line = self._lines.get(timeout=max(0.0, end - time.time()))
-            except queue.Empty:
-                self._fail(base_s)
+        for line in self._lines_until(base_s):
             if line is None:
                 self.proc.wait()
                 return "".join(self.seen)
