@@ -21,7 +21,7 @@ if REPO_ROOT not in sys.path:
 from clus_jax import hostmem  # noqa: E402  (no jax import: safe before XLA flags are set)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from host import cpu_model, family  # noqa: E402,F401  (re-exported: every bench names its host)
+from host import cpu_model, family, matmul_peak_fn  # noqa: E402,F401  (re-exported for the benches)
 
 # Architectures of the step and open_clip comparisons. MLP ratio 4 everywhere; batch 128.
 ARCHS: dict[str, dict[str, Any]] = {
@@ -161,25 +161,6 @@ class StepRunner:
 
         self.state, self.metrics = self.compiled(self.state, self.batch)
         jax.block_until_ready(self.state)
-
-
-def matmul_peak_fn(n: int = 2048, dtype: str = "float32") -> tuple[Callable[[], None], float]:
-    """(run, flops): a jitted n x n x n matmul chain whose median time gives the achievable FLOP/s."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype) / n**0.5
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype) / n**0.5
-    reps = 4
-
-    @jax.jit
-    def chain(x, y):
-        for _ in range(reps):
-            x = jnp.dot(x, y, preferred_element_type=x.dtype)
-        return x
-
-    chain(a, b).block_until_ready()
-    return (lambda: chain(a, b).block_until_ready()), 2.0 * n**3 * reps
 
 
 def interleaved(candidates: Mapping[str, Callable[[], Any]], rounds: int, per_round: int = 1,

@@ -12,92 +12,87 @@ import json
 import os
 import platform
 import time
-from typing import Any
+from typing import Any, Callable
 
 # The host the suite's base time limits were set on: AVX-512, 2 cores, XLA float32 matmul at 200 GFLOP/s.
 REFERENCE_GFLOPS = 200.0
 REFERENCE_CORES = 2
 
 
-def cpu_model() -> str:
-    """The processor's model name from /proc/cpuinfo (or what the platform module knows)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where it is not readable)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-    """The processor's feature flags (empty where /proc/cpuinfo is not readable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_ids() -> str:
-    """'family F model M' from /proc/cpuinfo: the model name alone ('AMD EPYC') hides the generation, and
-    with it whether the cores have AVX-512 (Zen 2 is family 23, Zen 4 family 25 model 17 and up)."""
-    ids = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("cpu family", "model") and key.strip() not in ids:
-                    ids[key.strip()] = value.strip()
                 if not line.strip():
                     break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return f"family {ids['cpu family']} model {ids['model']}" if len(ids) == 2 else ""
+    return fields
+
+
+def cpu_model() -> str:
+    """The processor's model name from /proc/cpuinfo (or what the platform module knows)."""
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_ids(info: dict[str, str] | None = None) -> str:
+    """'family F model M': the model name alone ('AMD EPYC') hides the generation, and with it whether the
+    cores have AVX-512 (Zen 2 is family 23, Zen 4 family 25 model 17 and up)."""
+    info = _cpuinfo() if info is None else info
+    return f"family {info['cpu family']} model {info['model']}" if "cpu family" in info and "model" in info else ""
 
 
 def family() -> dict[str, Any]:
     """Model, vector extensions XLA:CPU can use, and the cores this process may run on."""
-    flags = cpu_flags()
+    info = _cpuinfo()
+    flags = set((info.get("flags") or info.get("Features") or "").split())
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return dict(model=cpu_model(), ids=cpu_ids(), machine=platform.machine(), cores=cores,
+    model = info.get("model name") or platform.processor() or platform.machine()
+    return dict(model=model, ids=cpu_ids(info), machine=platform.machine(), cores=cores,
                 avx2="avx2" in flags, avx512=any(f.startswith("avx512") for f in flags),
                 amx=any(f.startswith("amx") for f in flags))
 
 
-def xla_matmul_gflops(n: int = 1024, reps: int = 4, samples: int = 5) -> float:
-    """Median float32 GFLOP/s of a jitted chain of ``reps`` n x n x n matmuls on the first JAX device.
-
-    The default takes under a second on any host here (8.6 GFLOP a sample); it measures the host as it is
-    now, so a busy host measures slower, which is what a time limit should scale with.
-    """
+def matmul_peak_fn(n: int = 2048, dtype: str = "float32") -> tuple[Callable[[], None], float]:
+    """(run, flops): a jitted n x n x n matmul chain whose median time gives the achievable FLOP/s."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32) / n**0.5
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32) / n**0.5
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype) / n**0.5
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype) / n**0.5
+    reps = 4
 
     @jax.jit
     def chain(x, y):
         for _ in range(reps):
-            x = x @ y
+            x = jnp.dot(x, y, preferred_element_type=x.dtype)
         return x
 
     chain(a, b).block_until_ready()
+    return (lambda: chain(a, b).block_until_ready()), 2.0 * n**3 * reps
+
+
+def xla_matmul_gflops(n: int = 1024, samples: int = 5) -> float:
+    """Median float32 GFLOP/s of ``matmul_peak_fn(n)`` on the first JAX device.
+
+    The default takes under a second on any host here (8.6 GFLOP a sample); it measures the host as it is
+    now, so a busy host measures slower, which is what a time limit should scale with.
+    """
+    run, flops = matmul_peak_fn(n)
     times = []
     for _ in range(samples):
         t0 = time.perf_counter()
-        chain(a, b).block_until_ready()
+        run()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return 2.0 * n**3 * reps / times[len(times) // 2] / 1e9
+    return flops / times[len(times) // 2] / 1e9
 
 
 def host_factor(gflops: float, cores: int | None = None, reference: float = REFERENCE_GFLOPS) -> float:
