@@ -130,8 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return results
 
     total = int(config.total_steps)
-    eta = Eta(total, start_step)
-    eval_every = int(config.eval_every or 0)
+    eta = Eta(total, start_step, int(config.eval_every or 0))
     preemption = _Preemption()
     pending = None  # (step, metrics) of the previous step: read one step late, never blocking the current one
     window = {"t0": time.time(), "images": 0, "data_wait": 0.0, "steps": 0}
@@ -157,12 +156,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             record.update({"train/images_per_sec": ips, "train/data_wait_fraction": window["data_wait"] / max(elapsed, 1e-9),
                            "data/skipped": skipped_total})
             writer.write(pending_step, record)
-            # Evaluations still to come: the periodic ones after this step, and the final one.
-            evals_left = 1 + (((total - 1) // eval_every - pending_step // eval_every) if eval_every else 0)
             if pindex == 0:
                 print(f"step {pending_step}/{total}  loss {record['train/loss']:.4f}  {ips:.0f} img/s  "
                       f"data-wait {100 * record['train/data_wait_fraction']:.0f}%  "
-                      f"eta {format_eta(eta.left(pending_step, evals_left))}", flush=True)
+                      f"eta {format_eta(eta.left(pending_step))}", flush=True)
             final_metrics.update(record)
             loss_sum, loss_count = 0.0, 0
             window.update(t0=time.time(), images=0, data_wait=0.0, steps=0)

@@ -16,12 +16,14 @@ class Eta:
     """Seconds left in a run of ``total`` steps that (re)started at ``start_step``.
 
     Call ``step(n)`` after step n is dispatched and ``evaluated(seconds)`` after each evaluation; ``left(n)``
-    is the remaining steps times the steady step time, plus ``evals_left`` evaluations at the last one's
-    measured cost (the final evaluation included, once any evaluation has been timed).
+    is the remaining steps times the steady step time, plus the evaluations still to come (every
+    ``eval_every`` steps before the end, and the final one) at the last one's measured cost.
     """
 
-    def __init__(self, total: int, start_step: int, warmup: int = 5, clock: Callable[[], float] = time.monotonic):
-        self.total, self.start_step, self.warmup, self.clock = total, start_step, warmup, clock
+    def __init__(self, total: int, start_step: int, eval_every: int = 0, warmup: int = 5,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.start_step, self.eval_every, self.warmup, self.clock = (
+            total, start_step, eval_every, warmup, clock)
         self.t0 = clock()
         self.steady: tuple[int, float] | None = None  # (step, time) where the steady rate is measured from
         self.eval_s: float | None = None
@@ -43,6 +45,11 @@ class Eta:
             return (now - self.steady[1] - self.eval_total) / (n - self.steady[0])
         return (now - self.t0) / max(n - self.start_step, 1)
 
-    def left(self, n: int, evals_left: int = 1) -> float:
-        evals = evals_left * self.eval_s if self.eval_s is not None else 0.0
+    def evals_left(self, n: int) -> int:
+        """Evaluations after step n: the periodic ones before the end, and the final one."""
+        every = self.eval_every
+        return 1 + (((self.total - 1) // every - n // every) if every else 0)
+
+    def left(self, n: int) -> float:
+        evals = self.evals_left(n) * self.eval_s if self.eval_s is not None else 0.0
         return max(self.total - n, 0) * self.step_seconds(n) + evals

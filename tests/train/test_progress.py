@@ -19,7 +19,7 @@ def simulate(total, compile_s, step_s, eval_every=0, eval_s=0.0, start_step=0, n
     """(step, eta printed, true time left) for every step of a simulated run."""
     rng = np.random.default_rng(seed)
     clock = Clock()
-    eta = Eta(total, start_step, clock=clock)
+    eta = Eta(total, start_step, eval_every, clock=clock)
     step_times = step_s * (1 + noise * rng.uniform(-1, 1, total))
     events = []
     for n in range(start_step + 1, total + 1):
@@ -28,8 +28,7 @@ def simulate(total, compile_s, step_s, eval_every=0, eval_s=0.0, start_step=0, n
         if eval_every and n % eval_every == 0 and n < total:
             clock.now += eval_s
             eta.evaluated(eval_s)
-        evals_left = 1 + (((total - 1) // eval_every - n // eval_every) if eval_every else 0)
-        events.append((n, eta.left(n, evals_left), clock.now))
+        events.append((n, eta.left(n), clock.now))
     end = clock.now + eval_s  # the final evaluation
     return [(n, left, end - now) for n, left, now in events]
 
