@@ -507,7 +507,9 @@ def test_queue_fills_fifo_with_teacher_embeddings(reference):
     assert in_use == [0.0] * (QUEUE_START + slots) + [1.0] * (STEPS - QUEUE_START - slots)
 
 
-MESHES = [dict(data=8, fsdp=1, tensor=1), dict(data=4, fsdp=2, tensor=1), dict(data=2, fsdp=1, tensor=4)]
+# Every mesh against one device, step by step within derived bounds, is tests/train/test_sharded_training.py
+# [swap]; here the mesh that splits the banks over 'tensor' runs this file's longer queue schedule.
+MESHES = [dict(data=2, fsdp=1, tensor=4)]
 
 
 @pytest.mark.slow
