@@ -8,6 +8,7 @@ or several threads are inside an op, and charges the one-thread moments to the o
 
   python bench/profile_step.py --arch T
   python bench/profile_step.py --arch S --top 15
+  python bench/profile_step.py --config configs/clip.py     # the default run's own step, random data
   python bench/profile_step.py --quick
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ WRAPPERS = ("ThunkExecutor", "Slinky", "Threadpool", "end:")
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=sorted(common.ARCHS), default="T")
+    p.add_argument("--config", default="", help="profile this config file's step instead of --arch (random data "
+                   "of its shapes), e.g. configs/clip.py or configs/clip.py:batch=64")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after two warm-up steps)")
     p.add_argument("--top", type=int, default=10, help="ops to list by one-thread time")
     p.add_argument("--malloc", choices=sorted(common.MALLOC_ENVS), default="retain")
@@ -105,7 +108,16 @@ def main() -> None:
                                      vocab_size=1000)
     arch = "quick" if args.quick else args.arch
     steps = 1 if args.quick else args.steps
-    runner = common.StepRunner(common.arch_config(arch), jax.devices()[:1])
+    if args.config:
+        from clus_jax import config_base
+
+        config = config_base.load_config(args.config)
+        config.data.source = "synthetic"
+        config.evals.sets = "none"
+        arch = args.config
+    else:
+        config = common.arch_config(arch)
+    runner = common.StepRunner(config, jax.devices()[:1])
     for _ in range(2):
         runner()
     with tempfile.TemporaryDirectory() as trace_dir:
