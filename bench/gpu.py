@@ -99,8 +99,10 @@ def clip_config(args: argparse.Namespace, objective: str, batch: int, remat: boo
         config = common.arch_config("quick", objective, batch_size=batch, dtype="bfloat16", remat=remat)
     else:
         config = config_base.base_config()
-        config.model.image.update(dict(size="B/16", image_size=224, patch_size=0))
-        config.model.text.update(dict(size="base", context_length=77, vocab_size=49408))
+        config_base.use_named_size(config.model.image, "B/16")
+        config_base.use_named_size(config.model.text, "base")
+        config.model.image.update(dict(image_size=224, conv_stem=()))  # the plain ViT patchify of B/16
+        config.model.text.update(dict(context_length=77, vocab_size=49408))
         config.model.embed_dim = 512
         config.model.dtype = "bfloat16"
         config.model.remat = remat

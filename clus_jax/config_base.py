@@ -85,11 +85,15 @@ def base_config() -> ml_collections.ConfigDict:
             c[name] = ml_collections.ConfigDict(dict(defaults))
 
     c.model = ml_collections.ConfigDict()
+    # width/depth/heads/mlp_dim: 0 = from the size's name. The nano towers' two exceptions halve the default
+    # run's FLOPs per image at the same zero-shot (BENCHMARKS.md, "The default run at a third of the
+    # compute"): an image MLP of 2x the width instead of 4x, and two text blocks instead of four (the text
+    # tower learns at 0.03x the rate). size= and text_size= arguments reset them (apply_args).
     c.model.image = ml_collections.ConfigDict(
-        dict(size="nano", image_size=32, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0)
+        dict(size="nano", image_size=32, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=256)
     )
     c.model.text = ml_collections.ConfigDict(
-        dict(size="nano", context_length=16, vocab_size=49408, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0)
+        dict(size="nano", context_length=16, vocab_size=49408, causal=True, pooling="eot", width=0, depth=2, heads=0, mlp_dim=0)
     )
     c.model.embed_dim = 128
     c.model.logit_scale_init = math.log(1 / 0.07)
@@ -146,10 +150,20 @@ def base_config() -> ml_collections.ConfigDict:
     c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]
 
     c.data = default_data_config()
+    # No random crop on the embedded data: a crop of half the area cuts easy-VQA's 12-pixel shapes and
+    # stretches them by up to 4:3 (zero-shot 0.90 with crops of area >= 0.5, 0.92 without).
+    c.data.min_crop_scale = 1.0
     c.tokenizer = ml_collections.ConfigDict(dict(name="clip", path=""))
 
     c.evals = ml_collections.ConfigDict(dict(sets="embedded", batch_size=256))
     return c
+
+
+def use_named_size(tower: ml_collections.ConfigDict, name: str) -> None:
+    """A tower's dimensions (and an image size name's patch size, e.g. 'B/16') all from the size's name."""
+    tower.update(size=name, width=0, depth=0, heads=0, mlp_dim=0)
+    if "/" in name:
+        tower.patch_size = 0
 
 
 def apply_args(config: ml_collections.ConfigDict, a: ml_collections.ConfigDict) -> None:
@@ -158,11 +172,9 @@ def apply_args(config: ml_collections.ConfigDict, a: ml_collections.ConfigDict) 
     if a.get("text_lr_mult"):
         config.param_groups = [(TOWER_PATTERNS[fields_lib.TEXT], {"lr_mult": float(a.text_lr_mult)})]
     if a.get("size"):
-        config.model.image.size = a.size
-        if "/" in a.size:
-            config.model.image.patch_size = 0  # the name carries the patch size
+        use_named_size(config.model.image, a.size)
     if a.get("text_size"):
-        config.model.text.size = a.text_size
+        use_named_size(config.model.text, a.text_size)
     if a.get("image_size"):
         config.model.image.image_size = a.image_size
     if a.get("steps"):

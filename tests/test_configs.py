@@ -33,6 +33,30 @@ def test_text_lr_mult_argument_replaces_the_default_text_group():
     assert config.total_steps == 400
 
 
+def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
+    """configs/clip.py (the quick start): batch 64, no random crop, the nano towers with an image MLP of
+    2x the width and 2 text blocks, read where they are used (the built model's parameters, the
+    pipeline's transform); a named size= / text_size= takes every dimension from the name."""
+    import jax
+
+    from clus_jax.experiment import build
+
+    config = config_base.load_config("configs/clip.py")
+    assert config.batch_size == 64 and config.data.min_crop_scale == 1.0
+    config.data.source = "synthetic"
+    config.evals.sets = "none"
+    params = build(config, jax.devices()[:1]).abstract_state["params"]
+    image, text = params["image"]["encoder"], params["text"]["encoder"]
+    assert sorted(image) == [f"block_{i}" for i in range(4)] and sorted(text) == ["block_0", "block_1"]
+    assert image["block_0"]["mlp"]["fc1"]["kernel"].shape == (128, 256)
+    assert text["block_0"]["mlp"]["fc1"]["kernel"].shape == (128, 512)
+    named = config_base.load_config("configs/clip.py:size=B/16,text_size=base")
+    assert (named.model.image.patch_size, named.model.image.mlp_dim, named.model.text.depth) == (0, 0, 0)
+    tower = named.model.image.copy_and_resolve_references()
+    config_base.use_named_size(tower, "S/8")
+    assert (tower.size, tower.width, tower.patch_size) == ("S/8", 0, 0)
+
+
 TINY = {"model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,
         "model.text.context_length": 8, "evals.sets": "none", "log_every": 1, "checkpoint_every": 0,
         "data.synthetic_size": 256}

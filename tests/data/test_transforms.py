@@ -145,6 +145,17 @@ def test_flip_mirrors_the_unflipped_crop():
     assert 0 < flipped < 20
 
 
+@pytest.mark.parametrize("side", [64, 72])  # easy-VQA's and the emoji's square images
+def test_min_crop_scale_one_keeps_the_whole_square_image(side):
+    """config_base's data.min_crop_scale=1.0 (the embedded runs): every box is the whole image to within the
+    one pixel that rounding a 3:4..4:3 aspect ratio of the full area can take, so no shape is cut."""
+    boxes = [T.sample_crop_box(side, side, T.example_rng(0, 0, i), min_scale=1.0) for i in range(200)]
+    assert all(x1 - x0 >= side - 1 and y1 - y0 >= side - 1 for x0, y0, x1, y1 in boxes), boxes
+    # At the previous default (area >= 0.5), most boxes cut a sixth of a side or more.
+    cut = [T.sample_crop_box(side, side, T.example_rng(0, 0, i), min_scale=0.5) for i in range(200)]
+    assert np.mean([min(x1 - x0, y1 - y0) < 5 * side / 6 for x0, y0, x1, y1 in cut]) > 0.5
+
+
 def test_center_crop_takes_the_middle():
     a = np.zeros((20, 60, 3), np.uint8)
     a[:, 20:40] = 255  # the central square is white, the sides black
