@@ -12,7 +12,8 @@ estimated at about a third of a forward-backward step (not measured alone; the m
 shared cores, are 426 s against CLIP's 305 s):
   python -m clus_jax.train --config configs/clus.py --workdir /tmp/clus_jax/clus
 
-Expected result at equal compute (bench/methods.py, 400 steps of batch 128, the current default towers,
+Expected result at equal compute (bench/methods.py, 400 steps of batch 128, the 2026-12-01 towers and crops:
+image MLP 512, 4 text blocks, min crop area 0.5,
 seeds 0-2, 2026-12-01; BENCHMARKS 'Methods at equal compute'), Clus against configs/clip.py:
   metric                               clus             clip
   zeroshot/easyvqa/top1                0.804 +- 0.048   0.821 +- 0.061

@@ -30,7 +30,8 @@ negative sampling of Partial-FC is off (sample_rate 1.0): a batch of 128 images 
 thousand positive labels, more than r K = 26 sampled centres; r = 0.1 is for K in the hundreds of
 thousands. The centres start from the k-means centres (init=0: unicom's random init).
 
-Expected result at equal compute (bench/methods.py, the current default towers, seeds 0-2, 2026-12-01): the
+Expected result at equal compute (bench/methods.py, the 2026-12-01 towers and crops: image MLP 512,
+4 text blocks, min crop area 0.5; seeds 0-2): the
 stages split one CLIP run's 400 steps of batch 128 as pretrain 100 + mlcd 200 + lit 100
 (configs/mlcd.py:pretrain_steps=100,steps=200,lit_steps=100,batch=128,seed=S), against configs/clip.py at
 400 steps. Chance: easy-VQA 0.042, R@10 0.047.
