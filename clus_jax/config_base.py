@@ -85,15 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
             c[name] = ml_collections.ConfigDict(dict(defaults))
 
     c.model = ml_collections.ConfigDict()
-    # width/depth/heads/mlp_dim: 0 = from the size's name. Two exceptions to the nano towers take a third
-    # off the FLOPs per image at the same easy-VQA zero-shot (BENCHMARKS.md, "The default run at a third of
-    # the compute"): an image MLP of 2x the width instead of 4x, and two text blocks instead of four (the
-    # text tower learns at 0.03x the rate). size= and text_size= arguments reset them (use_named_size).
+    # width/depth/heads/mlp_dim: 0 = from the size's name (clus_jax/models/sizes.py; 'nano' is the default
+    # run's towers, an image MLP of 2x the width and two text blocks).
     c.model.image = ml_collections.ConfigDict(
-        dict(size="nano", image_size=32, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=256)
+        dict(size="nano", image_size=32, patch_size=4, pooling="cls", width=0, depth=0, heads=0, mlp_dim=0)
     )
     c.model.text = ml_collections.ConfigDict(
-        dict(size="nano", context_length=16, vocab_size=49408, causal=True, pooling="eot", width=0, depth=2, heads=0, mlp_dim=0)
+        dict(size="nano", context_length=16, vocab_size=49408, causal=True, pooling="eot", width=0, depth=0, heads=0, mlp_dim=0)
     )
     c.model.embed_dim = 128
     c.model.logit_scale_init = math.log(1 / 0.07)

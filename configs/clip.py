@@ -15,7 +15,7 @@ The run costs a third of the FLOPs of the earlier default (600 steps of batch 12
 width, 4 text blocks, random crops of area >= 0.5: easy-VQA 0.95 / 0.95), measured step by step in
 BENCHMARKS.md ("The default run at a third of the compute"): batch 64 gives twice the updates per image
 (0.90 where 300 steps of batch 128 give 0.66), no crop keeps easy-VQA's shapes whole (0.92), and the
-cheaper towers (config_base) lose nothing (0.92, then 0.94).
+cheaper nano towers (clus_jax/models/sizes.py) lose nothing (0.92, then 0.94).
 
 Two defaults of config_base make easy-VQA's shapes learnable (the colour alone gives 1/3 of top-1):
   * the image tower: 8x8 tokens from a (32, 64) convolutional stem (model.image.patch_size=4,
