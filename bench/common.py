@@ -111,6 +111,17 @@ def arch_config(arch: str, objective: str = "clip", *, batch_size: int | None = 
     return c
 
 
+def file_config(spec: str):
+    """The trainer ConfigDict of a config file (``configs/clip.py[:ARGS]``) for timing its step on random
+    batches: no evaluation sets and no dataset to build."""
+    from clus_jax import config_base
+
+    config = config_base.load_config(spec)
+    config.data.source = "synthetic"
+    config.evals.sets = "none"
+    return config
+
+
 def configure_objective(config, objective: str, num_prototypes: int = 3000) -> None:
     """Sets what an objective needs beyond its own defaults (SigLIP's bias, the Clus prototype bank, the
     BriVL queue length as a multiple of the batch)."""

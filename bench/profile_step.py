@@ -108,15 +108,9 @@ def main() -> None:
                                      vocab_size=1000)
     arch = "quick" if args.quick else args.arch
     steps = 1 if args.quick else args.steps
+    config = common.file_config(args.config) if args.config else common.arch_config(arch)
     if args.config:
-        from clus_jax import config_base
-
-        config = config_base.load_config(args.config)
-        config.data.source = "synthetic"
-        config.evals.sets = "none"
         arch = args.config
-    else:
-        config = common.arch_config(arch)
     runner = common.StepRunner(config, jax.devices()[:1])
     for _ in range(2):
         runner()

@@ -54,14 +54,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def base_config(args: argparse.Namespace):
-    from clus_jax import config_base
-
     if args.quick:
         common.ARCHS["quick"] = QUICK
         config = common.arch_config("quick")
     elif args.config:
-        config = config_base.load_config(args.config)
-        config.evals.sets = "none"
+        config = common.file_config(args.config)
     else:
         config = common.arch_config(args.arch or "T")
     if args.batch:
