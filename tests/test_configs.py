@@ -34,9 +34,10 @@ def test_text_lr_mult_argument_replaces_the_default_text_group():
 
 
 def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
-    """configs/clip.py (the quick start): batch 64, no random crop, the nano towers with an image MLP of
-    2x the width and 2 text blocks, read where they are used (the built model's parameters, the
-    pipeline's transform); a named size= / text_size= takes every dimension from the name."""
+    """configs/clip.py (the quick start): batch 64, no random crop, and the nano towers (an image MLP of 2x
+    the width, 2 text blocks) read where they are used, in the built model's parameters (the crop where
+    sample_crop_box reads it: tests/data/test_transforms.py); a named size= / text_size= takes every
+    dimension from the name, whatever the tower had before."""
     import jax
 
     from clus_jax.experiment import build
@@ -52,9 +53,13 @@ def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
     assert text["block_0"]["mlp"]["fc1"]["kernel"].shape == (128, 512)
     named = config_base.load_config("configs/clip.py:size=B/16,text_size=base")
     assert (named.model.image.patch_size, named.model.image.mlp_dim, named.model.text.depth) == (0, 0, 0)
-    tower = named.model.image.copy_and_resolve_references()
+    tower = config_base.base_config().model.image
+    tower.update(width=96, depth=3, heads=3, mlp_dim=384)
+    config_base.use_named_size(tower, "tiny")
+    assert (tower.width, tower.depth, tower.heads, tower.mlp_dim, tower.patch_size) == (0, 0, 0, 0, 4)
+    tower.update(width=96, mlp_dim=384)
     config_base.use_named_size(tower, "S/8")
-    assert (tower.size, tower.width, tower.patch_size) == ("S/8", 0, 0)
+    assert (tower.size, tower.width, tower.mlp_dim, tower.patch_size) == ("S/8", 0, 0, 0)
 
 
 TINY = {"model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,
