@@ -51,7 +51,7 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 # XLA:CPU allocates each step's temporaries afresh; glibc serves large blocks from mmap in worker-thread
 # arenas and unmaps them on free, so every step page-faults its whole temporary buffer in again (a fifth of
 # the CPU time of the T step goes to the kernel). The trainer keeps freed memory mapped by default
-# (``clus_jax.hostmem``); these settings apply the same to any process, PyTorch included, from its start.
+# (``clus_jax.common.hostmem``); these settings apply the same to any process, PyTorch included, from its start.
 MALLOC_ENVS: dict[str, dict[str, str]] = {
     # glibc defaults (what a plain PyTorch process gets)
     "system": {"CLUS_JAX_HOST_MALLOC": "system"},
@@ -89,7 +89,7 @@ def set_host_devices(n: int) -> None:
 def arch_config(arch: str, objective: str = "clip", *, batch_size: int | None = None, dtype: str = "float32",
                 remat: bool = False, num_prototypes: int = 3000):
     """A trainer ConfigDict for architecture ``arch`` ('T' or 'S') with random data and AdamW."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     a = ARCHS[arch]
     c = config_base.base_config()
@@ -114,7 +114,7 @@ def arch_config(arch: str, objective: str = "clip", *, batch_size: int | None = 
 def file_config(spec: str):
     """The trainer ConfigDict of a config file (``configs/clip.py[:ARGS]``) for timing its step on random
     batches: no evaluation sets and no dataset to build."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     config = config_base.load_config(spec)
     config.data.source = "synthetic"
@@ -153,7 +153,7 @@ class StepRunner:
     def __init__(self, config, devices: Sequence[Any] | None = None):
         import jax
 
-        from clus_jax.experiment import build
+        from clus_jax.train.experiment import build
 
         self.config = config
         self.experiment = exp = build(config, devices)

@@ -92,7 +92,7 @@ class Bench:
 
 def clip_config(args: argparse.Namespace, objective: str, batch: int, remat: bool, **knobs: Any):
     """ViT-B/16 + 12x512 text tower in bf16 (tiny towers with ``--quick``), one device, random data."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     if args.quick:
         common.ARCHS["quick"] = QUICK
@@ -126,7 +126,7 @@ def compile_for(config):
     """(experiment, compiled step, predicted device bytes) without allocating anything."""
     import jax
 
-    from clus_jax.experiment import build
+    from clus_jax.train.experiment import build
 
     exp = build(config, jax.devices()[:1])
     with jax.set_mesh(exp.mesh):
@@ -159,7 +159,7 @@ def time_step(exp, compiled, steps: int) -> tuple[float, float]:
 
 
 def step_record(bench: Bench, exp, seconds: float, loss: float, predicted: int) -> dict[str, Any]:
-    from clus_jax import flops
+    from clus_jax.train import flops as train_flops
 
     config = exp.config
     step_flops = exp.train_step_flops()
@@ -167,7 +167,7 @@ def step_record(bench: Bench, exp, seconds: float, loss: float, predicted: int) 
     return dict(objective=",".join(config.objectives), batch=int(config.batch_size), remat=bool(config.model.remat),
                 dtype=str(config.model.dtype), step_s=seconds, images_per_s=int(config.batch_size) / seconds,
                 tflops_per_s=step_flops / seconds / 1e12, gflops_per_step=step_flops / 1e9,
-                mfu=flops.mfu(step_flops, seconds, peak * 1e12) if peak else None, peak_tflops=peak,
+                mfu=train_flops.mfu(step_flops, seconds, peak * 1e12) if peak else None, peak_tflops=peak,
                 predicted_device_gib=predicted / 2**30, device_limit_gib=(bench.limit or 0) / 2**30, loss=loss)
 
 

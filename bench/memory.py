@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
 
 def tiny_config(objective: str, global_batch: int, num_prototypes: int, chunk_size: int = 0):
     """The tests' tiny two-tower model (width 64, 2 layers, embedding 32), data parallel over all devices."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     c = config_base.base_config()
     c.batch_size = global_batch
@@ -85,7 +85,7 @@ def tiny_config(objective: str, global_batch: int, num_prototypes: int, chunk_si
 
 def scale_config(per_device_batch: int, num_devices: int, dtype: str, remat: bool, quick: bool):
     """ViT-B/16 (224 px) + 12-layer, 512-wide text tower (77 tokens), embedding 512, CLIP, FSDP."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     c = config_base.base_config()
     c.batch_size = per_device_batch * num_devices
@@ -110,7 +110,7 @@ def compile_step(config, devices) -> tuple[Any, dict[str, Any], float]:
     import flax.linen as nn
     import jax
 
-    from clus_jax.experiment import build
+    from clus_jax.train.experiment import build
 
     exp = build(config, devices)
     mesh, rules, state = exp.mesh, exp.rules, exp.abstract_state

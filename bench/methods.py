@@ -21,7 +21,7 @@ one CLIP run (the offline embed and cluster stages are extra, and in the wall ti
 - MLCD: a CLIP pretrain stage of steps/4, the MLCD stage on its k-means labels for steps/2, the LiT stage
   (frozen image tower, new text tower) for steps/4; figures from the LiT stage's evaluation;
 - MoDE: a seed run of 3/8 of the steps and two data experts of 5/16 each from it; figures from the MoDE
-  (metadata) ensemble of ``clus_jax.evaluate.ensemble`` (zero-shot and retrieval only: an ensemble has no
+  (metadata) ensemble of ``clus_jax.ensemble`` (zero-shot and retrieval only: an ensemble has no
   single image embedding for a probe, k-NN or k-means). The dense baseline is the ``clip`` row.
 
 The seed of a recipe goes to each of its train stages and to its clustering.
@@ -129,7 +129,7 @@ def config_spec(method: str, steps: int, batch: int) -> str:
 def method_overrides(method: str, batch: int) -> list[str]:
     """Overrides a method needs to run at ``batch``: BriVL's queue length stays a multiple of the batch."""
     if method == "brivl":
-        from clus_jax.config_base import load_config
+        from clus_jax.config.base import load_config
 
         queue = int(load_config(METHODS[method].partition(",")[0]).brivl.queue_length)
         return [f"--config.brivl.queue_length={max(1, round(queue / batch)) * batch}"]

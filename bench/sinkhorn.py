@@ -20,7 +20,7 @@ Traffic model, bytes of (B, K) float32 matrices read or written per run (element
 
 ``GB/s`` is modelled traffic over the median time, shown next to the host's bandwidth measured in the
 same run (a jitted read-and-write of a matrix of the same size). The process keeps freed memory mapped
-(``--malloc retain``, clus_jax's default, see ``clus_jax.hostmem``), since otherwise every fresh output
+(``--malloc retain``, clus_jax's default, see ``clus_jax.common.hostmem``), since otherwise every fresh output
 buffer is page-faulted in at a few GB/s on CPU; ``--malloc system`` times the glibc defaults.
 
   python bench/sinkhorn.py                     # 1024x3000, 4096x3000, 4096x30000, single device

@@ -1,10 +1,10 @@
 """Compiled train-step benchmark: step time, images/s, analytic FLOPs and MFU for every registered objective.
 
 Every objective in ``clus_jax.objectives.registry.names()`` is trained on the same architecture and random
-batch with the trainer's own step (``clus_jax.experiment.build``), and the
+batch with the trainer's own step (``clus_jax.train.experiment.build``), and the
 candidates are timed in interleaved rounds, so the ratio of each objective to plain CLIP (the cost of its
 loss, e.g. of clustering) comes from one run. MFU follows maxtext: analytic model FLOPs
-(``clus_jax.flops.train_step_flops``: matmuls only, causal attention halved) over step time over peak.
+(``clus_jax.train.flops.train_step_flops``: matmuls only, causal attention halved) over step time over peak.
 The peak is the datasheet figure on GPU/TPU (``common.PEAK_TFLOPS``) and, on CPU, a float32 matmul timed
 in the same rounds as the steps (the best round: a peak, so MFU is not flattered by a slow round).
 
@@ -95,7 +95,8 @@ def main() -> None:
         common.set_host_devices(args.devices)
     import jax
 
-    from clus_jax import config_base, flops
+    from clus_jax.config import base as config_base
+    from clus_jax.train import flops as train_flops
 
     base = base_config(args)
     steps = 2 if args.quick else args.steps
@@ -141,13 +142,13 @@ def main() -> None:
     for name, runner in runners.items():
         cfg = runner.config
         t = common.median(times[name])
-        model_flops = flops.train_step_flops(cfg)
+        model_flops = train_flops.train_step_flops(cfg)
         row = dict(
             bench="step", objective=name, batch=int(cfg.batch_size), devices=len(devices), dtype=str(cfg.model.dtype),
             remat=bool(cfg.model.remat), step_s=t, spread=common.spread(times[name]),
             images_per_s=int(cfg.batch_size) / t, gflops_per_step=model_flops / 1e9,
             model_tflops_per_s=model_flops / t / 1e12,
-            mfu=flops.mfu(model_flops, t, peak_total * 1e12) if peak_total else None,
+            mfu=train_flops.mfu(model_flops, t, peak_total * 1e12) if peak_total else None,
             vs_clip=t / clip_s if clip_s else None, compile_s=runner.compile_s,
             loss=float(runner.metrics["loss"]) if runner.metrics is not None else None,
             peak_tflops_per_device=peak_tflops, peak_source=peak_source, steps=steps, times=times[name],

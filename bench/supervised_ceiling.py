@@ -55,9 +55,10 @@ def run_variant(name: str, overrides: dict[str, Any], steps: int, batch: int, lr
     import numpy as np
     import optax
 
-    from clus_jax import config_base, flops
+    from clus_jax.config import base as config_base
+    from clus_jax.models import flops
     from clus_jax.data import embedded, transforms
-    from clus_jax.evaluate.datasets import ClassificationSet
+    from clus_jax.data.eval_sets import ClassificationSet
     from clus_jax.models.towers import build_model
 
     config = config_base.load_config(os.path.join(REPO_ROOT, "configs", "clip.py"))

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from clus_jax import cli
+from clus_jax.common import cli
 
 METRICS = ("euclidean", "cosine")
 INITS = ("random", "kmeans++")
@@ -179,7 +179,7 @@ class Progress:
         self.t0, self.last, self.start = time.time(), 0.0, None
 
     def __call__(self, iteration: int, pass_fraction: float, inertia: float) -> None:
-        from clus_jax.train import faults
+        from clus_jax.common import faults
 
         faults.maybe_inject("after_iteration", iteration)
         done = iteration + pass_fraction

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from etils import epath
 
-from clus_jax import cli
+from clus_jax.common import cli
 
 MODALITIES = ("image", "text")
 EMBEDDING_FIELDS = {"image": "image_emb", "text": "text_emb"}
@@ -146,7 +146,7 @@ def data_config_with(data_config: Any, overrides: Sequence[tuple[str, str]]):
 
     Raises ``cli.UsageError`` naming the key for unknown keys and unparsable or invalid values.
     """
-    from clus_jax.config_base import parse_value
+    from clus_jax.config.base import parse_value
     from clus_jax.data.pipeline import resolve_data_config
 
     try:
@@ -304,10 +304,10 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     """Embeds this process's shards of the records into ``args.out``; returns the summary."""
     from clus_jax.data.sources import make_source
     from clus_jax.inference import load
-    from clus_jax.run_config import load_run_config
+    from clus_jax.config.run_config import load_run_config
 
     if args.encoder == "minilm":
-        from clus_jax.config_base import base_config
+        from clus_jax.config.base import base_config
 
         data = data_config_with(load_run_config(args.workdir).data if args.workdir else base_config().data, overrides)
         model = CaptionEncoder(args.batch_size)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from clus_jax import cli
+from clus_jax.common import cli
 from clus_jax.clustering import mode_ensemble
 
 SPEC_FILE = "experts.json"

@@ -4,12 +4,12 @@
     image_emb = model.encode_image(images)          # uint8 [N, H, W, 3] of any size, PIL images or file paths
     text_emb = model.encode_text(["a red circle"])  # both [N, D] float32, L2-normalised
 
-The run's config comes from ``<workdir>/config.json`` (``clus_jax.run_config``). Only the model's own
+The run's config comes from ``<workdir>/config.json`` (``clus_jax.config.run_config``). Only the model's own
 parameters are read from the checkpoint: the entries that ``build_model(config.model)`` initialises, found
 from shapes alone, restored partially by ``objectives.teachers.load_params``; optimizer moments,
 objectives' own parameters and states are never read. Images are prepared as the evaluation prepares them
 (decoded to RGB, shorter side resized to the model's image size, centre square), and both encoders are the
-evaluation's own (``train.eval_hook.make_encoders``): jitted fixed-size batches sharded over the current
+evaluation's own (``evaluate.encoders.make_encoders``): jitted fixed-size batches sharded over the current
 devices, the padded tail dropped. So figures computed from these embeddings equal the run's evaluation.
 In a multi-process JAX job every process must call the encoders with the same inputs, as the evaluation does.
 """
@@ -136,7 +136,7 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
     """
     from clus_jax.models.towers import build_model
     from clus_jax.objectives import teachers
-    from clus_jax.run_config import load_run_config
+    from clus_jax.config.run_config import load_run_config
 
     path = str(workdir_or_checkpoint)
     config = load_run_config(path)
@@ -165,7 +165,7 @@ def model_from_params(config: ml_collections.ConfigDict, params: PyTree, *, chec
     from clus_jax.objectives import teachers
     from clus_jax.parallel import mesh as mesh_lib
     from clus_jax.parallel import partitioning
-    from clus_jax.train.eval_hook import make_encoders
+    from clus_jax.evaluate.encoders import make_encoders
 
     module = build_model(config.model)
     boxed = model_params_shapes(module, config)

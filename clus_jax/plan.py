@@ -77,7 +77,7 @@ def make_plan(config, mesh_override: Mapping[str, int] | None = None) -> dict[st
     import flax.linen as nn
     import jax
 
-    from clus_jax.experiment import build
+    from clus_jax.train.experiment import build
     from clus_jax.parallel import mesh as mesh_lib
 
     if mesh_override:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if fv.config is None:
         parser.error("--config is required")
 
-    from clus_jax.objectives.registry import ConfigError
+    from clus_jax.common.errors import ConfigError
 
     try:
         mesh_override = parse_mesh(args.mesh) if args.mesh else None

@@ -64,7 +64,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from clus_jax import cli
+from clus_jax.common import cli
 
 LAUNCHERS = ("local", "tpu_pod", "gpu_slurm")
 LOG_FILE = "stage.log"
@@ -126,7 +126,7 @@ def _join(workdir: str, *parts: str) -> str:
 
 def recipe_stages(config_spec: str) -> list[Stage]:
     """The stages of ``config_spec``'s ``get_recipe()``; a RecipeError when it has none or they are malformed."""
-    from clus_jax.config_base import load_config_module
+    from clus_jax.config.base import load_config_module
 
     path, _, arg = config_spec.partition(":")
     try:
@@ -190,7 +190,7 @@ def _substitute(text: Any, where: str, refs: Mapping[str, str], later: Sequence[
 
 def resolve(stages: Sequence[Stage], workdir: str) -> list[ResolvedStage]:
     """Every stage's workdir and references resolved, and train overrides checked against their configs."""
-    from clus_jax.config_base import load_config
+    from clus_jax.config.base import load_config
 
     refs = {"recipe": workdir}
     names = [s.name for s in stages]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from clus_jax import cli
+from clus_jax.common import cli
 
 EVAL_FAMILIES = (("zeroshot", "Zero-shot classification"), ("retrieval", "Retrieval recall"),
                  ("probe", "Frozen-feature probes"), ("cluster", "Cluster quality"))
@@ -57,7 +57,7 @@ def _series(records: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _bank_sizes_and_batch(workdir: str) -> tuple[dict[str, int], int | None]:
     """The swap banks' sizes and the global batch from the run's config.json (empty, None without one)."""
     from clus_jax.objectives import prototypes
-    from clus_jax.run_config import load_run_config
+    from clus_jax.config.run_config import load_run_config
 
     try:
         config = load_run_config(workdir)

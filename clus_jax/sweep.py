@@ -83,7 +83,7 @@ def run_name(index: int, overrides: Mapping[str, Any]) -> str:
 
 def sweep_points(config_spec: str) -> list[dict[str, Any]]:
     """The override dicts of ``config_spec``'s ``get_sweep()``; a file without one gives one empty run."""
-    from clus_jax.config_base import load_config_module
+    from clus_jax.config.base import load_config_module
 
     path, _, arg = config_spec.partition(":")
     module = load_config_module(path)
@@ -108,7 +108,7 @@ def expand(config_spec: str, workdir: str, common_overrides: Sequence[str] = ())
 
     ``common_overrides`` are ``--config.KEY=VALUE`` strings applied to every run (before the sweep's own).
     """
-    from clus_jax.config_base import get_dotted, load_config, set_dotted
+    from clus_jax.config.base import get_dotted, load_config, set_dotted
 
     points = sweep_points(config_spec)
     common = dict(_parse_cli_override(a) for a in common_overrides)

@@ -35,7 +35,7 @@ Arguments (``--config configs/brivl.py:ARGS``):
   size=, text_size=, steps=, synthetic, image_size=   as in configs/clip.py
 Any key can also be overridden: --config.brivl.momentum=0.995 --config.brivl.learnable_temperature=True
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 
 def get_config(arg: str | None = None):

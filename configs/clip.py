@@ -39,7 +39,7 @@ Arguments (``--config configs/clip.py:ARGS``):
   text_lr_mult=X the text tower's learning rate, x the schedule (default 0.03; 1 = one rate)
 Any key can also be overridden: --config.optim.lr=3e-4 --config.mesh.fsdp=2
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 
 def get_config(arg: str | None = None):

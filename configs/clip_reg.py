@@ -8,7 +8,7 @@ Command (CPU, about 3-5 minutes):
 
 Expected result: trains without NaN; higher positive-pair cosine (train/clip_reg/pos_cosine) than CLIP.
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 
 def get_config(arg: str | None = None):

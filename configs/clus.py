@@ -41,7 +41,7 @@ Arguments (``--config configs/clus.py:ARGS``):
   queue=N        SwAV feature queue length, a multiple of the batch (0 = off); starts at step 100
 Any key can also be overridden: --config.swap.epsilon=0.03 --config.swap.within_modality_weight=0.5
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 
 def get_config(arg: str | None = None):

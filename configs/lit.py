@@ -18,7 +18,7 @@ Arguments (``--config configs/lit.py:ARGS``):
   size=, text_size=, steps=, batch=, synthetic, image_size=   as in configs/clip.py (sizes must match the source)
 Any key can also be overridden, e.g. unfreeze the projection: --config.init_from.include='^image/'
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 IMAGE_TOWER = r"^image(_proj)?/"
 

@@ -64,7 +64,7 @@ Arguments (``--config configs/mlcd.py:ARGS``, for both get_config and get_recipe
   size=, text_size=, steps=, batch=, synthetic, image_size=   as in configs/clip.py
 Any key can also be overridden: --config.mlcd.scale=64 --config.mlcd.margin=0.5 --config.mlcd.sample_rate=0.1
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 ARGS = dict(k=256, labels=8, features="", init=True, size="", text_size="", steps=0, batch=0, synthetic=False,
             image_size=0, pretrain_steps=0, lit_steps=0, seed=-1)

@@ -18,7 +18,7 @@ Stages (each in WORKDIR/<name>, skipped when done):
   expert_<c>   CLIP for expert_steps from the seed's parameters (init_from) on subset c; independent runs
                (python -m clus_jax.recipe ... --launcher tpu_pod prints one launcher command per stage)
   dense_<S>    one CLIP run of S = seed_steps + experts x expert_steps steps: the same total compute
-  ensemble_<n> python -m clus_jax.evaluate.ensemble: each expert, the best, the uniform average, the
+  ensemble_<n> python -m clus_jax.ensemble: each expert, the best, the uniform average, the
                metadata ensemble and the dense baseline, in WORKDIR/ensemble_<n>/ensemble.md
 
 Caption encoder: MiniLM (``encoder=minilm``, the default), MoDE's SimCSE stand-in. MoDE chose a sentence
@@ -52,7 +52,7 @@ shared cores (captions 36 s, clusters 107 s at seed 0).
 Expected result (measured with the earlier default towers: model.image.patch_size=8, conv_stem=(),
 config.param_groups=[]; 2026-12-01, defaults: fine=110, coarse=2, seed 150 + 2 x 125 steps against a dense
 400-step run, batch 128; stage times captions 191 s, clusters 875 s, subsets 8 s, seed 281 s, experts
-192 s and 183 s, dense 553 s, ensemble 79 s; the temperature-1 row is ``python -m clus_jax.evaluate.ensemble``
+192 s and 183 s, dense 553 s, ensemble 79 s; the temperature-1 row is ``python -m clus_jax.ensemble``
 of the same runs with ``--temperature 1``):
 
   | row | easy-VQA top-1 | emoji category top-1 | heldout t2i R@10 | heldout i2t R@10 | OpenMoji t2i R@10 | OpenMoji i2t R@10 |
@@ -77,7 +77,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 from clus_jax.recipe import Stage
 
 THIS_CONFIG = __file__
@@ -140,7 +140,7 @@ def mode_stages(*, fine: int = 110, coarse: int = 2, experts: int = 0, seed_step
         total = seed_steps + experts * expert_steps
         stages.append(Stage(f"dense_{total}", train=train(total), overrides=overrides))
         ensemble += ["--baseline", f"{{dense_{total}}}"]
-    stages.append(Stage(f"ensemble_{experts}", module="clus_jax.evaluate.ensemble",
+    stages.append(Stage(f"ensemble_{experts}", module="clus_jax.ensemble",
                         args=[*ensemble, "--out", "{workdir}", *eval_args]))
     return stages
 

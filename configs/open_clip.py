@@ -23,7 +23,7 @@ Arguments (``--config configs/open_clip.py:ARGS``):
   lr=X               peak learning rate (default 1e-5 for fine-tuning, 1e-3 for LiT)
   steps=, batch=, synthetic   as in configs/clip.py
 """
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 from clus_jax.interop import open_clip
 
 IMAGE_TOWER = r"^image(_proj)?/"

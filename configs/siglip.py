@@ -8,7 +8,7 @@ The learnable bias starts at -10 and the scale at 10 (log 10), as in the paper.
 """
 import math
 
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 
 
 def get_config(arg: str | None = None):

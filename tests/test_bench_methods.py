@@ -62,7 +62,8 @@ def test_table_is_mean_and_sample_std_of_finished_runs(tmp_path):
 def test_recipe_methods_split_the_same_budget_over_their_train_stages(method, steps, monkeypatch, tmp_path):
     """MLCD's and MoDE's train stages add up to one CLIP run's steps at the same batch, and the seed reaches
     every train stage and the clustering."""
-    from clus_jax import config_base, recipe
+    from clus_jax import recipe
+    from clus_jax.config import base as config_base
 
     monkeypatch.chdir(methods.REPO_ROOT)
     planned = methods.plan(str(tmp_path), [method], [2], steps=steps, batch=48)

@@ -5,7 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from clus_jax import config_base, config_check
+from clus_jax.config import base as config_base
+from clus_jax.config import check as config_check
 from clus_jax.train import loop
 from clus_jax.train.metrics_writer import read_metrics
 
@@ -40,7 +41,7 @@ def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
     dimension from the name, whatever the tower had before."""
     import jax
 
-    from clus_jax.experiment import build
+    from clus_jax.train.experiment import build
 
     config = config_base.load_config("configs/clip.py")
     assert config.batch_size == 64 and config.data.min_crop_scale == 1.0

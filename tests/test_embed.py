@@ -14,7 +14,7 @@ import clus_jax
 from clus_jax import embed
 from clus_jax.data import records as records_lib
 from clus_jax.data.pipeline import resolve_data_config
-from clus_jax.run_config import load_run_config
+from clus_jax.config.run_config import load_run_config
 
 pytestmark = pytest.mark.slow  # each command starts JAX and compiles the encoders (a few seconds)
 

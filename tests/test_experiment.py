@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clus_jax import flops
+from clus_jax.train import flops as train_flops
 from clus_jax.data.fields import FieldSpec, image_field, text_field
-from clus_jax.experiment import TOWER_PATTERNS, build
+from clus_jax.train.experiment import TOWER_PATTERNS, build
 from clus_jax.objectives import registry
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.train import optim
@@ -205,7 +205,7 @@ def test_image_only_objective_freezes_and_skips_the_text_tower():
     cost = exp.step.jitted.lower(exp.abstract_state, exp.abstract_batch()).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     image_only = exp.train_step_flops(causal_attention_factor=1.0)
-    both = flops.train_step_flops(config, causal_attention_factor=1.0, include_objectives=False)
+    both = train_flops.train_step_flops(config, causal_attention_factor=1.0, include_objectives=False)
     assert image_only < both
     assert image_only <= cost["flops"] <= 1.25 * image_only, (cost["flops"], image_only, both)
 

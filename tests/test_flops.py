@@ -2,7 +2,8 @@
 import jax
 import pytest
 
-from clus_jax import flops
+from clus_jax.models import flops
+from clus_jax.train import flops as train_flops
 from clus_jax.objectives import registry
 
 import train_helpers as helpers  # registered by tests/conftest.py
@@ -26,11 +27,11 @@ def test_hand_count_tiny_config():
     assert parts["total"] == image + text
     assert parts["image_patch_embed"] == 98304 and parts["text_attention"] == 32768
     logits = 2 * 16 * 16 * 32
-    assert flops.train_step_flops(c, causal_attention_factor=1.0) == 3 * (16 * (image + text) + logits)
-    assert flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False) == 3 * 16 * (image + text)
+    assert train_flops.train_step_flops(c, causal_attention_factor=1.0) == 3 * (16 * (image + text) + logits)
+    assert train_flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False) == 3 * 16 * (image + text)
     # maxtext's convention halves the causal text attention only.
-    halved = flops.train_step_flops(c)
-    assert flops.train_step_flops(c, causal_attention_factor=1.0) - halved == 3 * 16 * 32768 / 2
+    halved = train_flops.train_step_flops(c)
+    assert train_flops.train_step_flops(c, causal_attention_factor=1.0) - halved == 3 * 16 * 32768 / 2
 
 
 @pytest.mark.parametrize("objective", ["clip", "siglip", "clip_reg"])
@@ -39,8 +40,8 @@ def test_contrastive_logits_are_counted(objective):
     c = tiny_config(objective)
     logits = 2 * 16 * 16 * 32
     assert registry.get(objective).forward_flops(c, 16) == logits
-    towers = flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False)
-    assert flops.train_step_flops(c, causal_attention_factor=1.0) == towers + 3 * logits
+    towers = train_flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False)
+    assert train_flops.train_step_flops(c, causal_attention_factor=1.0) == towers + 3 * logits
 
 
 def test_hand_count_pooled_last_block():
@@ -67,15 +68,15 @@ def test_objective_flops_and_mfu():
     c.swap.num_prototypes = (100, 50)
     assert registry.get("swap").forward_flops(c, 16) == 2 * 2 * 16 * 32 * 150
     assert registry.Objective().forward_flops(c, 16) == 0  # an objective that declares none counts none
-    assert flops.mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
+    assert train_flops.mfu(1e12, 2.0, 1e12) == pytest.approx(0.5)
 
 
 def test_only_the_towers_in_use_count():
     c = tiny_config()
     parts = flops.forward_flops_per_example(c.model, causal_attention_factor=1.0)
     image = sum(v for k, v in parts.items() if k.startswith("image_"))
-    both = flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False)
-    image_only = flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False, modalities=("image",))
+    both = train_flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False)
+    image_only = train_flops.train_step_flops(c, causal_attention_factor=1.0, include_objectives=False, modalities=("image",))
     assert both == 3 * 16 * parts["total"]
     assert image_only == 3 * 16 * image < both
 
@@ -89,7 +90,7 @@ def test_only_the_towers_in_use_count():
     pytest.param("mu", "cls", True, (8, 16), marks=pytest.mark.slow)])
 def test_agrees_with_xla_cost_analysis(size, pooling, pooled_last, stem):
     """XLA counts every op (normalisations, softmax, AdamW) on top of the matmuls: a little above, never below."""
-    from clus_jax.experiment import build
+    from clus_jax.train.experiment import build
 
     # A small vocabulary: the gather and scatter-add of a 49408-row token table are not matmuls.
     c = tiny_config(**{"model.image.size": size, "model.text.size": size, "model.image.pooling": pooling,
@@ -98,6 +99,6 @@ def test_agrees_with_xla_cost_analysis(size, pooling, pooled_last, stem):
     exp = build(c, jax.devices()[:1])
     cost = exp.step.jitted.lower(exp.abstract_state, exp.abstract_batch()).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    analytic = flops.train_step_flops(c, causal_attention_factor=1.0)
+    analytic = train_flops.train_step_flops(c, causal_attention_factor=1.0)
     assert exp.train_step_flops(causal_attention_factor=1.0) == analytic
     assert analytic <= cost["flops"] <= 1.25 * analytic, (cost["flops"], analytic)

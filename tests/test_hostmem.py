@@ -1,4 +1,4 @@
-"""clus_jax.hostmem: with 'retain', freed large blocks stay resident; with 'system', glibc unmaps them.
+"""clus_jax.common.hostmem: with 'retain', freed large blocks stay resident; with 'system', glibc unmaps them.
 
 Each case runs in a fresh interpreter, since the allocator setting is process-wide and binds only threads
 that have not allocated yet.
@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from clus_jax import hostmem
+from clus_jax.common import hostmem
 
 PROBE = r"""
 import json
-from clus_jax import hostmem
+from clus_jax.common import hostmem
 
 def rss_kib():
     with open("/proc/self/status") as f:

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 import clus_jax
-from clus_jax import inference, run_config
+from clus_jax import inference
+from clus_jax.config import run_config
 from clus_jax.data import embedded, transforms
 from clus_jax.data.tokenizers import create_tokenizer
 from clus_jax.evaluate.runner import evaluate

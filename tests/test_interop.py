@@ -25,13 +25,13 @@ import tolerances  # registered by tests/conftest.py
 
 import clus_jax
 from clus_jax import interop
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.interop import open_clip, open_clip_config, open_clip_weights
 from clus_jax.models.towers import build_model, init_inputs
 from clus_jax.objectives import teachers
 from clus_jax.train import loop
 from clus_jax.train.metrics_writer import read_metrics
-from clus_jax.train.optim import path_str
+from clus_jax.common.trees import path_str
 
 import train_helpers as helpers  # registered by tests/conftest.py
 

@@ -1,5 +1,5 @@
 """MoDE end to end: caption embeddings by MiniLM (clus_jax.embed --encoder minilm), expert subsets from the
-nearest fine centre (clus_jax.experts), the ensemble evaluator's figures (clus_jax.evaluate.ensemble) and
+nearest fine centre (clus_jax.experts), the ensemble evaluator's figures (clus_jax.ensemble) and
 the recipe (configs/mode.py), including an expert added to a finished run. Oracles are NumPy
 transcriptions of MoDE's steps (brute-force nearest centre, sum_k w_k cos_k logits, recall by rank)."""
 from __future__ import annotations
@@ -17,12 +17,13 @@ import pytest
 import tolerances  # registered by tests/conftest.py
 import train_helpers as helpers
 
-from clus_jax import config_base, embed, experts
+from clus_jax import embed, experts
+from clus_jax.config import base as config_base
 from clus_jax.clustering import mode_ensemble
 from clus_jax.data import transforms
 from clus_jax.data.sources import make_source
-from clus_jax.evaluate import ensemble
-from clus_jax.evaluate.datasets import ClassificationSet, RetrievalSet
+from clus_jax import ensemble
+from clus_jax.data.eval_sets import ClassificationSet, RetrievalSet
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -303,7 +304,7 @@ def _tiny_overrides():
 
 
 RECIPE = '''
-from clus_jax.config_base import load_config_module
+from clus_jax.config.base import load_config_module
 
 mode = load_config_module({mode!r})
 

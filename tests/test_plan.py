@@ -12,7 +12,7 @@ import host_limits  # registered by tests/conftest.py
 import pytest
 
 from clus_jax import plan as plan_lib
-from clus_jax.config_base import load_config
+from clus_jax.config.base import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = {"model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,

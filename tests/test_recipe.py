@@ -19,7 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Three cheap stages: make writes numbers, pretty re-formats them with a module (json.tool), total sums
 # them. Every stage appends its name to {recipe}/ran.txt, so the test sees which stages really ran.
 RECIPE = '''
-from clus_jax import config_base as common
+from clus_jax.config import base as common
 from clus_jax.recipe import Stage
 
 LOG = "import sys; open(sys.argv[1] + '/ran.txt', 'a').write(sys.argv[2] + chr(10))"

@@ -8,8 +8,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from clus_jax import config_base, run_config
-from clus_jax.experiment import build
+from clus_jax.config import base as config_base
+from clus_jax.config import run_config
+from clus_jax.train.experiment import build
 from clus_jax.models.towers import build_model
 from clus_jax.objectives import registry
 

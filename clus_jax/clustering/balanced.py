@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from clus_jax.clustering.result import KMeansResult
+
 #: Final ε relative to (cost range / N): the total cost is within this fraction of the range of the optimum.
 DEFAULT_REL_EPS = 1e-7
 EPS_FACTOR = 4.0  # ε-scaling: each phase divides ε by this
@@ -115,8 +117,7 @@ def balanced_kmeans(points: np.ndarray, k: int, *, num_iters: int, metric: str, 
     """k-means whose every assignment (each iteration's and the returned one) gives each centre exactly N / k
     points (``balanced_assign`` on the squared distances). ``checkpoints`` (a ``state.CenterCheckpoints``)
     saves the centres after every iteration and resumes from the newest save. Returns a
-    ``kmeans.KMeansResult``."""
-    from clus_jax.clustering.kmeans import KMeansResult  # the one result type of kmeans
+    ``result.KMeansResult``."""
 
     x = np.asarray(points, np.float32)
     if x.shape[0] % k:

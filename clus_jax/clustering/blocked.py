@@ -12,7 +12,6 @@ distance is ``|x|^2 - score``) and ``x.c`` with unit centres for ``"cosine"``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp

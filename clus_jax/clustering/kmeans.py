@@ -16,7 +16,6 @@ centres as an uninterrupted run (the chunks are summed in the same order).
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import time
@@ -31,6 +30,7 @@ from jax.sharding import PartitionSpec as P
 from clus_jax.clustering import blocked
 from clus_jax.clustering import balanced as balanced_lib
 from clus_jax.clustering import state as state_lib
+from clus_jax.clustering.result import KMeansResult
 from clus_jax.clustering.stream import PointStream
 from clus_jax.parallel import collectives
 from clus_jax.parallel.multihost import to_host
@@ -46,15 +46,6 @@ KMEANS_PP_SAMPLE_PER_CENTER = 8
 Progress = Callable[[int, float, float], None]
 
 
-@dataclasses.dataclass
-class KMeansResult:
-    """centres [k, D] float32; assignments [N] int32 (nearest centre of each point, in stream order);
-    inertia: mean squared distance to the assigned centre; sizes [k] int64; num_iters_run."""
-    centers: np.ndarray
-    assignments: np.ndarray
-    inertia: float
-    sizes: np.ndarray
-    num_iters_run: int
 
 
 # ---------------------------------------------------------------------------------------------- steps

@@ -65,7 +65,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from clus_jax.data import records as records_lib
 from clus_jax.data import transforms
-from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
+from clus_jax.data.eval_sets import ClassificationSet, ProbeSet, RetrievalSet
 
 VERSION = "embedded-v3"
 SPLIT_SEED = 20240917

@@ -3,7 +3,7 @@
 A field is a per-example array with a fixed shape and dtype. ``image`` and ``text`` are the towers'
 inputs; objectives may declare more (``Objective.batch_fields``, e.g. MLCD's ``cluster_labels: int32[8]``).
 The pipeline's output, the dummy batch used for shapes, the batch shardings and the memory plan are all
-derived from one ``dict[str, FieldSpec]`` (``clus_jax.experiment.batch_fields``).
+derived from one ``dict[str, FieldSpec]`` (``clus_jax.train.experiment.batch_fields``).
 """
 from __future__ import annotations
 

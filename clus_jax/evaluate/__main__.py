@@ -1,12 +1,13 @@
 """``python -m clus_jax.evaluate WORKDIR [--step S] [--sets embedded] [--batch-size B] [--no-append]``: re-evaluates a run
-(``clus_jax.evaluate.reevaluate``) and prints one JSON line of its metrics."""
+(``clus_jax.train.reevaluate``) and prints one JSON line of its metrics."""
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
 
-from clus_jax import cli
+from clus_jax.common.errors import ConfigError
+from clus_jax.common import cli
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -30,13 +31,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    from clus_jax.evaluate.reevaluate import reevaluate
-    from clus_jax.objectives import registry
+    from clus_jax.train.reevaluate import reevaluate
 
     try:
         step, metrics = reevaluate(args.workdir, args.step, batch_size=args.batch_size, append=args.append,
                                    sets=args.sets)
-    except (FileNotFoundError, ValueError, registry.ConfigError) as e:
+    except (FileNotFoundError, ValueError, ConfigError) as e:
         cli.fail(cli.exception_text(e), code=1)
     print(json.dumps({"step": step, **metrics}), flush=True)
 

@@ -34,7 +34,7 @@ import numpy as np
 from absl import logging
 
 from clus_jax.evaluate import cluster_eval, metrics
-from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
+from clus_jax.data.eval_sets import ClassificationSet, ProbeSet, RetrievalSet
 
 
 @dataclasses.dataclass

@@ -67,7 +67,7 @@ def read_params(weights: str | os.PathLike, model_cfg: ModelConfig | None = None
     from clus_jax.inference import model_params_shapes
     from clus_jax.models.towers import build_model
     from clus_jax.objectives import teachers
-    from clus_jax.train.optim import path_str
+    from clus_jax.common.trees import path_str
 
     path, cfg, preprocess = resolve(weights, model_cfg)
     config = run_config(cfg, preprocess)
@@ -82,7 +82,7 @@ def read_params(weights: str | os.PathLike, model_cfg: ModelConfig | None = None
 def run_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None = None,
                base: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
     """A clus_jax config (``base`` or the defaults) whose model is the open_clip config's architecture."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     config = config_base.base_config() if base is None else base
     open_clip_config.apply(config, model_cfg, preprocess_cfg)
@@ -138,7 +138,7 @@ def save_open_clip(workdir: str | os.PathLike, path: str | os.PathLike, step: in
     from clus_jax.inference import model_params_shapes
     from clus_jax.models.towers import build_model
     from clus_jax.objectives import teachers
-    from clus_jax.run_config import load_run_config
+    from clus_jax.config.run_config import load_run_config
 
     config = load_run_config(os.fspath(workdir))
     model_keys = tuple(teachers.unboxed(model_params_shapes(build_model(config.model), config)))

@@ -219,7 +219,7 @@ class BriVL(registry.Objective):
 
     def no_grad_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
         """The momentum towers' forward, and the multi-label similarities when on."""
-        from clus_jax.flops import towers_forward_flops
+        from clus_jax.models.flops import towers_forward_flops
 
         sims = 2.0 * 2.0 * batch_size * int(config.brivl.queue_length) * int(config.model.embed_dim)
         return towers_forward_flops(config, batch_size) + (sims if int(config.brivl.multi_label_topk) else 0.0)

@@ -20,7 +20,7 @@ from clus_jax.parallel import partitioning
 PyTree = Any
 AxisSpec = str | tuple[str, ...] | None
 
-#: Where the banks live in the parameter tree, and the regex of their paths (as ``optim.path_str`` writes them).
+#: Where the banks live in the parameter tree, and the regex of their paths (as ``common.trees.path_str`` writes them).
 PARAMS_KEY = "swap"
 PARAM_PATTERN = r"^swap/"
 LOGICAL_AXES = ("prototypes", "proj")

@@ -15,11 +15,9 @@ import jax
 import ml_collections
 from jax.sharding import Mesh
 
+from clus_jax.common.errors import ConfigError  # noqa: F401  (objectives raise it as registry.ConfigError)
+
 PyTree = Any
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; raised before anything compiles, naming the key."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +57,11 @@ class Objective:
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
         """Raises ConfigError naming the key when ``config`` cannot work with this objective."""
+
+    def check_shapes(self, config: ml_collections.ConfigDict, param_shapes: PyTree) -> None:
+        """Raises ConfigError when ``config`` cannot work with the run's parameter shapes (boxed
+        ``jax.ShapeDtypeStruct`` leaves of the towers and every objective, traced once by ``train.experiment.build``),
+        e.g. a teacher checkpoint saved for another model."""
 
     def init_params(self, rng: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
         """This objective's own parameters, placed at ``params[<name>]``; {} for none.

@@ -56,9 +56,6 @@ from clus_jax.parallel.collectives import (
     distributed_softmax,
     join_axis_names,
 )
-# Re-exported for callers that still import the collectives from here (objectives/swap.py, until it imports
-# them from clus_jax.parallel.collectives, their one home).
-from clus_jax.parallel.collectives import global_sum  # noqa: F401
 
 
 def sinkhorn_knopp(

@@ -238,22 +238,21 @@ class Swap(registry.Objective):
             raise registry.ConfigError(
                 f"config.swap.teacher_prototypes={config.swap.teacher_prototypes!r} must be 'teacher' or 'student'"
             )
-        if config.swap.teacher == "checkpoint":
-            self._validate_checkpoint(config)
-
-    def _validate_checkpoint(self, config: ml_collections.ConfigDict) -> None:
-        path, step = config.swap.teacher_checkpoint, _checkpoint_step(config)
-        if not path:
+        if config.swap.teacher == "checkpoint" and not config.swap.teacher_checkpoint:
             raise registry.ConfigError("config.swap.teacher_checkpoint must name a workdir or checkpoint directory "
                                        "when config.swap.teacher='checkpoint'")
+
+    def check_shapes(self, config: ml_collections.ConfigDict, param_shapes: PyTree) -> None:
+        """A checkpoint teacher must hold the student's shapes (its towers, and its banks unless the student's
+        score it)."""
+        if config.swap.teacher != "checkpoint":
+            return
+        path, step = config.swap.teacher_checkpoint, _checkpoint_step(config)
         try:
             saved = teachers.saved_param_shapes(path, step)
         except (FileNotFoundError, ValueError) as e:
             raise registry.ConfigError(f"config.swap.teacher_checkpoint={path!r}: {e}") from None
-        from clus_jax.experiment import abstract_params
-
-        student = abstract_params(config)
-        expected = _as_saved(teachers.unboxed(_teacher_source(student, config)))
+        expected = _as_saved(teachers.unboxed(_teacher_source(param_shapes, config)))
         saved = {k: v for k, v in dict(saved).items() if k in expected}
         problems = teachers.shape_mismatches(expected, saved)
         if problems:
@@ -291,7 +290,7 @@ class Swap(registry.Objective):
 
     def no_grad_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
         """A teacher's forward of both towers (the EMA or checkpoint teacher computes the codes)."""
-        from clus_jax.flops import towers_forward_flops
+        from clus_jax.models.flops import towers_forward_flops
 
         return towers_forward_flops(config, batch_size) if config.swap.teacher != "none" else 0.0
 

@@ -9,8 +9,9 @@ from typing import Sequence
 from absl import app, flags
 from ml_collections import config_flags
 
-from clus_jax import cli, hostmem
-from clus_jax.objectives.registry import ConfigError
+from clus_jax.common import cli
+from clus_jax.common import hostmem
+from clus_jax.common.errors import ConfigError
 from clus_jax.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :ARG).", lock_config=True)
@@ -40,7 +41,7 @@ def check_config_args(args: Sequence[str]) -> None:
     spec = _config_spec(args)
     if spec is None:
         return  # absl reports the missing flag
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     try:
         config = config_base.load_config(spec)

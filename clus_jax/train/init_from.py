@@ -3,7 +3,7 @@
   config.init_from.path     a clus_jax workdir, its ``checkpoints`` folder or one step's folder ('' = off)
   config.init_from.step     which saved step (-1 = the newest)
   config.init_from.include  regex over parameter paths (``image/encoder/block_0/mlp/fc1/kernel``, see
-                            ``optim.path_str``); '' = every parameter
+                            ``common.trees.path_str``); '' = every parameter
   config.init_from.exclude  regex of paths not to load ('' = none)
   config.init_from.open_clip_config   with ``path`` an open_clip weights file (``.safetensors``, or ``.pt`` /
                             ``.bin`` / ``.pth`` with torch installed): its open_clip model config (a
@@ -30,16 +30,12 @@ import ml_collections
 import numpy as np
 
 from clus_jax.objectives import teachers
-from clus_jax.objectives.registry import ConfigError
+from clus_jax.common.errors import ConfigError
 from clus_jax.parallel.partitioning import is_box
-from clus_jax.train.optim import path_str
+from clus_jax.common.trees import path_str
 
 PyTree = Any
 log = logging.getLogger(__name__)
-
-
-def default_config() -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(path="", step=-1, include="", exclude="", open_clip_config=""))
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:

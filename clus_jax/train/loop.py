@@ -11,16 +11,17 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from clus_jax.cli import format_eta
+from clus_jax.common.errors import ConfigError
+from clus_jax.common.cli import format_eta
 from clus_jax.data.pipeline import create_train_iterator
 from clus_jax.data.tokenizers import create_tokenizer
 from clus_jax.evaluate.runner import sets_for
-from clus_jax.experiment import build
-from clus_jax.objectives import registry
-from clus_jax.run_config import save_run_config
-from clus_jax.train import faults
+from clus_jax.train.experiment import build
+from clus_jax.config.run_config import save_run_config
+from clus_jax.common import faults
 from clus_jax.train.checkpoint import Checkpointer
-from clus_jax.train.eval_hook import evaluate_and_save, make_encoders
+from clus_jax.evaluate.encoders import make_encoders
+from clus_jax.train.eval_hook import evaluate_and_save
 from clus_jax.train.metrics_writer import MetricWriter
 from clus_jax.train.progress import Eta
 
@@ -39,7 +40,7 @@ def load_eval_sets(config: ml_collections.ConfigDict) -> list:
         from clus_jax.data.embedded import load_eval_sets as load_embedded
 
         return load_embedded(image_size=int(config.model.image.image_size), cache_dir=config.data.get("cache_dir") or None)
-    raise registry.ConfigError(f"config.evals.sets={config.evals.sets!r} must be 'embedded' or 'none'")
+    raise ConfigError(f"config.evals.sets={config.evals.sets!r} must be 'embedded' or 'none'")
 
 
 class _Preemption:
@@ -92,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
     if tokenizer.vocab_size > int(config.model.text.vocab_size):  # ids past the table embed as NaN
-        raise registry.ConfigError(
+        raise ConfigError(
             f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the vocabulary of "
             f"config.tokenizer.name={config.tokenizer.name!r} ({tokenizer.vocab_size} ids)")
     pcount, pindex = jax.process_count(), jax.process_index()

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from clus_jax.common.trees import path_str
+from clus_jax.config.check import MOMENT_DTYPES
+
 PyTree = Any
 
 
@@ -37,14 +40,6 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
         decay_steps=max(total_steps, warmup + 1),
         end_value=cfg.lr * cfg.get("final_lr_fraction", 0.0),
     )
-
-
-def path_str(path: tuple) -> str:
-    parts = []
-    for entry in path:
-        key = getattr(entry, "key", getattr(entry, "name", getattr(entry, "idx", entry)))
-        parts.append(str(key))
-    return "/".join(parts)
 
 
 def decay_mask(params: PyTree) -> PyTree:
@@ -135,13 +130,9 @@ def trainable_window(inner: optax.GradientTransformation, start: int, end: int |
     return optax.GradientTransformation(init, update)
 
 
-#: ``config.optim.mu_dtype`` values. The second moment has no knob: it stays float32, like the parameters.
-MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
 def first_moment_dtype(cfg: ml_collections.ConfigDict) -> jnp.dtype | None:
     """Dtype of Adam's first moment: None (the parameters' own, float32) unless ``cfg.mu_dtype`` is
-    'bfloat16' (big_vision's option; a bf16 second moment or bf16 master weights cost accuracy, #41)."""
+    'bfloat16' (big_vision's option; the second moment has no knob and stays float32; a bf16 second moment or bf16 master weights cost accuracy, #41)."""
     name = cfg.get("mu_dtype", "float32")
     return None if name == "float32" else MOMENT_DTYPES[name]
 

@@ -106,7 +106,7 @@ def test_every_damaged_record_is_used_or_skipped_and_counted(fuzz_file):
 
 @pytest.mark.slow
 def test_training_on_damaged_data_never_crashes_and_reports_the_count(fuzz_file, tmp_path):
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
     from clus_jax.train import loop
     from clus_jax.train.metrics_writer import read_metrics
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from clus_jax.data import embedded, transforms
-from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
+from clus_jax.data.eval_sets import ClassificationSet, ProbeSet, RetrievalSet
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from clus_jax.evaluate import cluster_eval
-from clus_jax.evaluate.datasets import ClassificationSet
+from clus_jax.data.eval_sets import ClassificationSet
 from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, run
 from clus_jax.train import eval_hook
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from clus_jax.evaluate.datasets import ClassificationSet, ProbeSet, RetrievalSet
+from clus_jax.data.eval_sets import ClassificationSet, ProbeSet, RetrievalSet
 from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, sets_for
 
 RED, GREEN, BLUE, GRAY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)

@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clus_jax import config_base
+from clus_jax.config import base as config_base
 from clus_jax.models import layers
 from clus_jax.models.layers import Block, Mlp
 from clus_jax.models.text import TextTransformer
 from clus_jax.models.towers import build_model, init_inputs
 from clus_jax.models.vit import VisionTransformer
-from clus_jax.train.optim import path_str
+from clus_jax.common.trees import path_str
 
 import tolerances  # registered by tests/conftest.py
 

@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clus_jax import config_base, config_check, flops
+from clus_jax.config import base as config_base
+from clus_jax.config import check as config_check
+from clus_jax.models import flops
 from clus_jax.models.vit import VisionTransformer
 
 import tolerances  # registered by tests/conftest.py

@@ -6,7 +6,7 @@ import pytest
 import tolerances  # registered by tests/conftest.py
 from jax.sharding import Mesh, PartitionSpec as P
 
-from clus_jax import config_base
+from clus_jax.config import base as config_base
 from clus_jax.objectives import clip_loss, clip_reg_loss, registry, siglip_loss
 
 

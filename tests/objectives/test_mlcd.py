@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.objectives import mlcd, registry
 from clus_jax.objectives.mlcd import margin_softmax_loss, mlcd_loss, sample_negatives, sampled_classes
 from clus_jax.objectives.registry import ConfigError, LossContext
@@ -547,7 +547,8 @@ def test_train_step_image_only_sharded_centres_and_lr_multiplier(tmp_path, recor
 def test_recipe_stages_and_their_overrides(monkeypatch, tmp_path):
     """configs/mlcd.py's recipe: clip -> embed -> cluster (K, top-l, cosine) -> mlcd on its labels and centres
     -> LiT on the mlcd run; every override key exists; features=DIR skips the clip stage."""
-    from clus_jax import config_base, recipe
+    from clus_jax import recipe
+    from clus_jax.config import base as config_base
 
     monkeypatch.chdir(REPO)
     stages = recipe.resolve(recipe.recipe_stages("configs/mlcd.py"), str(tmp_path))

@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from clus_jax import config_check
-from clus_jax.experiment import build
+from clus_jax.config import check as config_check
+from clus_jax.train.experiment import build
 from clus_jax.objectives import registry
 from clus_jax.objectives.moco import brivl_loss, enqueue, moco_loss, momentum_update, multi_label_positives
 from clus_jax.objectives.registry import ConfigError

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clus_jax import config_base, config_check
-from clus_jax.experiment import build
+from clus_jax.config import base as config_base
+from clus_jax.config import check as config_check
+from clus_jax.train.experiment import build
 from clus_jax.objectives import prototypes, registry, teachers
 from clus_jax.objectives.registry import ConfigError, LossContext
 from clus_jax.parallel import mesh as mesh_lib

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from clus_jax import config_base
+from clus_jax.config import base as config_base
 from clus_jax.train import optim
 
 

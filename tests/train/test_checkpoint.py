@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.train.checkpoint import Checkpointer, CheckpointError
 
 import train_helpers as helpers  # registered by tests/conftest.py

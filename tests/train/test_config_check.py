@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from clus_jax import config_check
+from clus_jax.config import check as config_check
 from clus_jax.objectives.registry import ConfigError
 
 import train_helpers as helpers  # registered by tests/conftest.py

@@ -6,12 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from clus_jax import flops as flops_lib
-from clus_jax.experiment import build
+from clus_jax.models import flops as flops_lib
+from clus_jax.train.experiment import build
 from clus_jax.objectives import teachers
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.train import loop
-from clus_jax.train.optim import path_str
+from clus_jax.common.trees import path_str
 
 import train_helpers as helpers  # registered by tests/conftest.py
 
@@ -181,7 +181,7 @@ def test_open_clip_source_with_another_architecture_fails_naming_the_key():
 
 
 def test_open_clip_lit_selection_checks_and_loads_only_the_image_tower():
-    from clus_jax.experiment import abstract_params
+    from clus_jax.train.experiment import abstract_params
     from clus_jax.train import init_from
 
     config = open_clip_config()

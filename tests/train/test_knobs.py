@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.objectives import prototypes
 
 import open_clip_reference as oc  # registered by tests/conftest.py

@@ -11,7 +11,7 @@ import numpy as np
 import host_limits  # registered by tests/conftest.py
 import pytest
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.train import loop
 from clus_jax.train.metrics_writer import read_metrics
 

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.train import gradcache
 

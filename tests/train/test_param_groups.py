@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-from clus_jax import flops
-from clus_jax.experiment import build
+from clus_jax.models import flops
+from clus_jax.train.experiment import build
 from clus_jax.objectives.registry import ConfigError
 from clus_jax.train import optim
 
@@ -89,7 +89,7 @@ def test_lr_mult_and_decay(recording):
 def test_the_default_groups_train_the_text_tower_at_three_hundredths(recording):
     """config_base's default param_groups, read by the real step: text/ and text_proj/ move 0.03 lr per entry on
     the first Adam step, image/, image_proj/ and the logit scale a full lr."""
-    from clus_jax import config_base
+    from clus_jax.config import base as config_base
 
     default = list(config_base.base_config().param_groups)
     assert default == [(r"^text(_proj)?/", {"lr_mult": 0.03})]

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.objectives.registry import ConfigError
 
 import train_helpers as helpers  # registered by tests/conftest.py

@@ -3,7 +3,7 @@ step compiles for a long time, whose windows are noisy and which evaluates perio
 import numpy as np
 import pytest
 
-from clus_jax.cli import format_eta
+from clus_jax.common.cli import format_eta
 from clus_jax.train.progress import Eta
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from clus_jax.experiment import build
+from clus_jax.train.experiment import build
 from clus_jax.objectives import prototypes
 from clus_jax.train import optim
 
@@ -43,7 +43,7 @@ def sharded_config(objective):
     # Adam's eps bounds how far it moves gradients' last bits (train_helpers.ADAM_EPS).
     overrides.update({"model.text.vocab_size": 64, "optim.warmup_steps": 0, "optim.eps": helpers.ADAM_EPS})
     if objective == "clip_default_towers":
-        from clus_jax import config_base
+        from clus_jax.config import base as config_base
 
         config = helpers.tiny_config("clip", **overrides, **{"model.image.conv_stem": (8, 16)})
         config.param_groups = list(config_base.base_config().param_groups)

@@ -21,8 +21,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from clus_jax import config_check, flops
-from clus_jax.config_base import TOWER_PATTERNS
+from clus_jax.common.errors import ConfigError
+from clus_jax.config import check as config_check
+from clus_jax.train import flops as train_flops
+from clus_jax.config.base import TOWER_PATTERNS
 from clus_jax.data import fields as fields_lib
 from clus_jax.data.fields import FieldSpec
 from clus_jax.models.towers import TwoTower, build_model
@@ -59,7 +61,7 @@ def batch_fields(config: ml_collections.ConfigDict) -> dict[str, FieldSpec]:
     for name, (obj, _) in objectives_of(config).items():
         for field, spec in obj.batch_fields(config).items():
             if field in out and out[field] != spec:
-                raise registry.ConfigError(f"config.objectives.{name}: batch field {field!r} {spec} conflicts with {out[field]}")
+                raise ConfigError(f"config.objectives.{name}: batch field {field!r} {spec} conflicts with {out[field]}")
             out[field] = spec
     return out
 
@@ -143,7 +145,7 @@ class Experiment:
     def train_step_flops(self, batch_size: int | None = None, **kwargs) -> float:
         """Analytic model FLOPs of one step (towers in use, without the backward of frozen ones, and the
         objectives), for MFU."""
-        return flops.train_step_flops(self.config, batch_size, modalities=self.modalities,
+        return train_flops.train_step_flops(self.config, batch_size, modalities=self.modalities,
                                       frozen=self.frozen_towers(), **kwargs)
 
 
@@ -162,13 +164,16 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None, *, res
     try:
         groups = param_groups(config)
     except ValueError as e:
-        raise registry.ConfigError(str(e)) from None
+        raise ConfigError(str(e)) from None
     tx, schedule = optim.build_optimizer(config.optim, int(config.total_steps), groups)
 
     obj_only = {name: obj for name, (obj, _) in objectives.items()}
+    shapes = abstract_params(config)  # traced once, for every check that needs the parameters' shapes
+    for obj in obj_only.values():
+        obj.check_shapes(config, shapes)
     load = None
     if init_from.enabled(config) and not resuming:
-        paths = init_from.check(config, abstract_params(config))
+        paths = init_from.check(config, shapes)
         load = init_from.loader(config, paths)
     init_fn = boxed_init(config, model, obj_only, load)
     abstract_state, shardings = create_train_state(config, init_fn, tx, mesh, rules, materialize=False)

@@ -31,7 +31,7 @@ class TowerShape:
     pooled_last: bool = False  # the last block computes only the pooled token (``model.pooled_last_block``)
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+def config_value(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None else value
 
@@ -58,14 +58,14 @@ def block_forward_flops(t: TowerShape, causal_attention_factor: float = 1.0) -> 
 def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, str]:
     """(blocks, patch-embedding input width, number of patches, pooling) of ``config.model.image``."""
     icfg = model_config["image"]
-    size = sizes.vit_size(_get(icfg, "size"))
+    size = sizes.vit_size(config_value(icfg, "size"))
     r = sizes.resolve(size, icfg)
-    patch = int(_get(icfg, "patch_size") or size.patch_size)
-    image_size = int(_get(icfg, "image_size"))
+    patch = int(config_value(icfg, "patch_size") or size.patch_size)
+    image_size = int(config_value(icfg, "image_size"))
     patches = (image_size // patch) ** 2
-    pooling = _get(icfg, "pooling", "cls")
+    pooling = config_value(icfg, "pooling", "cls")
     tokens = patches + (1 if pooling == "cls" else 0)
-    pooled_last = pooling == "cls" and bool(_get(model_config, "pooled_last_block", True))
+    pooled_last = pooling == "cls" and bool(config_value(model_config, "pooled_last_block", True))
     stem = _conv_stem(icfg)
     channels = stem[-1] if stem else 3
     p = patch // 2 ** len(stem)
@@ -74,13 +74,13 @@ def image_tower(model_config: Mapping[str, Any]) -> tuple[TowerShape, int, int, 
 
 def _conv_stem(icfg: Mapping[str, Any]) -> tuple[int, ...]:
     """The channels of ``config.model.image.conv_stem`` (() without a stem)."""
-    return tuple(int(c) for c in _get(icfg, "conv_stem", ()) or ())
+    return tuple(int(c) for c in config_value(icfg, "conv_stem", ()) or ())
 
 
 def conv_stem_flops(model_config: Mapping[str, Any]) -> float:
     """Forward FLOPs of the image tower's convolutional stem (3x3 stride-2 convolutions) on one image."""
     icfg = model_config["image"]
-    side, c_in, total = int(_get(icfg, "image_size")), 3, 0.0
+    side, c_in, total = int(config_value(icfg, "image_size")), 3, 0.0
     for c_out in _conv_stem(icfg):
         side = -(-side // 2)  # SAME padding, stride 2
         total += 2.0 * side * side * 9 * c_in * c_out
@@ -90,17 +90,17 @@ def conv_stem_flops(model_config: Mapping[str, Any]) -> float:
 
 def text_tower(model_config: Mapping[str, Any]) -> TowerShape:
     tcfg = model_config["text"]
-    r = sizes.resolve(sizes.text_size(_get(tcfg, "size")), tcfg)
-    pooled_last = _get(tcfg, "pooling", "eot") == "eot" and bool(_get(model_config, "pooled_last_block", True))
-    return TowerShape(int(_get(tcfg, "context_length")), r["width"], r["depth"], r["mlp_dim"],
-                      causal=bool(_get(tcfg, "causal", True)), pooled_last=pooled_last)
+    r = sizes.resolve(sizes.text_size(config_value(tcfg, "size")), tcfg)
+    pooled_last = config_value(tcfg, "pooling", "eot") == "eot" and bool(config_value(model_config, "pooled_last_block", True))
+    return TowerShape(int(config_value(tcfg, "context_length")), r["width"], r["depth"], r["mlp_dim"],
+                      causal=bool(config_value(tcfg, "causal", True)), pooled_last=pooled_last)
 
 
 def forward_flops_per_example(model_config: Mapping[str, Any], causal_attention_factor: float = 1.0) -> dict[str, float]:
     """Forward matmul FLOPs of one (image, text) pair, by part; 'total' sums them."""
     img, patch_dim, patches, pooling = image_tower(model_config)
     txt = text_tower(model_config)
-    embed = int(_get(model_config, "embed_dim"))
+    embed = int(config_value(model_config, "embed_dim"))
     ib = block_forward_flops(img)
     tb = block_forward_flops(txt, causal_attention_factor)
     parts = {
@@ -127,31 +127,3 @@ def towers_forward_flops(config: Mapping[str, Any], batch_size: int, modalities:
     """Forward matmul FLOPs of the towers in ``modalities`` on a batch (e.g. a teacher's copy of them)."""
     parts = forward_flops_per_example(config["model"], causal_attention_factor)
     return batch_size * sum(v for k, v in parts.items() if k != "total" and k.split("_")[0] in modalities)
-
-
-def train_step_flops(config: Mapping[str, Any], batch_size: int | None = None, *,
-                     causal_attention_factor: float = 0.5, include_objectives: bool = True,
-                     modalities: tuple[str, ...] = ("image", "text"), frozen: tuple[str, ...] = ()) -> float:
-    """Model FLOPs of one train step on the global batch: 3 x (towers + objectives) forward, plus what
-    runs without a gradient (a tower frozen for the run, a teacher's forward) once.
-
-    Only the towers in ``modalities`` count (an image-only run never runs the text tower); those also in
-    ``frozen`` have no backward pass. Each objective declares its own FLOPs (``Objective.forward_flops``,
-    ``Objective.no_grad_flops``).
-    """
-    b = int(batch_size if batch_size is not None else _get(config, "batch_size"))
-    trained = tuple(m for m in modalities if m not in frozen)
-    fwd = towers_forward_flops(config, b, trained, causal_attention_factor)
-    no_grad = towers_forward_flops(config, b, tuple(m for m in modalities if m in frozen), causal_attention_factor)
-    if include_objectives:
-        from clus_jax.objectives import registry
-
-        used = [registry.get(name) for name, w in dict(_get(config, "objectives", {})).items() if float(w)]
-        fwd += sum(obj.forward_flops(config, b) for obj in used)
-        no_grad += sum(obj.no_grad_flops(config, b) for obj in used)
-    return 3.0 * fwd + no_grad
-
-
-def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak FLOP/s."""
-    return flops_per_step / step_seconds / peak_flops_per_second

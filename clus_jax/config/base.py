@@ -16,7 +16,6 @@ from clus_jax.data import fields as fields_lib
 from clus_jax.data.pipeline import default_data_config
 from clus_jax.objectives import registry
 from clus_jax.parallel.partitioning import DEFAULT_RULES
-from clus_jax.train.init_from import default_config as init_from_config
 
 
 def parse_value(text: str, like):
@@ -142,7 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.param_groups = [(TOWER_PATTERNS[fields_lib.TEXT], {"lr_mult": 0.03})]
     # Start from another run's parameters (clus_jax/train/init_from.py): path = workdir or checkpoint,
     # step (-1 = newest), include / exclude = regexes over parameter paths ('' = all / none).
-    c.init_from = init_from_config()
+    # Start from another run's parameters (train/init_from.py): a workdir, checkpoint directory or open_clip
+    # checkpoint; step -1 = newest; include/exclude: regexes over parameter paths ('' = all / none).
+    c.init_from = ml_collections.ConfigDict(dict(path="", step=-1, include="", exclude="", open_clip_config=""))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]

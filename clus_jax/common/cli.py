@@ -12,9 +12,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
-
-class UsageError(ValueError):
-    """A command-line mistake; its message is the whole error line."""
+from clus_jax.common.errors import UsageError  # noqa: F401  (commands raise it as cli.UsageError)
 
 
 def format_eta(seconds: float) -> str:

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import numbers
 
+import jax.numpy as jnp
 import ml_collections
 
 from clus_jax.models import sizes, towers
 from clus_jax.models.layers import ACTIVATIONS
 from clus_jax.objectives import registry
-from clus_jax.objectives.registry import ConfigError
+from clus_jax.common.errors import ConfigError
 from clus_jax.parallel import mesh as mesh_lib
-from clus_jax.train import optim
+
+
+#: config.optim.mu_dtype: the dtype of Adam's first moment, by name.
+MOMENT_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _positive_int(config: ml_collections.ConfigDict, key: str, allow_zero: bool = False) -> int:
@@ -109,8 +113,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     o = config.optim
     if not o.lr > 0:
         raise ConfigError(f"config.optim.lr={o.lr!r} must be > 0")
-    if o.get("mu_dtype", "float32") not in optim.MOMENT_DTYPES:
-        raise ConfigError(f"config.optim.mu_dtype={o.mu_dtype!r} must be one of {sorted(optim.MOMENT_DTYPES)}")
+    if o.get("mu_dtype", "float32") not in MOMENT_DTYPES:
+        raise ConfigError(f"config.optim.mu_dtype={o.mu_dtype!r} must be one of {sorted(MOMENT_DTYPES)}")
     if o.warmup_steps < 0:
         raise ConfigError(f"config.optim.warmup_steps={o.warmup_steps!r} must be >= 0")
     if o.get("schedule", "cosine") not in ("cosine", "constant"):

@@ -23,15 +23,15 @@ def reevaluate(workdir: str, step: int | None = None, *, batch_size: int | None 
     ``sets`` replaces the run's ``config.evals.sets`` (e.g. 'embedded' for a run trained without evaluation).
     ``load_sets(config)`` gives the evaluation sets; the trainer's ``load_eval_sets`` when None.
     """
-    import clus_jax
+    from clus_jax.inference import load
     from clus_jax.evaluate.runner import sets_for
-    from clus_jax.experiment import modalities
+    from clus_jax.train.experiment import modalities
     from clus_jax.objectives import prototypes, teachers
     from clus_jax.train import loop
     from clus_jax.train.eval_hook import evaluate_and_save
     from clus_jax.train.metrics_writer import MetricWriter
 
-    model = clus_jax.load(workdir, step, batch_size=batch_size)
+    model = load(workdir, step, batch_size=batch_size)
     step = int(model.step if model.step is not None else step or 0)
     banks = {}
     if prototypes.PARAMS_KEY in teachers.saved_param_shapes(workdir, step):

@@ -1,7 +1,7 @@
 """MoDE's ensemble evaluation: n expert runs, each alone, the best of them, their uniform average and the
 metadata ensemble, on the zero-shot and retrieval sets.
 
-    python -m clus_jax.evaluate.ensemble --experts RUN_0 RUN_1 ... --clusters CLUSTERS --captions EMB
+    python -m clus_jax.ensemble --experts RUN_0 RUN_1 ... --clusters CLUSTERS --captions EMB
         [--expert-ids 0,1,...] [--baseline RUN] [--sets embedded] [--out DIR] [--batch-size N] [--temperature 8]
 
 ``RUN_i`` are expert workdirs (``clus_jax.load``), trained on the subsets of coarse clusters
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from clus_jax import cli
+from clus_jax.common import cli
 from clus_jax.clustering import mode_ensemble
 from clus_jax.evaluate import metrics
-from clus_jax.evaluate.datasets import ClassificationSet, RetrievalSet
+from clus_jax.data.eval_sets import ClassificationSet, RetrievalSet
 from clus_jax.evaluate.runner import RETRIEVAL_KS, ZEROSHOT_KS
 
 RESULT_FILE = "ensemble.json"
@@ -201,7 +201,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _ArgumentParser(prog="python -m clus_jax.evaluate.ensemble", allow_abbrev=False,
+    p = _ArgumentParser(prog="python -m clus_jax.ensemble", allow_abbrev=False,
                         description="MoDE: every expert, the best, the uniform average and the metadata ensemble.")
     p.add_argument("--experts", nargs="+", required=True, help="expert workdirs")
     p.add_argument("--expert-ids", default=None, help="coarse cluster of each expert, comma-separated (default 0,1,...)")

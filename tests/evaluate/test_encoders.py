@@ -1,11 +1,10 @@
-"""The in-loop encoders (``clus_jax.train.eval_hook.make_encoders``): padded fixed-size batches sharded over
+"""The in-loop encoders (``clus_jax.evaluate.encoders.make_encoders``): padded fixed-size batches sharded over
 the mesh, padding rows dropped, order kept, and each process feeding its own contiguous rows.
 
 The reference is the model applied to one example at a time, on one device.
 """
 import types
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from clus_jax.models.towers import build_model
 from clus_jax.parallel import mesh as mesh_lib
 from clus_jax.parallel import multihost, partitioning
-from clus_jax.train import eval_hook
+from clus_jax.evaluate import encoders
 
 import tolerances  # registered by tests/conftest.py
 import train_helpers as helpers  # registered by tests/conftest.py
@@ -67,7 +66,7 @@ def one_at_a_time(model, params, method, inputs):
 def test_encoders_equal_the_model_per_example_in_order(mesh_config):
     config, model, mesh, rules, shardings, params = setup(mesh_config)
     tokenize = tokenizer_for(config)
-    bind = eval_hook.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)
+    bind = encoders.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)
     encode_images, encode_texts = bind(params)
     images, texts = examples(config, 2 * BATCH + 1)
     want_images = one_at_a_time(model, params, "encode_image", images)
@@ -132,9 +131,9 @@ def test_each_process_feeds_its_rows_of_every_padded_batch(monkeypatch, count):
     fed = []
     for index in range(count):
         fake = FakeProcess(count, index)
-        monkeypatch.setattr(eval_hook, "jax", fake)
+        monkeypatch.setattr(encoders, "jax", fake)
         monkeypatch.setattr(multihost, "jax", fake)
-        encode_images, _ = eval_hook.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)(params)
+        encode_images, _ = encoders.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)(params)
         assert len(encode_images(images)) == len(images)
         fed.append(fake.fed)
     padded = -(-len(images) // batch) * batch
