@@ -43,6 +43,12 @@ from clus_jax.data.fields import FieldSpec
 
 MANIFEST = "manifest.json"
 INDEX_FIELD = "index"
+#: Per-record 0/1 field of an embedding output: 0 for a record that could not be embedded (skipped, counted).
+VALID_FIELD = "valid"
+#: The file names of a clustering output (``python -m clus_jax.cluster --out DIR``), read by the stages after it.
+CENTERS_FILE = "centers.npy"  # float32 [K, D] (the fine centres with --levels)
+COARSE_CENTERS_FILE = "coarse_centers.npy"
+FINE_TO_COARSE_FILE = "fine_to_coarse.npy"
 DEFAULT_SHARD_SIZE = 1 << 20
 # Which stored dtype kinds may fill a declared dtype kind (values are range-checked per row).
 _CASTABLE_KINDS = {"i": "iub", "u": "iub", "f": "fiu", "b": "b", "c": "cfiu"}
