@@ -6,6 +6,7 @@ that exists), never a traceback from inside a flags library.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
 import sys
@@ -13,6 +14,13 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from clus_jax.common.errors import UsageError  # noqa: F401  (commands raise it as cli.UsageError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one ``error: ...`` line (exit 2) instead of argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(message)
 
 
 def format_eta(seconds: float) -> str:
