@@ -47,7 +47,8 @@ def parse_args() -> argparse.Namespace:
 
 def pipeline_rate(workers: int, args: argparse.Namespace, tokenizer) -> dict[str, float]:
     """Images/s of one fresh iterator after warm-up; also the seconds to the first batch."""
-    from clus_jax.data.pipeline import create_train_iterator, default_data_config
+    from clus_jax.data.data_config import default_data_config
+    from clus_jax.data.pipeline import create_train_iterator
 
     cfg = default_data_config()
     cfg.num_workers = workers
@@ -74,7 +75,7 @@ def training_run(workers: int, args: argparse.Namespace) -> dict[str, float]:
     log_every = max(args.train_steps // 6, 1)
     with tempfile.TemporaryDirectory() as workdir:
         argv = [sys.executable, "-m", "clus_jax.train", "--config", f"{args.train_config}:steps={args.train_steps}",
-                "--workdir", workdir, f"--config.log_every={log_every}", "--config.evals.sets=none",
+                "--workdir", workdir, f"--config.log_every={log_every}", "--config.evals.run=none",
                 f"--config.data.num_workers={workers}", "--config.checkpoint_every=0",
                 f"--config.batch_size={args.batch}", f"--config.model.image.image_size={args.image_size}"]
         t0 = time.perf_counter()

@@ -83,7 +83,7 @@ def scale_worker(args: argparse.Namespace) -> None:
     """One mesh size, in a process started with that many fake devices; prints one JSON record."""
     import jax
 
-    from clus_jax.objectives import mlcd
+    from clus_jax.objectives import partial_fc
 
     n = args.scale_worker
     config = scale_config(args, n)
@@ -93,7 +93,7 @@ def scale_worker(args: argparse.Namespace) -> None:
     rows, d = centres.shape
     moments = [x for x in jax.tree.leaves(state["opt_state"]) if getattr(x, "shape", None) == centres.shape]
     b, local = int(config.batch_size), rows // n
-    sampled = mlcd.samples_per_shard(local, float(config.mlcd.sample_rate))
+    sampled = partial_fc.samples_per_shard(local, float(config.mlcd.sample_rate))
     shapes = set(re.findall(r"f32\[(\d+),(\d+)\]", compiled.as_text()))
     if (str(b), str(sampled)) not in shapes or (str(b), str(local)) in shapes:
         raise RuntimeError(f"{n} devices: expected logits f32[{b},{sampled}] and no f32[{b},{local}]")

@@ -57,7 +57,7 @@ def run_variant(name: str, overrides: dict[str, Any], steps: int, batch: int, lr
 
     from clus_jax.config import base as config_base
     from clus_jax.models import flops
-    from clus_jax.data import embedded, transforms
+    from clus_jax.data import embedded_eval, transforms
     from clus_jax.data.eval_sets import ClassificationSet
     from clus_jax.models.towers import build_model
 
@@ -67,7 +67,7 @@ def run_variant(name: str, overrides: dict[str, Any], steps: int, batch: int, lr
     tower = build_model(config.model).image
     train = labelled_train_records()
     # The evaluation's own easy-VQA test set at this size (centre crops, cached per size).
-    test_set = next(s for s in embedded.load_eval_sets(image_size=size)
+    test_set = next(s for s in embedded_eval.load_eval_sets(image_size=size)
                     if isinstance(s, ClassificationSet) and s.name == "easyvqa")
     names, test_x, test_y = list(test_set.classnames), test_set.images, np.asarray(test_set.labels)
     shape_of = np.asarray([n.split()[-1] for n in names])

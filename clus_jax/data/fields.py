@@ -15,6 +15,8 @@ import numpy as np
 IMAGE = "image"
 TEXT = "text"
 MODALITIES = (IMAGE, TEXT)
+#: Every training batch also holds this: the records passed over while filling it (an int64 count).
+SKIPPED = "skipped"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Objectives: public loss functions usable on their own, and the registry the trainer sums by weight."""
 from clus_jax.objectives.contrastive import clip_loss, clip_reg_loss, positive_pair_l2, siglip_loss
-from clus_jax.objectives.mlcd import margin_softmax_loss, mlcd_loss, sample_negatives
+from clus_jax.objectives.mlcd_math import margin_softmax_loss, mlcd_loss
+from clus_jax.objectives.partial_fc import sample_negatives
 from clus_jax.objectives.registry import ConfigError, LossContext, Objective, get, names, register
 from clus_jax.objectives.sinkhorn import sharded_sinkhorn_knopp, sinkhorn_knopp
 from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_prediction_loss

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clus_jax.data import pipeline, records
+from clus_jax.data import data_config, pipeline, records
 
 
 
@@ -91,7 +91,7 @@ def expected_skips(usable, seed, batch_size, batches):
 
 def test_every_damaged_record_is_used_or_skipped_and_counted(fuzz_file):
     path, usable, _ = fuzz_file
-    cfg = pipeline.default_data_config()
+    cfg = data_config.default_data_config()
     cfg.update(dict(source="array_record", path=path, prefetch=2))
     seed, batch_size, batches = 3, 8, 40  # about 3 epochs of the 120 records
     it = pipeline.create_train_iterator(cfg, tokenizer=stub_tokenizer, image_size=16, local_batch_size=batch_size, seed=seed)
@@ -114,7 +114,7 @@ def test_training_on_damaged_data_never_crashes_and_reports_the_count(fuzz_file,
     config = config_base.load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "clip.py") + ":steps=6,batch=16")
     config.update_from_flattened_dict({
         "model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,
-        "model.text.context_length": 8, "evals.sets": "none", "log_every": 1, "checkpoint_every": 0,
+        "model.text.context_length": 8, "evals.run": "none", "log_every": 1, "checkpoint_every": 0,
         "data.source": "array_record", "data.path": path,
     })
     loop.train_and_evaluate(config, str(tmp_path))

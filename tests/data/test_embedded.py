@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from clus_jax.data import embedded, transforms
+from clus_jax.data import embedded, embedded_assets, embedded_build, embedded_eval, transforms
 from clus_jax.data.eval_sets import ClassificationSet, ProbeSet, RetrievalSet
 
 
@@ -21,7 +21,7 @@ def embedded_cache(tmp_path_factory):
 def splits(embedded_cache):
     path = embedded.dataset_dir(embedded_cache)
     out = {"train": embedded.read_split(path, "train")}
-    for key in embedded.EVAL_FILES:
+    for key in embedded_build.EVAL_FILES:
         out[key] = embedded.read_split(path, key)
     return out
 
@@ -32,7 +32,7 @@ def _pixel_hash(image_bytes: bytes) -> str:
 
 def test_build_is_idempotent(embedded_cache):
     path = embedded.build_embedded_dataset(embedded_cache)
-    meta_file = os.path.join(path, embedded.META_FILE)
+    meta_file = os.path.join(path, embedded_build.META_FILE)
     before = os.stat(meta_file).st_mtime_ns
     assert embedded.build_embedded_dataset(embedded_cache) == path
     assert os.stat(meta_file).st_mtime_ns == before
@@ -82,7 +82,7 @@ def test_captions_and_labels(splits):
     for r in splits["train"][:50] + splits["train"][-50:]:
         assert transforms.clean_caption(r["caption"]) == r["caption"]
     for r in splits["easyvqa_test"]:
-        assert r["caption"] == embedded.EASYVQA_CLASSNAMES[r["label"]]
+        assert r["caption"] == embedded_assets.EASYVQA_CLASSNAMES[r["label"]]
     assert len({r["label"] for r in splits["easyvqa_test"]}) == 24
     tones = [r for r in splits["train"] if r["variant"]]
     assert tones and all("skin tone" in r["caption"] for r in tones)
@@ -93,8 +93,8 @@ def test_openmoji_renders_span_the_canvas_like_twemoji(splits):
     for r in splits["openmoji"][::40]:
         ink = np.nonzero((255 - transforms.decode_image(r["image"]).astype(int)).sum(-1) > 30)
         extents = [int(a.max() - a.min() + 1) for a in ink]
-        assert max(extents) >= embedded.EMOJI_SIZE - 2, (r["name"], extents)
-        margins = [(int(a.min()), embedded.EMOJI_SIZE - 1 - int(a.max())) for a in ink]
+        assert max(extents) >= embedded_assets.EMOJI_SIZE - 2, (r["name"], extents)
+        margins = [(int(a.min()), embedded_assets.EMOJI_SIZE - 1 - int(a.max())) for a in ink]
         assert all(abs(lo - hi) <= 2 for lo, hi in margins), (r["name"], margins)
 
 
@@ -104,8 +104,8 @@ def test_easyvqa_label_recovery_matches_pixels():
 
     rgb = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0),
            "gray": (128, 128, 128), "teal": (0, 128, 128), "brown": (139, 69, 19), "yellow": (255, 255, 0)}
-    labels = embedded.easyvqa_labels("test")
-    folder = embedded._package_dir("easy_vqa") / "data" / "test" / "images"
+    labels = embedded_assets.easyvqa_labels("test")
+    folder = embedded_assets.package_dir("easy_vqa") / "data" / "test" / "images"
     checked = 0
     for image_id, (color, _) in sorted(labels.items())[:200]:
         if color is None:
@@ -122,7 +122,7 @@ def test_easyvqa_label_recovery_matches_pixels():
 
 
 def test_eval_sets(embedded_cache):
-    sets = embedded.load_eval_sets(image_size=24, cache_dir=embedded_cache)
+    sets = embedded_eval.load_eval_sets(image_size=24, cache_dir=embedded_cache)
     by_name = {(type(s).__name__, s.name): s for s in sets}
     assert set(by_name) == {("ClassificationSet", "easyvqa"), ("ClassificationSet", "emoji_category"),
                             ("RetrievalSet", "emoji_heldout"), ("RetrievalSet", "emoji_openmoji"),
@@ -131,7 +131,7 @@ def test_eval_sets(embedded_cache):
         images = [s.train_images, s.test_images] if isinstance(s, ProbeSet) else [s.images]
         for im in images:
             assert im.dtype == np.uint8 and im.shape[1:] == (24, 24, 3)
-            assert 100 <= len(im) <= embedded.MAX_EVAL_IMAGES
+            assert 100 <= len(im) <= embedded_eval.MAX_EVAL_IMAGES
         if isinstance(s, ClassificationSet):
             assert len(s.labels) == len(s.images) and 0 <= s.labels.min() and s.labels.max() < len(s.classnames)
             assert all("{}" in t for t in s.templates)
@@ -142,7 +142,7 @@ def test_eval_sets(embedded_cache):
     assert len(easy.classnames) == 24 and "red circle" in easy.classnames
     probe = by_name[("ProbeSet", "easyvqa")]
     assert probe.num_classes == 24 and len(set(probe.train_labels.tolist())) == 24
-    again = embedded.load_eval_sets(image_size=24, cache_dir=embedded_cache)
+    again = embedded_eval.load_eval_sets(image_size=24, cache_dir=embedded_cache)
     assert again[0].images is sets[0].images and not again[0].images.flags.writeable
 
 
@@ -151,12 +151,12 @@ def test_concurrent_builds_run_once_and_force_rebuilds(tmp_path, monkeypatch):
 
     def fake_build(out_dir):
         calls.append(out_dir)
-        for name in [embedded.TRAIN_FILE, *embedded.EVAL_FILES.values()]:
+        for name in [embedded_build.TRAIN_FILE, *embedded_build.EVAL_FILES.values()]:
             open(os.path.join(out_dir, name), "wb").close()
-        with open(os.path.join(out_dir, embedded.META_FILE), "w") as f:
-            f.write('{"version": "%s", "n": %d}' % (embedded.VERSION, len(calls)))
+        with open(os.path.join(out_dir, embedded_build.META_FILE), "w") as f:
+            f.write('{"version": "%s", "n": %d}' % (embedded_build.VERSION, len(calls)))
 
-    monkeypatch.setattr(embedded, "_build_into", fake_build)
+    monkeypatch.setattr(embedded_build, "write_dataset", fake_build)
     cache = str(tmp_path / "cache")
     results = []
     threads = [threading.Thread(target=lambda: results.append(embedded.build_embedded_dataset(cache)))
@@ -170,16 +170,16 @@ def test_concurrent_builds_run_once_and_force_rebuilds(tmp_path, monkeypatch):
     assert embedded.read_meta(path)["n"] == 1
     assert embedded.build_embedded_dataset(cache, force=True) == path
     assert len(calls) == 2 and embedded.read_meta(path)["n"] == 2
-    assert sorted(os.listdir(os.path.dirname(path))) == sorted([embedded.VERSION, f".{embedded.VERSION}.lock"])
+    assert sorted(os.listdir(os.path.dirname(path))) == sorted([embedded_build.VERSION, f".{embedded_build.VERSION}.lock"])
 
 
 def test_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken_build(out_dir):
-        open(os.path.join(out_dir, embedded.TRAIN_FILE), "wb").close()
+        open(os.path.join(out_dir, embedded_build.TRAIN_FILE), "wb").close()
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(embedded, "_build_into", broken_build)
+    monkeypatch.setattr(embedded_build, "write_dataset", broken_build)
     cache = str(tmp_path / "cache")
     with pytest.raises(RuntimeError, match="boom"):
         embedded.build_embedded_dataset(cache)
-    assert os.listdir(cache) == [f".{embedded.VERSION}.lock"]
+    assert os.listdir(cache) == [f".{embedded_build.VERSION}.lock"]

@@ -61,7 +61,7 @@ def test_project_record_round_trip(tmp_path):
              "source": "test", "nested": [1, 2], "none": None} for i in range(7)]
     path = str(tmp_path / "train.array_record")
     assert records.write_array_record(path, recs) == 7
-    assert not os.path.exists(path + ".tmp")
+    assert os.listdir(tmp_path) == ["train.array_record"]  # no temporary file left beside it
     assert records.read_array_record(path) == recs
     src = sources.ArrayRecordSource(path)
     assert len(src) == 7
@@ -196,9 +196,9 @@ def test_tfds_data_source(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing_pairs"):
         sources.TfdsSource("missing_pairs", data_dir=data_dir)
 
-    from clus_jax.data import pipeline
+    from clus_jax.data import data_config, pipeline
 
-    config = pipeline.default_data_config()
+    config = data_config.default_data_config()
     config.update({"source": "tfds", "path": "tiny_pairs", "tfds_data_dir": data_dir})
     it = pipeline.create_train_iterator(config, tokenizer=lambda caps: np.ones((len(caps), 4), np.int32),
                                         image_size=8, local_batch_size=4, seed=0)

@@ -17,8 +17,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from clus_jax.train.experiment import build
-from clus_jax.objectives import mlcd, registry
-from clus_jax.objectives.mlcd import margin_softmax_loss, mlcd_loss, sample_negatives, sampled_classes
+from clus_jax.objectives import mlcd, partial_fc, registry
+from clus_jax.objectives.mlcd_math import margin_softmax_loss, mlcd_loss
+from clus_jax.objectives.partial_fc import sample_negatives, sampled_classes
 from clus_jax.objectives.registry import ConfigError, LossContext
 from clus_jax.parallel import mesh as mesh_lib
 from clus_jax.parallel import partitioning
@@ -402,8 +403,8 @@ def test_sharded_objective_equals_one_device_with_the_same_sampled_centres(mesh_
     e, w, labels = objective_inputs(num_classes=k)
     rng = jax.random.PRNGKey(7)
     fn, mesh = objective_on(tuple(mesh_shape.items()), k)
-    assert mlcd.padded_rows(k, 128) == K
-    assert mlcd.class_axes(K, mlcd_config(), mesh) == axes
+    assert partial_fc.padded_rows(k, 128) == K
+    assert partial_fc.class_axes(K, mlcd_config(), mesh) == axes
     (loss, metrics), (g_e, g_w) = fn(e, w, labels, rng)
 
     sampled = np.asarray(sampled_classes_jit(rng, jnp.asarray(labels), k, shards, RATE, K))
