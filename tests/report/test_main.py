@@ -1,7 +1,8 @@
-"""A finished tiny run (clip + swap, evaluated at steps 2 and 4): the arrays its evaluations save,
-python -m clus_jax.report on it and a copy of it overlaid (every PNG written, each an image, report.html shows
-each one), and python -m clus_jax.evaluate re-evaluating it from its checkpoint (the run's own figures and
-names). The re-evaluation tests live here to share the one training run: it is most of the time."""
+"""The command line (one error line for a directory that is not a run), and a finished tiny run (clip + swap,
+evaluated at steps 2 and 4): the arrays its evaluations save, python -m clus_jax.report on it and a copy of it
+overlaid (every PNG written, each an image, report.html shows each one and every logged key), and
+python -m clus_jax.evaluate re-evaluating it from its checkpoint (the run's own figures and names). The
+re-evaluation tests live here to share the one training run: it is most of the time."""
 import json
 import os
 import re
@@ -14,13 +15,17 @@ from PIL import Image
 from clus_jax import report
 from clus_jax.evaluate import __main__ as evaluate_main
 from clus_jax.evaluate import artifacts
+from clus_jax.report import __main__ as report_main
+from clus_jax.report.figures import slug
+from clus_jax.report.runs import run_names
+from clus_jax.report.write import write_report
 from clus_jax.train import loop
 from clus_jax.train.metrics_writer import read_metrics
 
 import train_helpers as helpers  # registered by tests/conftest.py
 
 # The tests that read the module's finished run (one training run with two evaluations) are slow; the fast tier
-# draws a report from a hand-written metrics file.
+# draws reports from hand-written metrics files (test_write.py).
 
 SETS = ("easyvqa", "emoji_category")
 NOT_FIGURES = ("step", "eval/seconds")
@@ -35,7 +40,7 @@ def finished_run(tmp_path_factory):
     config.objectives = {"clip": 1.0, "swap": 0.5}
     config.swap.num_prototypes = (8, 16)
     config.swap.queue_length = 0
-    config.evals.sets = "embedded"
+    config.evals.run = "embedded"
     config.evals.batch_size = 512
     loop.train_and_evaluate(config, workdir)
     return workdir
@@ -73,11 +78,12 @@ def test_report_writes_every_png_and_the_page_shows_them(finished_run, tmp_path,
     out = tmp_path / "report"
     report.main([finished_run, copy, "--out", str(out)])
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    names = report.run_names([finished_run, copy])
+    names = run_names([finished_run, copy])
     assert len(set(names)) == 2
-    expected = {"loss.png", "learning_rate.png", "logit_scale.png", "swap_banks.png",
+    expected = {"loss.png", "learning_rate.png", "logit_scale.png", "train.png", "eval_data.png",
+                "objective_clip.png", "objective_swap.png",
                 *(f"eval_{f}.png" for f in ("zeroshot", "retrieval", "probe", "cluster")),
-                *(f"{kind}_{report._slug(n + '_' + s)}.png" for n in names for s in SETS for kind in ("confusion", "pca"))}
+                *(f"{kind}_{slug(n + '_' + s)}.png" for n in names for s in SETS for kind in ("confusion", "pca"))}
     written = {p.name for p in out.glob("*.png")}
     assert written == expected and printed["png"] == len(expected)
     for name in written:
@@ -88,48 +94,45 @@ def test_report_writes_every_png_and_the_page_shows_them(finished_run, tmp_path,
     assert printed["report"] == str(out / "report.html")
     assert set(re.findall(r"<img src='([^']+)'", page)) == expected
     assert "cluster/easyvqa/kmeans_nmi" in page and "per-class zero-shot accuracy" in page
+    drawn = set(re.findall(r"<code>([^<]+)</code>", " ".join(re.findall(r"<p class='keys'>(.*?)</p>", page))))
+    logged = {k for r in read_metrics(finished_run) for k in r} - set(NOT_FIGURES)
+    assert logged <= drawn  # every metric the run logged is named on the page, the swap heads' included
+    assert {"train/swap/bank_1/used_clusters_text", "train/swap/bank_0/code_entropy"} <= logged
 
 
 @pytest.mark.slow
-def test_a_run_without_swap_or_arrays_still_reports(finished_run, tmp_path):
+def test_a_run_with_one_objective_and_no_arrays_still_reports(finished_run, tmp_path):
     bare = tmp_path / "bare"
     bare.mkdir()
     keep = ("train/loss", "train/clip/loss", "train/learning_rate", "zeroshot/easyvqa/top1")
     (bare / "metrics.jsonl").write_text("".join(
         json.dumps({k: v for k, v in r.items() if k in ("step", *keep)}) + "\n" for r in read_metrics(finished_run)))
-    files = report.write_report([str(bare)], str(tmp_path / "out"))
+    files = write_report([str(bare)], str(tmp_path / "out"))
     assert {os.path.basename(p) for p in files["png"]} == {"loss.png", "learning_rate.png", "eval_zeroshot.png"}
-    assert "No run trained the swap objective" in (tmp_path / "out" / "report.html").read_text()
-
-
-def test_a_hand_written_metrics_file_gives_its_curves(tmp_path):
-    """Whatever a run logged is drawn: a metrics file written by hand (no training) gives the loss, learning
-    rate and zero-shot curves, each a real image, and the page shows each one."""
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    with open(workdir / "metrics.jsonl", "w") as f:
-        for step in (1, 2, 3, 4):
-            f.write(json.dumps({"step": step, "train/loss": 4.0 / step, "train/clip/loss": 4.0 / step,
-                                "train/learning_rate": 1e-3 * step, "train/logit_scale": 10.0 + step}) + "\n")
-        f.write(json.dumps({"step": 4, "zeroshot/easyvqa/top1": 0.5, "retrieval/emoji_heldout/i2t_r1": 0.1}) + "\n")
-    files = report.write_report([str(workdir)], str(tmp_path / "out"))
-    names = sorted(os.path.basename(p) for p in files["png"])
-    assert {"loss.png", "learning_rate.png", "logit_scale.png", "eval_zeroshot.png"} <= set(names), names
-    page = open(files["report"][0]).read()
-    for path in files["png"]:
-        with Image.open(path) as image:
-            assert image.size[0] > 100 and image.size[1] > 100
-        assert os.path.basename(path) in page
+    assert "No saved evaluation arrays" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_a_directory_that_is_not_a_run_is_one_error_line(tmp_path, capsys):
-    for command in (report.main, evaluate_main.main):
+    report_args = [str(tmp_path / "nothing"), "--out", str(tmp_path / "out")]
+    for command, args in ((report.main, report_args), (report_main.main, report_args),
+                          (evaluate_main.main, [str(tmp_path / "nothing")])):
         with pytest.raises(SystemExit) as e:
-            command([str(tmp_path / "nothing"), "--out", str(tmp_path / "out")] if command is report.main
-                    else [str(tmp_path / "nothing")])
+            command(args)
         assert e.value.code == 1
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err
+        assert "nothing" in err
+        if command is not evaluate_main.main:
+            assert err == f"error: {str(tmp_path / 'nothing')!r} holds no metrics.jsonl (is it a run's workdir?)"
+
+
+def test_a_mistyped_command_is_one_error_line(tmp_path, capsys):
+    for args in ([str(tmp_path)], ["--out", str(tmp_path)], [str(tmp_path), "--out", str(tmp_path), "--outt", "x"]):
+        with pytest.raises(SystemExit) as e:
+            report.main(args)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
 
 
 @pytest.mark.slow

@@ -1,0 +1,155 @@
+"""Which curve figures a report draws and what goes in each panel, from the metric names alone: no objective
+or evaluator is named here, so whatever a run logged is drawn.
+
+A metric's family is its first path component. ``train`` is split: ``loss.png`` (``train/loss`` and each
+``train/<objective>/loss``), ``learning_rate.png``, ``logit_scale.png``, ``train.png`` (every other
+``train/<metric>``), and ``objective_<objective>.png`` per objective that logged more than its loss (one panel
+per ``train/<objective>/<metric...>``, a row per sub-path such as a head or a bank). Every other family gets
+``eval_<family>.png``: the known evaluation families in a layout of their own (retrieval R@k as lines of a
+panel, cluster scores per scoring head), any other family one panel per metric.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+
+#: A panel: its title and its lines, (metric key, label of the line within the panel).
+Panel = tuple[str, list[tuple[str, str]]]
+
+#: The known evaluation families, in page order, with their titles.
+EVAL_FAMILIES = {"zeroshot": "Zero-shot classification", "retrieval": "Retrieval recall",
+                 "probe": "Frozen-feature probes", "cluster": "Cluster quality"}
+#: Step-level training metrics drawn alone, with their titles.
+SINGLE_FIGURES = {"learning_rate": "Learning rate", "logit_scale": "Logit scale (1 / temperature)"}
+
+_EVAL_PANELS = {
+    # family: (regex, panel title, line label, sort key of the lines)
+    "zeroshot": (r"^zeroshot/(?P<set>[^/]+)/(?P<var>.+)$", "{set}", "{var}",
+                 lambda m: (["top1", "top5", "mean_per_class_top1"] + [m["var"]]).index(m["var"])),
+    "retrieval": (r"^retrieval/(?P<set>[^/]+)/(?P<dir>i2t|t2i)_r(?P<k>\d+)$", "{set} {dir}", "R@{k}",
+                  lambda m: int(m["k"])),
+    "probe": (r"^probe/(?P<set>[^/]+)/(?P<var>.+)$", "{set}", "{var}",
+              lambda m: (["linear_top1", "knn_top1"] + [m["var"]]).index(m["var"])),
+    # cluster/<set>/<head>_<score>: k-means first, then the scoring heads by the number in their name.
+    "cluster": (r"^cluster/(?P<set>[^/]+)/(?P<head>.+)_(?P<score>nmi|ari|purity)$", "{set} {score}", "{head}",
+                lambda m: (-1, 0) if m["head"] == "kmeans" else (0, int(re.sub(r"\D", "", m["head"]) or 0))),
+}
+_SCORE_ORDER = {"nmi": 0, "ari": 1, "purity": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Figure:
+    """One curve figure: ``<name>.png``, a title, and its panels in reading order (None: an empty slot, so the
+    next panel starts a new row)."""
+
+    name: str
+    title: str
+    panels: tuple[Panel | None, ...]
+    ncols: int = 3
+    from_zero: bool = False  # scores and rates: the y axis starts at 0
+
+    @property
+    def keys(self) -> list[str]:
+        """The metric keys it draws, in panel order."""
+        return [key for p in self.panels if p is not None for key, _ in p[1]]
+
+
+def _parts(key: str) -> list[str]:
+    return key.split("/")
+
+
+def eval_panels(keys: Iterable[str], family: str) -> list[Panel]:
+    """The panels of one evaluation family: e.g. retrieval gets one panel per set and direction with its
+    R@1, R@5, R@10 as lines; cluster one per set and score with k-means and each scoring head as lines. A key
+    of the family that the layout does not know gets a panel of its own."""
+    pattern, title, label, order = _EVAL_PANELS[family]
+    panels: dict[str, list[tuple[object, str, str]]] = {}
+    for key in sorted(k for k in keys if _parts(k)[0] == family):
+        m = re.match(pattern, key)
+        if m is None:
+            panels.setdefault(key[len(family) + 1:] or key, []).append((0, key, ""))
+        else:
+            panels.setdefault(title.format(**m.groupdict()), []).append((order(m), key, label.format(**m.groupdict())))
+    titles = sorted(panels, key=lambda t: (t.split(" ")[0], _SCORE_ORDER.get(t.split(" ")[-1], 0), t))
+    return [(t, [(key, lab) for _, key, lab in sorted(panels[t], key=lambda x: x[0])]) for t in titles]
+
+
+def _one_per_key(keys: Sequence[str], prefix: str) -> list[Panel]:
+    return [(k[len(prefix):] or k, [(k, "")]) for k in keys]
+
+
+def _rows_by_subpath(metrics: Sequence[str], prefix: str) -> tuple[list[Panel | None], int]:
+    """One panel per metric, ``loss`` first in each row; metrics sharing a sub-path (``<head>/<metric>``) fill
+    rows of their own. Returns the panels with row breaks and the number of columns."""
+    groups: dict[str, list[str]] = {}
+    for m in metrics:
+        groups.setdefault(m.rpartition("/")[0], []).append(m)
+    ncols = min(3, max(len(g) for g in groups.values()))
+    panels: list[Panel | None] = []
+    for group in sorted(groups, key=lambda g: (g != "", [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])):
+        if panels and len(panels) % ncols:
+            panels += [None] * (ncols - len(panels) % ncols)
+        ordered = sorted(groups[group], key=lambda m: (m.rpartition("/")[2] != "loss", m))
+        panels += _one_per_key([prefix + m for m in ordered], prefix)
+    return panels, ncols
+
+
+def _family_order(family: str) -> tuple[int, str]:
+    known = list(EVAL_FAMILIES)
+    return (known.index(family), "") if family in known else (len(known), family)
+
+
+def figures(keys: Iterable[str]) -> list[Figure]:
+    """Every curve figure for these metric keys, in page order; each key is drawn in exactly one figure."""
+    keys = sorted(set(keys))
+    train = [k for k in keys if _parts(k)[0] == "train" and len(_parts(k)) > 1]
+    step_level = [k for k in train if len(_parts(k)) == 2]
+    by_objective: dict[str, list[str]] = {}
+    for k in train:
+        if len(_parts(k)) > 2:
+            by_objective.setdefault(_parts(k)[1], []).append(k)
+
+    out = []
+    losses = [k for k in ("train/loss",) if k in step_level]
+    losses += [f"train/{o}/loss" for o in sorted(by_objective) if f"train/{o}/loss" in by_objective[o]]
+    if losses:
+        panels = [("total (weighted sum)" if k == "train/loss" else _parts(k)[1], [(k, "")]) for k in losses]
+        out.append(Figure("loss", "Training loss per objective", tuple(panels)))
+    for metric, title in SINGLE_FIGURES.items():
+        if f"train/{metric}" in step_level:
+            out.append(Figure(metric, title, ((title, [(f"train/{metric}", "")]),), ncols=1))
+    rest = [k for k in step_level if k != "train/loss" and _parts(k)[1] not in SINGLE_FIGURES]
+    if rest:
+        out.append(Figure("train", "Other training metrics", tuple(_one_per_key(rest, "train/"))))
+    for objective in sorted(by_objective):
+        prefix = f"train/{objective}/"
+        metrics = [k[len(prefix):] for k in by_objective[objective] if k != prefix + "loss"]
+        if metrics:
+            panels, ncols = _rows_by_subpath(metrics, prefix)
+            out.append(Figure(f"objective_{slug(objective)}", f"Objective {objective}",
+                              tuple(panels), ncols=ncols))
+
+    families: dict[str, list[str]] = {}
+    for k in keys:
+        if k not in train:
+            families.setdefault(_parts(k)[0], []).append(k)
+    for family in sorted(families, key=_family_order):
+        if family in EVAL_FAMILIES:
+            title = EVAL_FAMILIES[family]
+            out.append(Figure(f"eval_{family}", f"{title} over steps", tuple(eval_panels(families[family], family)),
+                              ncols=4 if family == "retrieval" else 3, from_zero=True))
+        else:
+            out.append(Figure(f"eval_{slug(family)}", f"{family} over steps",
+                              tuple(_one_per_key(families[family], family + "/"))))
+    seen: dict[str, int] = {}
+    for i, f in enumerate(out):  # two names with the same slug ("a b", "a_b") still get two files
+        seen[f.name] = seen.get(f.name, 0) + 1
+        if seen[f.name] > 1:
+            out[i] = dataclasses.replace(f, name=f"{f.name}_{seen[f.name]}")
+    return out
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a name (figure and image file names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"

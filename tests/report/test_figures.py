@@ -1,0 +1,87 @@
+"""Which figure draws which metric, from the names alone: every key in exactly one figure, objectives and
+evaluation families the report has never heard of included, and the known families' layouts."""
+from clus_jax.report.figures import Figure, eval_panels, figures
+
+# What a clip + two-head run logs at a training step and at an evaluation, and names the report cannot know.
+LOGGED = [
+    "train/loss", "train/clip/loss", "train/clip/pos_cosine", "train/learning_rate", "train/logit_scale",
+    "train/logit_bias", "train/grad_norm", "train/param_norm", "train/nonfinite", "train/images_per_sec",
+    "train/data_wait_fraction", "data/skipped",
+    "train/twohead/loss", "train/twohead/queue_in_use",
+    *(f"train/twohead/head_{h}/{m}" for h in (0, 1, 10) for m in ("loss", "entropy", "used_image", "used_text")),
+    "zeroshot/easyvqa/top1", "zeroshot/easyvqa/top5", "zeroshot/easyvqa/mean_per_class_top1",
+    "retrieval/emoji/i2t_r1", "retrieval/emoji/i2t_r10", "retrieval/emoji/i2t_r5", "retrieval/emoji/t2i_r1",
+    "retrieval/emoji/oddly_named",
+    "probe/easyvqa/knn_top1", "probe/easyvqa/linear_top1",
+    *(f"cluster/easyvqa/{h}_{s}" for h in ("head_1", "kmeans", "head_0") for s in ("purity", "nmi", "ari")),
+    "train/toyobj/loss", "train/toyobj/spread", "objectives/toyobj/norm", "toyeval/set/score", "toyeval/set/other",
+    "lonely", "zeroshot",
+]
+
+
+def by_name(keys) -> dict[str, Figure]:
+    return {f.name: f for f in figures(keys)}
+
+
+def test_every_key_is_drawn_in_exactly_one_figure():
+    drawn = [k for f in figures(LOGGED) for k in f.keys]
+    assert sorted(drawn) == sorted(LOGGED)
+
+
+def test_the_figures_and_their_order():
+    assert [f.name for f in figures(LOGGED)] == [
+        "loss", "learning_rate", "logit_scale", "train", "objective_clip", "objective_toyobj", "objective_twohead",
+        "eval_zeroshot", "eval_retrieval", "eval_probe", "eval_cluster",
+        "eval_data", "eval_lonely", "eval_objectives", "eval_toyeval"]
+
+
+def test_the_loss_figure_is_the_total_then_each_objectives_loss():
+    loss = by_name(LOGGED)["loss"]
+    assert loss.panels == (("total (weighted sum)", [("train/loss", "")]), ("clip", [("train/clip/loss", "")]),
+                           ("toyobj", [("train/toyobj/loss", "")]), ("twohead", [("train/twohead/loss", "")]))
+    assert by_name(["train/x/loss"])["loss"].keys == ["train/x/loss"]  # no total logged: no empty panel
+
+
+def test_an_objectives_other_metrics_fill_one_row_per_sub_path():
+    fig = by_name(LOGGED)["objective_twohead"]
+    titles = [None if p is None else p[0] for p in fig.panels]
+    assert fig.ncols == 3
+    assert titles == ["queue_in_use", None, None,
+                      "head_0/loss", "head_0/entropy", "head_0/used_image", "head_0/used_text", None, None,
+                      "head_1/loss", "head_1/entropy", "head_1/used_image", "head_1/used_text", None, None,
+                      "head_10/loss", "head_10/entropy", "head_10/used_image", "head_10/used_text"]
+    assert by_name(LOGGED)["objective_toyobj"].keys == ["train/toyobj/spread"]
+
+
+def test_the_other_step_metrics_share_one_figure_and_learning_rate_has_its_own():
+    names = by_name(LOGGED)
+    assert names["learning_rate"].keys == ["train/learning_rate"] and names["learning_rate"].ncols == 1
+    assert names["train"].keys == ["train/data_wait_fraction", "train/grad_norm", "train/images_per_sec",
+                                   "train/logit_bias", "train/nonfinite", "train/param_norm"]
+
+
+def test_known_evaluation_layouts():
+    assert eval_panels(LOGGED, "retrieval") == [
+        ("emoji i2t", [("retrieval/emoji/i2t_r1", "R@1"), ("retrieval/emoji/i2t_r5", "R@5"),
+                       ("retrieval/emoji/i2t_r10", "R@10")]),
+        ("emoji t2i", [("retrieval/emoji/t2i_r1", "R@1")]),
+        ("emoji/oddly_named", [("retrieval/emoji/oddly_named", "")])]
+    cluster = eval_panels(LOGGED, "cluster")
+    assert [t for t, _ in cluster] == ["easyvqa nmi", "easyvqa ari", "easyvqa purity"]
+    assert cluster[0][1] == [("cluster/easyvqa/kmeans_nmi", "kmeans"), ("cluster/easyvqa/head_0_nmi", "head_0"),
+                             ("cluster/easyvqa/head_1_nmi", "head_1")]
+    assert eval_panels(LOGGED, "zeroshot")[0] == ("easyvqa", [
+        ("zeroshot/easyvqa/top1", "top1"), ("zeroshot/easyvqa/top5", "top5"),
+        ("zeroshot/easyvqa/mean_per_class_top1", "mean_per_class_top1")])
+    assert by_name(LOGGED)["eval_cluster"].from_zero
+
+
+def test_an_unknown_family_gets_one_panel_per_metric():
+    toy = by_name(LOGGED)["eval_toyeval"]
+    assert toy.panels == (("set/other", [("toyeval/set/other", "")]), ("set/score", [("toyeval/set/score", "")]))
+    assert not toy.from_zero  # its values may be negative
+
+
+def test_names_that_slug_alike_get_two_files():
+    names = [f.name for f in figures(["a b/x", "a_b/x"])]
+    assert names == ["eval_a_b", "eval_a_b_2"]

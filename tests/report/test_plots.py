@@ -1,0 +1,54 @@
+"""The PNGs: a curve figure's grid (empty slots start a new row) and the confusion and PCA figures of a run's
+evaluation arrays, each a readable image."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from clus_jax.evaluate.runner import ClassArrays
+from clus_jax.report import plots
+from clus_jax.report.figures import Figure
+from clus_jax.report.runs import Run
+
+pytest.importorskip("matplotlib")
+
+
+def size(path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        im.verify()
+        return im.size
+
+
+def a_run(**arrays) -> Run:
+    steps = np.arange(1, 6)
+    return Run(name="r", workdir="runs/r", logged={"a", "b"}, eval_step=5, arrays=arrays,
+               series={"a": (steps, 1.0 / steps), "b": (steps, steps * 2.0)})
+
+
+def test_an_empty_slot_starts_a_new_row(tmp_path):
+    run = a_run()
+    one_row = Figure("f", "t", (("a", [("a", "")]), ("b", [("b", "")])), ncols=2)
+    two_rows = Figure("f", "t", (("a", [("a", "")]), None, ("b", [("b", "")])), ncols=2)
+    w1, h1 = size(plots.curves([run], one_row, str(tmp_path / "one.png")))
+    w2, h2 = size(plots.curves([run], two_rows, str(tmp_path / "two.png")))
+    assert w1 == w2 >= 800 and h2 > 1.7 * h1 > 500
+    with Image.open(tmp_path / "two.png") as im:  # the empty slot, right of "a", is blank
+        pixels = np.asarray(im.convert("L"))
+    top_right, top_left = pixels[h2 // 10:h2 // 2, w2 // 2 + 10:], pixels[h2 // 10:h2 // 2, :w2 // 2 - 10]
+    assert (top_right < 250).mean() < 0.01 < (top_left < 250).mean()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png", "two.png"]  # no temporary file left
+
+
+def test_confusion_and_pca_figures_of_the_arrays(tmp_path):
+    names = [f"{c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")]
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 20)
+    conf = np.zeros((6, 6), np.int64)
+    np.add.at(conf, (labels, (labels + (rng.random(120) < 0.3)) % 6), 1)
+    a = ClassArrays(classnames=names, confusion=conf, per_class_accuracy=np.diag(conf) / 20.0,
+                    projection=rng.normal(size=(120, 2)).astype(np.float32) + labels[:, None],
+                    explained_variance=np.array([0.4, 0.2]), labels=labels)
+    run = a_run(s=a)
+    w, h = size(plots.confusion_figure(run, "s", str(tmp_path / "confusion.png")))
+    assert w >= 500 and h >= 500
+    w, h = size(plots.pca_figure(run, "s", str(tmp_path / "pca.png")))
+    assert w >= 800 and h >= 600
