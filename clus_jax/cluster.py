@@ -20,18 +20,13 @@ The mesh is the trainer's (``--mesh``, axes ``data``, ``fsdp``, ``tensor``): poi
 axes and centres over ``tensor``, and a multi-process job starts like the trainer (``jax.distributed`` from
 the environment; ``MODULE=clus_jax.cluster`` with the ``launch/`` scripts). Only process 0 writes.
 
-Output, in ``OUT``::
-
-    manifest.json          what every file holds (shape, dtype, meaning) and the arguments
-    centers.npy            float32 [K, D] (the fine centres with --levels)
-    assignments.npy        int32 [num_records]: nearest centre of each record, -1 where it has no embedding
-    sizes.npy              int64 [K] points per centre
-    coarse_centers.npy, fine_to_coarse.npy, coarse_assignments.npy   with --levels
-    summary.json           the figures (also printed on stdout as one JSON line): iterations, inertia (mean
-                           squared euclidean distance of a point to its centre; unit centres for cosine), size
-                           imbalance and empty fraction (clustering/quality.py), NMI/ARI/purity with --labels
-    cluster_sizes.png      the cluster-size distribution
-    checkpoint/            orbax k-means state: a re-run after an interruption resumes from it
+Output, in ``OUT`` (``clustering/outputs.py`` lists the files): ``centers.npy``, ``assignments.npy`` (per
+record, -1 where a record has no embedding), ``sizes.npy``, with ``--levels`` ``coarse_centers.npy``,
+``fine_to_coarse.npy`` and ``coarse_assignments.npy``; ``outputs.json`` (what each file holds),
+``cluster_sizes.png``, ``cluster.json`` (the arguments) and ``summary.json``: the figures, also printed on
+stdout as one JSON line: iterations, inertia (mean squared euclidean distance of a point to its centre; unit
+centres for cosine), size imbalance and empty fraction (clustering/quality.py), NMI/ARI/purity with --labels.
+``checkpoint/`` holds the k-means state, so a re-run after an interruption resumes from it.
 
 A progress line (iteration, pass progress, running inertia, ETA) goes to stderr. A re-run of a finished
 clustering prints its summary and does nothing; one with other arguments into the same ``OUT`` is refused.
@@ -41,8 +36,6 @@ code 1.
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import sys
 import time
@@ -53,25 +46,14 @@ import numpy as np
 from etils import epath
 
 from clus_jax.common import cli
+from clus_jax.common.files import claim_directory
 
 METRICS = ("euclidean", "cosine")
 INITS = ("random", "kmeans++")
-SPEC_FILE = "cluster.json"
-SUMMARY_FILE = "summary.json"
-MANIFEST = "manifest.json"
-PLOT_FILE = "cluster_sizes.png"
-CHECKPOINT_DIR = "checkpoint"
-LABELS_FIELD = "cluster_labels"
-SIMS_FIELD = "cluster_sims"
 
 
 class InputError(RuntimeError):
     """An input that cannot be used (no embedding directory, unreadable labels); exit code 1."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        cli.fail(message)
 
 
 def _levels(text: str) -> tuple[int, int]:
@@ -83,8 +65,8 @@ def _levels(text: str) -> tuple[int, int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The arguments, checked; a mistyped or inconsistent command exits 2 with one line naming the flag."""
-    p = _ArgumentParser(prog="python -m clus_jax.cluster", allow_abbrev=False,
-                        description="k-means of an embedding directory on the device mesh.")
+    p = cli.ArgumentParser(prog="python -m clus_jax.cluster", allow_abbrev=False,
+                           description="k-means of an embedding directory on the device mesh.")
     p.add_argument("--features", required=True, help="embedding directory (python -m clus_jax.embed --out)")
     p.add_argument("--field", default=None, help="embedding field to cluster (image_emb, text_emb)")
     p.add_argument("--out", required=True, help="output directory")
@@ -142,31 +124,7 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
             "assign_to", "labels")
     spec = {k: getattr(args, k) for k in keys}
     spec["features"] = os.path.abspath(args.features) if "://" not in args.features else args.features
-    return json.loads(json.dumps(spec))
-
-
-def _write_bytes(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array))
-    return buf.getvalue()
-
-
-def _check_spec(out: epath.Path, spec: dict[str, Any]) -> None:
-    path = out / SPEC_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in set(spec) | set(old) if old.get(k) != spec.get(k))
-        if differ:
-            raise cli.UsageError(f"--out {os.fspath(out)} holds another clustering (different {', '.join(differ)} "
-                                 f"in {SPEC_FILE}); pass another --out")
-        return
-    _write_bytes(path, json.dumps(spec, indent=1).encode())
+    return spec
 
 
 class Progress:
@@ -198,136 +156,21 @@ class Progress:
               f"inertia {inertia:.6g}  eta {cli.format_eta(eta)}", file=sys.stderr, flush=True)
 
 
-def _sizes_figure(sizes: np.ndarray, title: str, coarse: np.ndarray | None = None) -> bytes:
-    """PNG of the cluster-size distribution: sizes by rank (log scale, mean marked) and their histogram."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = 3 if coarse is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4))
-    ranked = np.sort(sizes)[::-1]
-    axes[0].plot(np.arange(1, len(ranked) + 1), np.maximum(ranked, 0.5), drawstyle="steps-mid")
-    axes[0].axhline(sizes.mean(), color="grey", linestyle="--", label=f"mean {sizes.mean():.3g}")
-    axes[0].set(xlabel="cluster rank", ylabel="points", yscale="log", title="sizes by rank")
-    axes[0].legend(fontsize=8)
-    axes[1].hist(sizes, bins=min(50, max(len(np.unique(sizes)), 1)))
-    axes[1].set(xlabel="points in a cluster", ylabel="clusters", title="size histogram")
-    if coarse is not None:
-        axes[2].bar(np.arange(len(coarse)), coarse)
-        axes[2].set(xlabel="coarse cluster", ylabel="points", title="coarse sizes")
-    for axis in (axes[0].xaxis, axes[1].yaxis, *((axes[2].xaxis,) if coarse is not None else ())):
-        axis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _size_figures(assignments: np.ndarray, k: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """(points per cluster, the summary's size figures: min, max, mean, imbalance, empty fraction)."""
-    from clus_jax.clustering import quality
-
-    stats = quality.cluster_sizes(assignments, k)
-    sizes = stats.counts
-    return sizes, {"min": int(sizes.min()), "max": int(sizes.max()), "mean": float(sizes.mean()),
-                   "imbalance": stats.imbalance, "fraction_empty": stats.fraction_empty}
-
-
-def _by_record(values: np.ndarray, records: np.ndarray, num_records: int, fill: int = -1) -> np.ndarray:
-    out = np.full((num_records, *values.shape[1:]), fill, values.dtype)
-    out[records] = values
-    return out
-
-
-def _label_figures(path: str, records: np.ndarray, assignments: np.ndarray) -> dict[str, float]:
-    from clus_jax.clustering import quality
-    from clus_jax.data.side_fields import SideFieldReader
-
-    try:
-        reader = SideFieldReader(path, field="labels")
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"--labels {path}: {cli.exception_text(e)}") from None
-    labels = np.concatenate(list(reader.chunks())).reshape(len(reader), -1)[:, 0]
-    if len(labels) <= records.max(initial=0):
-        raise InputError(f"--labels {path} has {len(labels)} rows but the embeddings reach record {records.max()}")
-    truth = labels[records]
-    return {"nmi": quality.nmi(truth, assignments), "adjusted_rand_index": quality.adjusted_rand_index(truth, assignments),
-            "purity": quality.purity(truth, assignments)}
-
-
-def streamed_inertia(shards: Any, centers: np.ndarray, assignments: np.ndarray) -> float:
-    """``quality.inertia`` (mean squared distance to the assigned centre) over the shards, one at a time."""
-    from clus_jax.clustering import quality
-
-    total, row = 0.0, 0
-    for chunk in shards:
-        total += quality.inertia(chunk, centers, assignments[row:row + len(chunk)]) * len(chunk)
-        row += len(chunk)
-    return total / max(row, 1)
-
-
-def write_topk_side_file(shards: Any, centers: np.ndarray, l: int, metric: str, path: str, num_records: int, *,
-                         mesh: Any = None, write: bool = True) -> dict[str, Any]:
-    """The ``l`` nearest centres of every record as a side file keyed by record index, one shard at a time.
-
-    Records with no embedding get labels -1 and similarities 0. Returns a small summary.
-    """
-    from clus_jax.clustering import assign_topk
-    from clus_jax.data.fields import FieldSpec
-    from clus_jax.data.side_fields import INDEX_FIELD, SideFileWriter
-
-    specs = {LABELS_FIELD: FieldSpec((l,), "int32"), SIMS_FIELD: FieldSpec((l,), "float32"),
-             INDEX_FIELD: FieldSpec((), "int64")}
-    records = shards.record_indices()
-    writer = SideFileWriter(path, specs, overwrite=True) if write else None
-    position, row, labelled = 0, 0, 0
-
-    def fill(upto: int) -> None:  # rows of records [position, upto) that have no embedding
-        if writer is not None and upto > position:
-            n = upto - position
-            writer.write({LABELS_FIELD: np.full((n, l), -1, np.int32), SIMS_FIELD: np.zeros((n, l), np.float32),
-                          INDEX_FIELD: np.arange(position, upto, dtype=np.int64)})
-
-    for chunk in shards:
-        ids, sims = assign_topk(chunk, centers, l, metric, mesh=mesh)
-        index = records[row:row + len(chunk)]
-        row += len(chunk)
-        labelled += len(chunk)
-        if writer is None:
-            continue
-        if len(index) and (index[0] < position or np.any(np.diff(index) <= 0)):
-            raise InputError(f"--features {shards.directory}: record indices are not increasing; cannot key "
-                                 f"labels by record index")
-        end = int(index[-1]) + 1
-        labels = np.full((end - position, l), -1, np.int32)
-        scores = np.zeros((end - position, l), np.float32)
-        labels[index - position], scores[index - position] = ids, sims
-        writer.write({LABELS_FIELD: labels, SIMS_FIELD: scores, INDEX_FIELD: np.arange(position, end, dtype=np.int64)})
-        position = end
-    fill(num_records)
-    if writer is not None:
-        writer.close()
-    return {"l": l, "side_file": path, "records": max(position, num_records), "labelled": labelled}
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Clusters ``args.features`` into ``args.out``; returns the summary."""
     import jax
 
     from clus_jax import clustering
-    from clus_jax.data.side_fields import SideFieldReader
+    from clus_jax.clustering import figures, outputs
+    from clus_jax.clustering.topk_labels import write_topk_side_file
+    from clus_jax.data.side_fields import CENTERS_FILE, COARSE_CENTERS_FILE, FINE_TO_COARSE_FILE
     from clus_jax.parallel import mesh as mesh_lib
 
     try:
         shards = clustering.EmbeddingShards(args.features, field=args.field)
-        num_records = len(SideFieldReader(args.features, field=shards.field))
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"--features {args.features}: {cli.exception_text(e)}") from None
+    num_records = shards.num_records
     if args.k > shards.num_rows:
         raise cli.UsageError(f"--k={args.k} exceeds the {shards.num_rows} embedded points of {args.features}")
     if args.balanced and shards.num_rows % args.k:
@@ -338,24 +181,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise cli.UsageError(f"--mesh: {e}") from None
     writer = jax.process_index() == 0
     out = epath.Path(args.out)
-    spec = _spec(args)
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        _check_spec(out, spec)
-    if (out / SUMMARY_FILE).exists():
+        claim_directory(out, outputs.SPEC_FILE, _spec(args), "another clustering")
+    finished = outputs.read_summary(out)
+    if finished is not None:
         print(f"cluster: {os.fspath(out)} is complete, nothing to do", file=sys.stderr, flush=True)
-        return json.loads((out / SUMMARY_FILE).read_text())
+        return finished
 
     start = time.time()
-    checkpoint = os.fspath(out / CHECKPOINT_DIR)
-    resumed = (out / CHECKPOINT_DIR).exists() and any((out / CHECKPOINT_DIR).iterdir())
+    checkpoint = out / outputs.CHECKPOINT_DIR
+    resumed = checkpoint.exists() and any(checkpoint.iterdir())
     if resumed:
-        print(f"cluster: resuming from {checkpoint}", file=sys.stderr, flush=True)
+        print(f"cluster: resuming from {os.fspath(checkpoint)}", file=sys.stderr, flush=True)
     progress = Progress(args.iters, resumed=resumed)
     if args.levels:
         m, n = args.levels
         tree = clustering.two_level(shards, m, n, balanced=args.balanced, metric=args.metric, num_iters=args.iters,
-                                    init=args.init, seed=args.seed, mesh=mesh, checkpoint_dir=checkpoint,
+                                    init=args.init, seed=args.seed, mesh=mesh, checkpoint_dir=os.fspath(checkpoint),
                                     progress=progress)
         centers, assignments, iterations = tree.fine_centers, tree.fine_assignments, args.iters
     else:
@@ -363,52 +206,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                    if v is not None}
         result = clustering.kmeans(shards, args.k, num_iters=args.iters, metric=args.metric, init=args.init,
                                    seed=args.seed, mesh=mesh, tol=args.tol, balanced=args.balanced,
-                                   checkpoint_dir=checkpoint, progress=progress, **options)
+                                   checkpoint_dir=os.fspath(checkpoint), progress=progress, **options)
         centers, assignments, iterations = result.centers, result.assignments, int(result.num_iters_run)
     centers, assignments = np.asarray(centers, np.float32), np.asarray(assignments, np.int32)
     records = shards.record_indices()
-    sizes, size_figures = _size_figures(assignments, args.k)
-    files: dict[str, tuple[np.ndarray, str]] = {
-        "centers": (centers, "centres [K, D]" + (" (fine)" if args.levels else "")),
-        "assignments": (_by_record(assignments, records, num_records),
-                        "nearest centre of each record, -1 where the record has no embedding"),
-        "sizes": (sizes, "points per centre"),
+    sizes, size_figures = figures.size_figures(assignments, args.k)
+    arrays: dict[str, tuple[np.ndarray, str]] = {
+        CENTERS_FILE: (centers, "centres [K, D]" + (" (fine)" if args.levels else "")),
+        outputs.ASSIGNMENTS_FILE: (outputs.by_record(assignments, records, num_records),
+                                   "nearest centre of each record, -1 where the record has no embedding"),
+        outputs.SIZES_FILE: (sizes, "points per centre"),
     }
     summary: dict[str, Any] = {
         "out": os.fspath(out), "features": args.features, "field": shards.field, "points": shards.num_rows,
         "records": num_records, "dim": shards.dim, "k": args.k, "metric": args.metric, "balanced": args.balanced,
         "mesh": {axis: int(size) for axis, size in mesh.shape.items()}, "processes": jax.process_count(),
-        "iterations": iterations, "inertia": streamed_inertia(shards, centers, assignments), "sizes": size_figures}
+        "iterations": iterations, "inertia": figures.streamed_inertia(shards, centers, assignments),
+        "sizes": size_figures}
     coarse_sizes = None
     if args.levels:
         fine_to_coarse = np.asarray(tree.fine_to_coarse, np.int32)
         coarse_of_point = fine_to_coarse[assignments]
-        coarse_sizes, coarse_figures = _size_figures(coarse_of_point, n)
-        files["coarse_centers"] = (np.asarray(tree.coarse_centers, np.float32), "coarse centres [N, D]")
-        files["fine_to_coarse"] = (fine_to_coarse, "coarse centre of each fine centre")
-        files["coarse_assignments"] = (_by_record(coarse_of_point, records, num_records),
-                                       "coarse centre of each record, -1 where the record has no embedding")
+        coarse_sizes, coarse_figures = figures.size_figures(coarse_of_point, n)
+        arrays[COARSE_CENTERS_FILE] = (np.asarray(tree.coarse_centers, np.float32), "coarse centres [N, D]")
+        arrays[FINE_TO_COARSE_FILE] = (fine_to_coarse, "coarse centre of each fine centre")
+        arrays[outputs.COARSE_ASSIGNMENTS_FILE] = (outputs.by_record(coarse_of_point, records, num_records),
+                                                   "coarse centre of each record, -1 where the record has no embedding")
         summary["levels"] = {"fine": m, "coarse": n, "coarse_sizes": coarse_figures}
     if args.labels:
-        summary["labels"] = _label_figures(args.labels, records, assignments)
+        try:
+            summary["labels"] = figures.label_figures(args.labels, records, assignments)
+        except ValueError as e:
+            raise InputError(f"--labels {cli.exception_text(e)}") from None
     if args.topk:
-        summary["topk"] = write_topk_side_file(shards, centers, args.topk, args.metric, args.assign_to,
-                                               num_records, mesh=mesh, write=writer)
+        try:
+            summary["topk"] = write_topk_side_file(shards, centers, args.topk, args.metric, args.assign_to,
+                                                   num_records, mesh=mesh, write=writer)
+        except ValueError as e:
+            raise InputError(f"--features {cli.exception_text(e)}") from None
     summary["seconds"] = round(time.time() - start, 2)
-    if not writer:
-        return summary
-    for name, (array, _) in files.items():
-        _write_bytes(out / f"{name}.npy", _npy_bytes(array))
-    title = (f"{args.k} clusters of {shards.num_rows} points ({args.metric}); imbalance "
-             f"{summary['sizes']['imbalance']:.2f}, empty {summary['sizes']['fraction_empty']:.1%}")
-    _write_bytes(out / PLOT_FILE, _sizes_figure(sizes, title, coarse_sizes))
-    manifest = {"files": {f"{name}.npy": {"shape": list(a.shape), "dtype": str(a.dtype), "what": what}
-                          for name, (a, what) in files.items()},
-                "plot": PLOT_FILE, "summary": SUMMARY_FILE, "args": spec}
-    if args.topk:
-        manifest["side_file"] = {"path": args.assign_to, "fields": {LABELS_FIELD: [args.topk], SIMS_FIELD: [args.topk]}}
-    _write_bytes(out / MANIFEST, json.dumps(manifest, indent=1).encode())
-    _write_bytes(out / SUMMARY_FILE, json.dumps(summary, indent=1).encode())  # last: marks the clustering complete
+    if writer:
+        title = (f"{args.k} clusters of {shards.num_rows} points ({args.metric}); imbalance "
+                 f"{summary['sizes']['imbalance']:.2f}, empty {summary['sizes']['fraction_empty']:.1%}")
+        outputs.write(out, arrays, summary, figures.sizes_png(sizes, title, coarse_sizes), side_file=args.assign_to)
     return summary
 
 

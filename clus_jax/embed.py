@@ -15,29 +15,22 @@ values, 384 wide) instead of a run's text tower: MoDE's caption encoder, which n
 the text modality is embedded; ``--workdir`` is then optional and only says whose data config to start
 from (without it, ``config_base``'s default data: the embedded dataset).
 
-Output, the side-file directory format (``clus_jax/data/side_fields.py`` reads it)::
-
-    DIR/manifest.json   {"num_records": N, "fields": {"image_emb": {"shape": [D], "dtype": "float32"},
-                         "text_emb": ..., "index": {"shape": [], "dtype": "int64"},
-                         "valid": {"shape": [], "dtype": "bool"}},
-                         "shards": [{"start": s, "end": e, "files": {"image_emb": "image_emb-00000.npy", ...}}]}
-    DIR/<field>-<shard>.npy   rows for record indices [start, end), in order
-    DIR/embed.json      what was embedded (run, step, data config, modalities, shard size)
+Output: a side file (``clus_jax/data/side_fields.py`` writes and reads it, manifest included) of the fields
+``image_emb`` / ``text_emb`` float32 [D], ``index`` int64 and ``valid`` bool, and beside it
+``DIR/embed.json``: what was embedded (run, step, data config, modalities, shard size, fields).
 
 ``index`` holds each row's record index (in the full source when the source is a subset); a record whose
 image cannot be decoded or whose caption is missing gets zero rows and ``valid`` False. Shards have a fixed
 size; process P of N embeds its own contiguous run of shards, so the processes write disjoint ranges that
-together cover every record. Each file is written under a temporary name and renamed, so a re-run skips
-the shards that are complete; ``manifest.json`` is written once every shard is (by whichever process
-completes the last one). A progress line (records done / total, rate, ETA) goes to stderr and a JSON
-summary to stdout. A mistyped command exits with one ``error: ...`` line (code 2), a run or data path
-that cannot be used with one such line and code 1.
+together cover every record. A re-run skips the shards that are complete; the side file's manifest is
+written once every shard is (by whichever process completes the last one). A progress line (records done /
+total, rate, ETA) goes to stderr and a JSON summary to stdout. A mistyped command exits with one
+``error: ...`` line (code 2), a run or data path that cannot be used with one such line and code 1.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import sys
 import time
@@ -48,12 +41,12 @@ import numpy as np
 from etils import epath
 
 from clus_jax.common import cli
+from clus_jax.common.files import claim_directory
+from clus_jax.data.fields import FieldSpec
+from clus_jax.data.side_fields import INDEX_FIELD, VALID_FIELD, SideFileWriter, field_entries, process_shards
 
 MODALITIES = ("image", "text")
 EMBEDDING_FIELDS = {"image": "image_emb", "text": "text_emb"}
-INDEX_FIELD = "index"
-VALID_FIELD = "valid"
-MANIFEST = "manifest.json"
 SPEC_FILE = "embed.json"
 DEFAULT_SHARD_SIZE = 8192
 ENCODERS = ("run", "minilm")
@@ -86,15 +79,10 @@ class RunError(RuntimeError):
     """What the command names cannot be used (a checkpoint that does not match its config.json)."""
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        cli.fail(message)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     """(arguments, ``--data.KEY=VALUE`` overrides as (key, text) in order); exits 2 on a mistyped command."""
-    p = _ArgumentParser(prog="python -m clus_jax.embed", allow_abbrev=False,
-                        description="Embeds every record of a data source with a trained clus_jax model.")
+    p = cli.ArgumentParser(prog="python -m clus_jax.embed", allow_abbrev=False,
+                           description="Embeds every record of a data source with a trained clus_jax model.")
     p.add_argument("--workdir", default=None,
                    help="the run: a workdir, its checkpoints folder or one step's folder (optional with --encoder minilm)")
     p.add_argument("--encoder", choices=ENCODERS, default="run",
@@ -147,7 +135,7 @@ def data_config_with(data_config: Any, overrides: Sequence[tuple[str, str]]):
     Raises ``cli.UsageError`` naming the key for unknown keys and unparsable or invalid values.
     """
     from clus_jax.config.base import parse_value
-    from clus_jax.data.pipeline import resolve_data_config
+    from clus_jax.data.data_config import resolve_data_config
 
     try:
         data = resolve_data_config(data_config)
@@ -167,40 +155,6 @@ def data_config_with(data_config: Any, overrides: Sequence[tuple[str, str]]):
         raise cli.UsageError(cli.exception_text(e)) from None
 
 
-def shard_ranges(num_records: int, shard_size: int) -> list[tuple[int, int]]:
-    """[start, end) of every shard: fixed size, the last one shorter."""
-    return [(s, min(s + shard_size, num_records)) for s in range(0, num_records, shard_size)]
-
-
-def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
-    """The contiguous run of shard numbers that process ``process_index`` of ``process_count`` embeds."""
-    return range(num_shards * process_index // process_count, num_shards * (process_index + 1) // process_count)
-
-
-def shard_file(field: str, shard: int) -> str:
-    return f"{field}-{shard:05d}.npy"
-
-
-def _write_atomically(path: epath.Path, write) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with tmp.open("wb") as f:
-        write(f)
-    tmp.replace(path)
-
-
-def _check_spec(out: epath.Path, spec: Mapping[str, Any]) -> None:
-    """Writes ``DIR/embed.json``, or checks that an earlier run into ``DIR`` embedded the same thing."""
-    path = out / SPEC_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        differ = sorted(k for k in set(spec) | set(old) if old.get(k) != spec.get(k))
-        if differ:
-            raise cli.UsageError(f"--out {os.fspath(out)} holds embeddings of something else (different "
-                                 f"{', '.join(differ)} in {SPEC_FILE}); pass another --out")
-        return
-    _write_atomically(path, lambda f: f.write(json.dumps(spec, indent=1).encode()))
-
-
 class _Progress:
     """Prints 'embed: done/total records, rate, ETA' to stderr, at most every ``every`` seconds."""
 
@@ -217,9 +171,8 @@ class _Progress:
         self.last = now
         rate = (self.done - self.start_done) / max(now - self.t0, 1e-9)
         left = (self.total - self.done) / rate if rate > 0 else 0.0
-        eta = f"{int(left) // 3600}:{int(left) % 3600 // 60:02d}:{int(left) % 60:02d}"
         pct = 100.0 * self.done / max(self.total, 1)
-        print(f"embed: {self.done}/{self.total} records ({pct:.0f}%)  {rate:.1f} records/s  eta {eta}",
+        print(f"embed: {self.done}/{self.total} records ({pct:.0f}%)  {rate:.1f} records/s  eta {cli.format_eta(left)}",
               file=sys.stderr, flush=True)
 
 
@@ -275,31 +228,6 @@ def embed_range(model: Any, source: Any, start: int, end: int, modalities: tuple
     return out
 
 
-def _shard_complete(out: epath.Path, shard: int, fields: Sequence[str]) -> bool:
-    return all((out / shard_file(f, shard)).exists() for f in fields)
-
-
-def _write_shard(out: epath.Path, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
-    for field, array in arrays.items():
-        _write_atomically(out / shard_file(field, shard), lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
-
-
-def _count_invalid(out: epath.Path, shard: int) -> int:
-    with (out / shard_file(VALID_FIELD, shard)).open("rb") as f:
-        return int((~np.load(f)).sum())
-
-
-def _write_manifest_if_complete(out: epath.Path, num_records: int, specs: Mapping[str, dict],
-                                ranges: Sequence[tuple[int, int]]) -> bool:
-    if not all(_shard_complete(out, k, list(specs)) for k in range(len(ranges))):
-        return False
-    manifest = {"num_records": num_records, "fields": dict(specs),
-                "shards": [{"start": s, "end": e, "files": {f: shard_file(f, k) for f in specs}}
-                           for k, (s, e) in enumerate(ranges)]}
-    _write_atomically(out / MANIFEST, lambda f: f.write(json.dumps(manifest, indent=1).encode()))
-    return True
-
-
 def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Embeds this process's shards of the records into ``args.out``; returns the summary."""
     from clus_jax.data.sources import make_source
@@ -322,22 +250,22 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     except ValueError as e:
         raise cli.UsageError(cli.exception_text(e)) from None
     num_records = len(source)
-    ranges = shard_ranges(num_records, int(args.shard_size))
-    mine = process_shards(len(ranges), args.process_index, args.process_count)
-    specs = {EMBEDDING_FIELDS[m]: {"shape": [model.embed_dim], "dtype": "float32"} for m in args.modality}
-    specs[INDEX_FIELD] = {"shape": [], "dtype": "int64"}
-    specs[VALID_FIELD] = {"shape": [], "dtype": "bool"}
+    specs = {EMBEDDING_FIELDS[m]: FieldSpec((model.embed_dim,), "float32") for m in args.modality}
+    specs[INDEX_FIELD] = FieldSpec((), "int64")
+    specs[VALID_FIELD] = FieldSpec((), "bool")
 
     out = epath.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    writer = SideFileWriter(out, specs, shard_size=int(args.shard_size), num_records=num_records)
+    ranges = writer.ranges
+    mine = process_shards(len(ranges), args.process_index, args.process_count)
     workdir = args.workdir and (os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir)
     spec = {"workdir": workdir, "step": model.step, "data": data.to_dict(), "modality": list(args.modality),
-            "shard_size": int(args.shard_size), "num_records": num_records, "fields": specs}
+            "shard_size": int(args.shard_size), "num_records": num_records, "fields": field_entries(specs)}
     if args.encoder != "run":  # an embedding made before --encoder existed still matches its embed.json
         spec["encoder"] = args.encoder
-    _check_spec(out, json.loads(json.dumps(spec)))  # as read back from the file: tuples are lists
+    claim_directory(out, SPEC_FILE, spec, "embeddings of something else")
 
-    todo = [k for k in mine if not _shard_complete(out, k, list(specs))]
+    todo = [k for k in mine if not writer.has_shard(k)]
     total = sum(ranges[k][1] - ranges[k][0] for k in mine)
     progress = _Progress(total, total - sum(ranges[k][1] - ranges[k][0] for k in todo))
     if len(todo) < len(mine):
@@ -347,13 +275,14 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     with concurrent.futures.ThreadPoolExecutor(int(args.workers)) as pool:
         for k in todo:
             start, end = ranges[k]
-            _write_shard(out, k, embed_range(model, source, start, end, args.modality, batch_size, pool, progress))
+            writer.write_shard(k, embed_range(model, source, start, end, args.modality, batch_size, pool, progress))
     progress.update(0, force=True)
-    complete = _write_manifest_if_complete(out, num_records, specs, ranges)
+    complete = writer.close()
+    invalid = sum(int((~writer.read_shard(k, VALID_FIELD)).sum()) for k in mine)
     return {"out": os.fspath(out), "process": args.process_index, "processes": args.process_count,
             "records": total, "embedded": sum(ranges[k][1] - ranges[k][0] for k in todo),
-            "skipped_shards": len(mine) - len(todo), "invalid": sum(_count_invalid(out, k) for k in mine),
-            "num_records": num_records, "complete": complete}
+            "skipped_shards": len(mine) - len(todo), "invalid": invalid, "num_records": num_records,
+            "complete": complete}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

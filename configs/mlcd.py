@@ -84,6 +84,7 @@ def get_config(arg: str | None = None):
 
 def get_recipe(arg: str | None = None):
     """pretrain (clip) -> embed -> cluster (k-means, top-l labels) -> mlcd -> lit."""
+    from clus_jax.data.side_fields import CENTERS_FILE
     from clus_jax.recipe import Stage
 
     a = common.parse_arg(arg, **ARGS)
@@ -101,7 +102,7 @@ def get_recipe(arg: str | None = None):
     stages += [
         Stage("embed", module="clus_jax.embed",
               args=["--workdir", source, "--out", "{workdir}", "--modality", "image"]),
-        Stage("cluster", module="clus_jax.cluster", outputs={"labels": "labels", "centers": "centers.npy"},
+        Stage("cluster", module="clus_jax.cluster", outputs={"labels": "labels", "centers": CENTERS_FILE},
               args=["--features", "{embed}", "--field", "image_emb", "--k", str(a.k), "--metric", "cosine",
                     "--topk", str(a.labels), "--assign-to", "{workdir}/labels", "--out", "{workdir}",
                     *(["--seed", str(a.seed)] if a.seed >= 0 else [])]),

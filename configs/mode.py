@@ -77,6 +77,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from clus_jax.clustering.expert_subsets import subset_file
 from clus_jax.config import base as common
 from clus_jax.recipe import Stage
 
@@ -123,7 +124,7 @@ def mode_stages(*, fine: int = 110, coarse: int = 2, experts: int = 0, seed_step
               args=["--features", "{captions}", "--field", "text_emb", "--levels", f"{fine},{coarse}", "--balanced",
                     "--metric", "euclidean", "--iters", str(iters), "--seed", str(seed), "--out", "{workdir}"]),
         Stage("subsets", module="clus_jax.experts",
-              outputs={f"expert_{c}": f"expert_{c}.npy" for c in range(coarse)},
+              outputs={f"expert_{c}": subset_file(c) for c in range(coarse)},
               args=["--features", "{captions}", "--clusters", "{clusters}", "--out", "{workdir}",
                     "--ooc-ratio", str(ooc_ratio), "--seed", str(seed)]),
     ]

@@ -17,9 +17,11 @@ import pytest
 import tolerances  # registered by tests/conftest.py
 from PIL import Image
 
-from clus_jax import cluster, embed
+from clus_jax import cluster, embed, experts
+from clus_jax.clustering import expert_subsets, outputs
 from clus_jax.data import embedded as embedded_data
 from clus_jax.data import side_fields
+from clus_jax.data.side_fields import CENTERS_FILE, COARSE_CENTERS_FILE, FINE_TO_COARSE_FILE
 from clus_jax.data.fields import FieldSpec
 from clus_jax.objectives import registry
 from clus_jax.train import loop
@@ -54,8 +56,7 @@ def embedded(tmp_path_factory):
     args, overrides = embed.parse_args(["--workdir", run, "--out", out, "--modality", "image", "--batch-size", "512",
                                         "--shard-size", "2048"])
     assert embed.run(args, overrides)["complete"]
-    manifest = json.load(open(os.path.join(out, "manifest.json")))
-    x = np.concatenate([np.load(os.path.join(out, s["files"]["image_emb"])) for s in manifest["shards"]])
+    x = side_fields.SideFieldReader(out, "image_emb").array()
     records = embedded_data.read_split(embedded_data.dataset_dir(), "train")
     classes = np.asarray([100 + r["label"] if r["style"] == "easyvqa" else r["category"] for r in records])
     assert x.shape == (len(records), DIM) and len(np.unique(classes)) > 5
@@ -121,10 +122,11 @@ def test_two_levels_through_the_command(embedded, tmp_path):
     np.testing.assert_allclose(summary["labels"]["purity"], majority / len(x))
     assert 0 <= summary["labels"]["nmi"] <= 1 and -1 <= summary["labels"]["adjusted_rand_index"] <= 1
 
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["files"]["centers.npy"]["shape"] == [12, DIM]
-    assert manifest["files"]["fine_to_coarse.npy"] == {"shape": [12], "dtype": "int32",
+    described = json.loads((out / outputs.OUTPUTS_FILE).read_text())
+    assert described["files"][CENTERS_FILE]["shape"] == [12, DIM]
+    assert described["files"][FINE_TO_COARSE_FILE] == {"shape": [12], "dtype": "int32",
                                                        "what": "coarse centre of each fine centre"}
+    assert not (out / side_fields.MANIFEST).exists()  # a manifest is a side file's, and OUT is none
     with Image.open(out / "cluster_sizes.png") as image:
         assert image.format == "PNG" and image.size[0] > 600 and image.size[1] > 200
 
@@ -257,6 +259,40 @@ def test_bad_arguments_print_one_line(embedded, tmp_path, capsys, args, code, na
     assert exit_info.value.code == code and err.count("\n") == 1 and err.startswith("error: "), err
     assert named in err
     assert not (tmp_path / "o" / "summary.json").exists()
+
+
+def test_embed_cluster_and_experts_write_one_side_file_format_and_the_agreed_file_names(tmp_path, capsys):
+    """MiniLM captions of 20 synthetic records (clus_jax.embed, shards of 9), clustered in two levels with top-2
+    labels (clus_jax.cluster), then MoDE's expert subsets (clus_jax.experts): both side files carry the manifest
+    that side_fields writes and read back through its reader, and every file a later stage opens by name
+    (the centres, the hierarchy, the subsets) is where those names say."""
+    emb = tmp_path / "emb"
+    args, overrides = embed.parse_args(["--encoder", "minilm", "--out", str(emb), "--shard-size", "9",
+                                        "--data.source=synthetic", "--data.synthetic_size=20"])
+    assert embed.run(args, overrides)["complete"]
+    out, labels = tmp_path / "clusters", tmp_path / "labels"
+    summary, _ = _in_process(capsys, "--features", str(emb), "--field", "text_emb", "--levels", "4,2", "--iters", "2",
+                             "--topk", "2", "--assign-to", str(labels), "--out", str(out))
+    assert summary["records"] == 20 and summary["topk"]["labelled"] == summary["points"]
+    for path, shard_size in ((emb, 9), (labels, side_fields.DEFAULT_SHARD_SIZE)):
+        written = json.loads((path / side_fields.MANIFEST).read_text())
+        ranges = side_fields.shard_ranges(20, shard_size)
+        assert written == side_fields.manifest(side_fields.field_specs(path), ranges), path
+    rows = side_fields.open_side_field(emb, "text_emb", 20).array()
+    ids = side_fields.open_side_field(labels, "cluster_labels", 20).array()
+    assert rows.shape == (20, 384) and ids.shape == (20, 2)
+
+    centers = np.load(out / CENTERS_FILE)
+    assert centers.shape == (4, 384) and np.load(out / FINE_TO_COARSE_FILE).shape == (4,)
+    assert np.load(out / COARSE_CENTERS_FILE).shape == (2, 384)
+    assert np.load(out / outputs.ASSIGNMENTS_FILE).shape == (20,)
+    assert outputs.read_summary(out) == summary
+
+    subsets = tmp_path / "subsets"
+    experts.run(experts.parse_args(["--features", str(emb), "--clusters", str(out), "--out", str(subsets),
+                                    "--ooc-ratio", "0"]))
+    members = np.concatenate([np.load(subsets / expert_subsets.subset_file(c)) for c in range(2)])
+    assert sorted(members.tolist()) == np.flatnonzero(side_fields.SideFieldReader(emb, "valid").array()).tolist()
 
 
 def test_records_without_an_embedding_get_no_cluster(tmp_path, capsys):

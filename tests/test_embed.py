@@ -2,7 +2,6 @@
 import io
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,8 @@ from PIL import Image
 import clus_jax
 from clus_jax import embed
 from clus_jax.data import records as records_lib
-from clus_jax.data.pipeline import resolve_data_config
+from clus_jax.data import side_fields
+from clus_jax.data.data_config import resolve_data_config
 from clus_jax.config.run_config import load_run_config
 
 pytestmark = pytest.mark.slow  # each command starts JAX and compiles the encoders (a few seconds)
@@ -55,7 +55,7 @@ def run(tmp_path_factory):
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:steps=2,batch=16,synthetic",
            "--workdir", workdir, "--config.model.image.size=mu", "--config.model.text.size=mu",
            "--config.model.image.image_size=16", "--config.model.text.context_length=8", "--config.model.embed_dim=32",
-           "--config.evals.sets=none", "--config.data.synthetic_size=64"]
+           "--config.evals.run=none", "--config.data.synthetic_size=64"]
     proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return workdir
@@ -71,7 +71,7 @@ def _embed(run, data_path, out, *extra):
 
 def _read(out):
     """Every field of an embedding directory, shards concatenated in manifest order."""
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / side_fields.MANIFEST).read_text())
     return manifest, {field: np.concatenate([np.load(out / s["files"][field]) for s in manifest["shards"]])
                       for field in manifest["fields"]}
 
@@ -87,7 +87,7 @@ def test_one_row_per_record_equal_to_the_models_encoders(run, data, embedded):
     out, summary, stderr = embedded
     manifest, fields = _read(out)
     assert manifest["num_records"] == NUM_RECORDS and summary["complete"]
-    assert [(s["start"], s["end"]) for s in manifest["shards"]] == embed.shard_ranges(NUM_RECORDS, SHARD)
+    assert [(s["start"], s["end"]) for s in manifest["shards"]] == side_fields.shard_ranges(NUM_RECORDS, SHARD)
     assert manifest["fields"]["image_emb"] == {"shape": [32], "dtype": "float32"}
     assert manifest["fields"]["index"] == {"shape": [], "dtype": "int64"}
     np.testing.assert_array_equal(fields["index"], np.arange(NUM_RECORDS))
@@ -105,9 +105,9 @@ def test_one_row_per_record_equal_to_the_models_encoders(run, data, embedded):
 
 
 def test_the_side_file_reader_reads_the_output(embedded):
-    side_fields = pytest.importorskip("clus_jax.data.side_fields")
     out = embedded[0]
-    _, fields = _read(out)
+    manifest, fields = _read(out)
+    assert manifest == side_fields.manifest(side_fields.field_specs(out), side_fields.shard_ranges(NUM_RECORDS, SHARD))
     reader = side_fields.open_side_field(out, "image_emb", NUM_RECORDS)
     np.testing.assert_array_equal(reader[30], fields["image_emb"][30])
 
@@ -128,7 +128,7 @@ def test_a_rerun_skips_complete_shards_and_redoes_a_missing_one(run, data, embed
 def test_two_processes_write_disjoint_ranges_that_cover_every_record(run, data, embedded, tmp_path):
     out = tmp_path / "split"
     first, _ = _embed(run, data[0], out, "--process-index", "0", "--process-count", "2")
-    assert not first["complete"] and not (out / "manifest.json").exists()
+    assert not first["complete"] and not (out / side_fields.MANIFEST).exists()
     written_by_first = sorted(p.name for p in out.glob("index-*.npy"))
     second, _ = _embed(run, data[0], out, "--process-index", "1", "--process-count", "2")
     assert second["complete"] and first["records"] + second["records"] == NUM_RECORDS
@@ -174,8 +174,3 @@ def test_the_default_data_is_the_runs_training_data(run):
     changed = embed.data_config_with(data, [("source", "tar"), ("path", "x-*.tar"), ("synthetic_size", "12")])
     assert (changed.source, changed.path, changed.synthetic_size) == ("tar", "x-*.tar", 12)
 
-
-@pytest.mark.parametrize("num_shards, count", [(5, 2), (3, 4), (10, 3), (0, 2)])
-def test_process_shards_partition_the_shards_in_order(num_shards, count):
-    parts = [list(embed.process_shards(num_shards, p, count)) for p in range(count)]
-    assert sum(parts, []) == list(range(num_shards))

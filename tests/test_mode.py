@@ -19,8 +19,9 @@ import train_helpers as helpers
 
 from clus_jax import embed, experts
 from clus_jax.config import base as config_base
-from clus_jax.clustering import mode_ensemble
-from clus_jax.data import transforms
+from clus_jax.clustering import mode_ensemble, outputs
+from clus_jax.clustering.expert_subsets import FINE_IDS_FILE, subset_file
+from clus_jax.data import side_fields, transforms
 from clus_jax.data.sources import make_source
 from clus_jax import ensemble
 from clus_jax.data.eval_sets import ClassificationSet, RetrievalSet
@@ -33,30 +34,19 @@ def _unit(x):
 
 
 def _write_embeddings(path, rows, valid, shard=7):
-    """A side-file directory as clus_jax.embed writes it: text_emb, index and valid in shards of ``shard``."""
-    os.makedirs(path, exist_ok=True)
-    n = len(rows)
-    fields = {"text_emb": {"shape": [rows.shape[1]], "dtype": "float32"}, "index": {"shape": [], "dtype": "int64"},
-              "valid": {"shape": [], "dtype": "bool"}}
-    arrays = {"text_emb": rows.astype(np.float32), "index": np.arange(n, dtype=np.int64), "valid": valid}
-    shards = []
-    for k, s in enumerate(range(0, n, shard)):
-        e = min(s + shard, n)
-        files = {f: f"{f}-{k:05d}.npy" for f in fields}
-        for f, name in files.items():
-            np.save(os.path.join(path, name), arrays[f][s:e])
-        shards.append({"start": s, "end": e, "files": files})
-    with open(os.path.join(path, "manifest.json"), "w") as f:
-        json.dump({"num_records": n, "fields": fields, "shards": shards}, f)
+    """A side file as clus_jax.embed writes it: text_emb, index and valid in shards of ``shard``."""
+    arrays = {"text_emb": rows.astype(np.float32), "index": np.arange(len(rows), dtype=np.int64), "valid": valid}
+    side_fields.write_side_file(path, arrays, shard_size=shard)
 
 
 def _write_clusters(path, fine, coarse, fine_to_coarse, trained_assignments):
+    """What clus_jax.cluster --levels writes, under the names the later stages read."""
     os.makedirs(path, exist_ok=True)
-    np.save(os.path.join(path, "centers.npy"), fine.astype(np.float32))
-    np.save(os.path.join(path, "coarse_centers.npy"), coarse.astype(np.float32))
-    np.save(os.path.join(path, "fine_to_coarse.npy"), fine_to_coarse.astype(np.int32))
-    np.save(os.path.join(path, "assignments.npy"), trained_assignments.astype(np.int32))
-    with open(os.path.join(path, "summary.json"), "w") as f:
+    np.save(os.path.join(path, side_fields.CENTERS_FILE), fine.astype(np.float32))
+    np.save(os.path.join(path, side_fields.COARSE_CENTERS_FILE), coarse.astype(np.float32))
+    np.save(os.path.join(path, side_fields.FINE_TO_COARSE_FILE), fine_to_coarse.astype(np.int32))
+    np.save(os.path.join(path, outputs.ASSIGNMENTS_FILE), trained_assignments.astype(np.int32))
+    with open(os.path.join(path, outputs.SUMMARY_FILE), "w") as f:
         json.dump({"metric": "euclidean"}, f)
 
 
@@ -96,8 +86,8 @@ def test_expert_subsets_are_the_records_of_each_nearest_fine_centre(hierarchy, t
     inside, records, fine_ids = _oracle_experts(hierarchy)
     assert summary["num_experts"] == 3 and summary["metric"] == "euclidean"
     for c in range(3):
-        np.testing.assert_array_equal(np.load(out / f"expert_{c}.npy"), inside[c])
-    by_record = np.load(out / "fine_ids.npy")
+        np.testing.assert_array_equal(np.load(out / subset_file(c)), inside[c])
+    by_record = np.load(out / FINE_IDS_FILE)
     np.testing.assert_array_equal(by_record[records], fine_ids)
     assert (by_record[~hierarchy["valid"]] == -1).all()
 
@@ -110,13 +100,13 @@ def test_out_of_cluster_records_are_a_seeded_draw_of_the_others(hierarchy, tmp_p
     inside, records, _ = _oracle_experts(hierarchy)
     differs = False
     for c in range(3):
-        a = np.load(tmp_path / "a" / f"expert_{c}.npy")
-        np.testing.assert_array_equal(a, np.load(tmp_path / "b" / f"expert_{c}.npy"))
+        a = np.load(tmp_path / "a" / subset_file(c))
+        np.testing.assert_array_equal(a, np.load(tmp_path / "b" / subset_file(c)))
         others = np.setdiff1d(records, inside[c])
         extra = np.setdiff1d(a, inside[c])
         assert set(inside[c]) <= set(a) and set(extra) <= set(others)  # never a record without an embedding
         assert len(extra) == int(0.25 * len(others)) and len(a) == len(np.unique(a))
-        differs |= not np.array_equal(a, np.load(tmp_path / "c" / f"expert_{c}.npy"))
+        differs |= not np.array_equal(a, np.load(tmp_path / "c" / subset_file(c)))
     assert differs
 
 
@@ -124,7 +114,7 @@ def test_expert_arguments_fail_with_one_line(hierarchy, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         experts.main(["--features", hierarchy["emb"], "--clusters", str(tmp_path / "nope"), "--out", str(tmp_path)])
     lines = capsys.readouterr().err.splitlines()
-    assert e.value.code == 1 and len(lines) == 1 and "centers.npy" in lines[0], lines
+    assert e.value.code == 1 and len(lines) == 1 and side_fields.CENTERS_FILE in lines[0], lines
     with pytest.raises(SystemExit) as e:
         experts.parse_args(["--features", "a", "--clusters", "b", "--out", "c", "--ooc-ratio", "1.5"])
     lines = capsys.readouterr().err.splitlines()
@@ -257,10 +247,10 @@ def test_embed_with_minilm_gives_sentence_embeddings_of_the_cleaned_captions(tmp
                                         "--data.source=synthetic", "--data.synthetic_size=20"])
     summary = embed.run(args, overrides)
     assert summary["complete"] and summary["num_records"] == 20
-    with open(out / "manifest.json") as f:
+    with open(out / side_fields.MANIFEST) as f:
         manifest = json.load(f)
     assert sorted(manifest["fields"]) == ["index", "text_emb", "valid"]
-    assert json.loads((out / "embed.json").read_text())["encoder"] == "minilm"
+    assert json.loads((out / embed.SPEC_FILE).read_text())["encoder"] == "minilm"
     rows = np.concatenate([np.load(out / s["files"]["text_emb"]) for s in manifest["shards"]])
     data = config_base.base_config().data
     data.source, data.synthetic_size = "synthetic", 20
@@ -344,4 +334,4 @@ def test_an_expert_added_to_a_finished_mode_run_trains_only_the_new_one(tmp_path
     # the new expert continued from the seed on its own subset
     config = json.loads((work / "expert_1" / "config.json").read_text())
     assert config["init_from"]["path"] == str(work / "seed")
-    assert config["data"]["subset"] == str(work / "subsets" / "expert_1.npy")
+    assert config["data"]["subset"] == str(work / "subsets" / subset_file(1))

@@ -1,21 +1,17 @@
 """Embedding shards written by ``python -m clus_jax.embed``, read one shard at a time for k-means.
 
-The directory is a side file (``clus_jax/data/side_fields.py``): ``manifest.json`` plus
-``<field>-<shard>.npy`` files. Rows whose ``valid`` entry is False (records that could not be embedded)
-are skipped; ``record_indices()`` gives the record index of every row that is yielded, in order, so
-cluster labels can be written back keyed by record index.
+The directory is a side file (``clus_jax/data/side_fields.py`` reads it). Rows whose ``valid`` entry is
+False (records that could not be embedded) are skipped; ``record_indices()`` gives the record index of every
+row that is yielded, in order, so cluster labels can be written back keyed by record index.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
 import numpy as np
 
-from clus_jax.data.side_fields import INDEX_FIELD, MANIFEST, SideFieldReader
-
-VALID_FIELD = "valid"  # as written by clus_jax.embed
+from clus_jax.data.side_fields import INDEX_FIELD, VALID_FIELD, SideFieldReader, field_specs
 
 
 class EmbeddingShards:
@@ -27,7 +23,7 @@ class EmbeddingShards:
 
     def __init__(self, directory: str | os.PathLike, field: str | None = None):
         self.directory = os.fspath(directory)
-        fields = _manifest_fields(self.directory)
+        fields = list(field_specs(self.directory))
         if field is None:
             candidates = [f for f in fields if f not in (INDEX_FIELD, VALID_FIELD)]
             if len(candidates) != 1:
@@ -54,6 +50,11 @@ class EmbeddingShards:
         """Number of valid rows (what one pass yields)."""
         return self._num_rows
 
+    @property
+    def num_records(self) -> int:
+        """Number of records the directory has a row for, embedded or not (the side file's length)."""
+        return len(self._rows)
+
     def __len__(self) -> int:
         return self._num_rows
 
@@ -69,20 +70,13 @@ class EmbeddingShards:
     def record_indices(self) -> np.ndarray:
         """int64 [num_rows]: the record index of each yielded row."""
         if self._index is not None:
-            index = np.concatenate(list(self._index.chunks())).astype(np.int64)
+            index = self._index.array().astype(np.int64)
         else:
             index = np.arange(len(self._rows), dtype=np.int64)
         if self._valid is not None:
-            index = index[np.concatenate(list(self._valid.chunks())).astype(bool)]
+            index = index[self._valid.array().astype(bool)]
         return index
 
     def __repr__(self) -> str:
         return f"EmbeddingShards({self.directory!r}, field={self.field!r}, rows={self._num_rows}, dim={self.dim})"
 
-
-def _manifest_fields(directory: str) -> list[str]:
-    path = os.path.join(directory, MANIFEST)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"embedding directory {directory!r} has no {MANIFEST} (incomplete or not an embed output)")
-    with open(path, encoding="utf-8") as f:
-        return list(json.load(f)["fields"])

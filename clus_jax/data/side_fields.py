@@ -20,7 +20,11 @@ Two formats are read:
     Shards are contiguous and cover [0, N) in order; every shard has a file for every field, of shape
     ``[end - start, *shape]`` and the declared dtype. ``manifest.json`` is written last (and atomically),
     so a directory without one is incomplete. Several fields may share a directory (an embedding run
-    writes ``image_emb``, ``text_emb`` and ``index``).
+    writes ``image_emb``, ``text_emb``, ``index`` and ``valid``). Shard ``k`` holds the records
+    ``[k * S, (k + 1) * S)`` for a shard size ``S`` (the last one shorter).
+
+    ``SideFileWriter`` is the one writer (``python -m clus_jax.embed``, ``python -m clus_jax.cluster --topk``,
+    ``write_side_file``) and ``manifest()`` the one manifest; ``SideFieldReader`` the one reader.
 
 An ``index`` field (int64, shape ``[]``), when present, holds each row's record index. A file that is
 used as side file must be keyed by record index, so its ``index`` rows must be 0, 1, ..., N-1; that is
@@ -38,7 +42,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from clus_jax.common.files import atomic_save_npy, atomic_write_json
 from clus_jax.data.fields import FieldSpec
 
 MANIFEST = "manifest.json"
@@ -59,8 +65,36 @@ def castable(from_dtype: Any, to_dtype: Any) -> bool:
     return np.dtype(from_dtype).kind in _CASTABLE_KINDS.get(np.dtype(to_dtype).kind, np.dtype(to_dtype).kind)
 
 
-def _shard_name(field: str, shard: int) -> str:
+def shard_name(field: str, shard: int) -> str:
+    """The file of ``field``'s rows in shard ``shard``: ``<field>-<shard:05d>.npy``."""
     return f"{field}-{shard:05d}.npy"
+
+
+def shard_ranges(num_records: int, shard_size: int) -> list[tuple[int, int]]:
+    """[start, end) of every shard: fixed size, the last one shorter."""
+    return [(s, min(s + shard_size, num_records)) for s in range(0, num_records, shard_size)]
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    """The contiguous run of shard numbers that process ``process_index`` of ``process_count`` writes."""
+    return range(num_shards * process_index // process_count, num_shards * (process_index + 1) // process_count)
+
+
+def field_entries(specs: Mapping[str, FieldSpec]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``fields``: name -> {"shape": [...], "dtype": "..."}."""
+    return {name: {"shape": list(spec.shape), "dtype": spec.dtype} for name, spec in specs.items()}
+
+
+def manifest(specs: Mapping[str, FieldSpec], ranges: list[tuple[int, int]]) -> dict[str, Any]:
+    """The manifest of a side file of these fields and shards (the schema in the module docstring)."""
+    return {"num_records": ranges[-1][1] if ranges else 0, "fields": field_entries(specs),
+            "shards": [{"start": s, "end": e, "files": {name: shard_name(name, k) for name in specs}}
+                       for k, (s, e) in enumerate(ranges)]}
+
+
+def field_specs(path: str | os.PathLike) -> dict[str, FieldSpec]:
+    """The fields of a side-file directory, as its manifest declares them."""
+    return _read_manifest(os.path.expanduser(os.fspath(path)))["fields"]
 
 
 def _read_manifest(path: str) -> dict[str, Any]:
@@ -173,6 +207,11 @@ class SideFieldReader:
         shard = int(np.searchsorted(self._ends, i, side="right"))
         return np.array(self._shard_array(shard)[i - int(self._starts[shard])])
 
+    def array(self) -> np.ndarray:
+        """Every row, in order, as one array ``[len(self), *spec.shape]`` (read shard by shard)."""
+        chunks = list(self.chunks())
+        return np.concatenate(chunks) if chunks else np.zeros((0, *self._spec.shape), self._spec.dtype)
+
     def chunks(self):
         """Yields the rows in order, one array per shard (or per million rows), for scans such as range checks."""
         for shard in range(len(self._files)):
@@ -215,35 +254,55 @@ def check_spec(reader: SideFieldReader, name: str, declared: FieldSpec) -> None:
 
 
 class SideFileWriter:
-    """Writes a side file directory (format (b)) incrementally: ``write(arrays)`` appends rows to every
-    field, ``close()`` flushes the last shard and writes the manifest. Usable as a context manager."""
+    """Writes a side file directory (format (b)), the one writer of the format.
+
+    Shard ``k`` holds the rows ``[k * shard_size, (k + 1) * shard_size)`` (the last one shorter), so the files and
+    the manifest follow from the number of rows alone. Every file is written under a temporary name and renamed,
+    and the manifest comes last. Two ways to fill it:
+
+    - ``write(arrays)`` appends rows in order; ``close()`` writes the last shard and the manifest (usable as a
+      context manager): one process that makes every row in order.
+    - ``num_records`` given: ``write_shard(k, arrays)`` writes shard ``k`` alone and ``has_shard(k)`` says whether
+      it is there, from an earlier run too (such a writer continues a directory instead of refusing it), so
+      several processes can write their own shards (``process_shards``) and a re-run can skip finished ones.
+      ``close()`` writes the manifest once every shard is there (whichever process completes the last).
+
+    ``close()`` returns whether the manifest was written, i.e. whether the side file is complete.
+    """
 
     def __init__(self, path: str | os.PathLike, specs: Mapping[str, FieldSpec], *,
-                 shard_size: int = DEFAULT_SHARD_SIZE, overwrite: bool = False):
+                 shard_size: int = DEFAULT_SHARD_SIZE, num_records: int | None = None, overwrite: bool = False):
         if not specs:
             raise ValueError("a side file needs at least one field")
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         self.path = os.path.expanduser(os.fspath(path))
-        if os.path.exists(os.path.join(self.path, MANIFEST)) and not overwrite:
+        self._dir = epath.Path(self.path)
+        finished = self._dir / MANIFEST
+        if finished.exists() and not overwrite and num_records is None:
             raise FileExistsError(f"side file {self.path!r} already exists (pass overwrite=True to replace it)")
-        os.makedirs(self.path, exist_ok=True)
-        if overwrite and os.path.exists(os.path.join(self.path, MANIFEST)):
-            os.remove(os.path.join(self.path, MANIFEST))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        if overwrite and finished.exists():
+            finished.unlink()
         self.specs = {str(k): FieldSpec(v.shape, v.dtype) for k, v in specs.items()}
-        self._shard_size = int(shard_size)
+        self.shard_size = int(shard_size)
+        self.num_records = None if num_records is None else int(num_records)
         self._pending: dict[str, list[np.ndarray]] = {k: [] for k in self.specs}
         self._pending_rows = 0
-        self._shards: list[dict[str, Any]] = []
         self._written = 0
         self._closed = False
 
-    def write(self, arrays: Mapping[str, np.ndarray]) -> None:
-        """Appends the same number of rows to every field (``arrays[name]``: ``[n, *shape]``)."""
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        """``[start, end)`` of every shard (with ``num_records``; else of the shards written so far)."""
+        return shard_ranges(self._written if self.num_records is None else self.num_records, self.shard_size)
+
+    def _checked(self, arrays: Mapping[str, np.ndarray]) -> int:
+        """The number of rows of ``arrays``, checked to be the same for every field and to fit its spec."""
         if self._closed:
-            raise ValueError("write() on a closed SideFileWriter")
+            raise ValueError("write on a closed SideFileWriter")
         if set(arrays) != set(self.specs):
-            raise ValueError(f"write() needs exactly the fields {sorted(self.specs)}, got {sorted(arrays)}")
+            raise ValueError(f"write needs exactly the fields {sorted(self.specs)}, got {sorted(arrays)}")
         n = None
         for name, spec in self.specs.items():
             a = np.asarray(arrays[name])
@@ -251,44 +310,64 @@ class SideFileWriter:
                 raise ValueError(f"field {name!r}: rows of {a.dtype}{list(a.shape[1:])} do not fit "
                                  f"{spec.dtype}{list(spec.shape)}")
             if n is not None and a.shape[0] != n:
-                raise ValueError(f"write() got {n} rows for one field and {a.shape[0]} for {name!r}")
+                raise ValueError(f"write got {n} rows for one field and {a.shape[0]} for {name!r}")
             n = a.shape[0]
+        return int(n)
+
+    def write(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Appends the same number of rows to every field (``arrays[name]``: ``[n, *shape]``)."""
+        n = self._checked(arrays)
         for name, spec in self.specs.items():
             self._pending[name].append(np.asarray(arrays[name]).astype(spec.dtype, copy=False))
         self._pending_rows += n
-        while self._pending_rows >= self._shard_size:
-            self._flush(self._shard_size)
+        while self._pending_rows >= self.shard_size:
+            self._flush(self.shard_size)
 
     def _flush(self, rows: int) -> None:
-        shard = len(self._shards)
-        files = {}
+        arrays = {}
         for name in self.specs:
             data = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else self._pending[name][0]
-            files[name] = _shard_name(name, shard)
-            target = os.path.join(self.path, files[name])
-            with open(target + ".tmp", "wb") as f:
-                np.save(f, np.ascontiguousarray(data[:rows]))
-            os.replace(target + ".tmp", target)
+            arrays[name] = data[:rows]
             self._pending[name] = [data[rows:]] if data.shape[0] > rows else []
-        self._shards.append({"start": self._written, "end": self._written + rows, "files": files})
+        self._save(self._written // self.shard_size, arrays)
         self._written += rows
         self._pending_rows -= rows
 
-    def close(self) -> str:
-        """Writes the remaining rows and the manifest; returns the directory."""
+    def _save(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+        for name, spec in self.specs.items():
+            array = np.asarray(arrays[name]).astype(spec.dtype, copy=False)
+            atomic_save_npy(self._dir / shard_name(name, shard), array)
+
+    def write_shard(self, shard: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Writes every field's rows of shard ``shard`` (needs ``num_records``)."""
+        if self.num_records is None:
+            raise ValueError("write_shard needs a SideFileWriter made with num_records")
+        start, end = self.ranges[shard]
+        n = self._checked(arrays)
+        if n != end - start:
+            raise ValueError(f"shard {shard} holds records [{start}, {end}); write_shard got {n} rows")
+        self._save(shard, arrays)
+
+    def has_shard(self, shard: int) -> bool:
+        """Whether every field's file of shard ``shard`` is there."""
+        return all((self._dir / shard_name(name, shard)).exists() for name in self.specs)
+
+    def read_shard(self, shard: int, field: str) -> np.ndarray:
+        """The rows of ``field`` in shard ``shard`` as written (before the manifest exists too)."""
+        with (self._dir / shard_name(field, shard)).open("rb") as f:
+            return np.load(f)
+
+    def close(self) -> bool:
+        """Writes the remaining rows, and the manifest once every shard is there; returns whether it was."""
         if self._closed:
-            return self.path
+            return True
         if self._pending_rows:
             self._flush(self._pending_rows)
-        manifest = {"num_records": self._written,
-                    "fields": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in self.specs.items()},
-                    "shards": self._shards}
-        tmp = os.path.join(self.path, MANIFEST + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-        os.replace(tmp, os.path.join(self.path, MANIFEST))
+        if not all(self.has_shard(k) for k in range(len(self.ranges))):
+            return False
+        atomic_write_json(self._dir / MANIFEST, manifest(self.specs, self.ranges))
         self._closed = True
-        return self.path
+        return True
 
     def __enter__(self) -> SideFileWriter:
         return self

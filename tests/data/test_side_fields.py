@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clus_jax.data import pipeline, records, side_fields, sources
+from clus_jax.data import data_config, pipeline, records, side_fields, sources
 from clus_jax.data.fields import FieldSpec, image_field, text_field
 
 N = 30
@@ -55,7 +55,7 @@ def labelled(tmp_path):
     """(data config, labels [N, 8]) with the labels in a sharded side file keyed by record index."""
     labels = np.random.default_rng(0).integers(0, 1000, (N, 8)).astype(np.int32)
     side = side_fields.write_side_file(tmp_path / "labels", {"cluster_labels": labels}, shard_size=7)
-    config = pipeline.default_data_config()
+    config = data_config.default_data_config()
     config.update({"source": "array_record", "path": write_source(tmp_path), "prefetch": 2,
                    "min_crop_scale": 0.3, "flip": True})
     config.side_fields = {"cluster_labels": side}
@@ -131,7 +131,10 @@ def test_incremental_writer_matches_one_write(tmp_path):
     with side_fields.SideFileWriter(tmp_path / "inc", {"emb": FieldSpec((3,), "float32")}, shard_size=8) as writer:
         for lo, hi in [(0, 3), (3, 20), (20, 21), (21, 50)]:
             writer.write({"emb": emb[lo:hi]})
-    assert not (tmp_path / "inc" / "manifest.json.tmp").exists()
+    assert sorted(p.name for p in (tmp_path / "inc").iterdir()) == ["emb-00000.npy", "emb-00001.npy", "emb-00002.npy",
+                                                                     "emb-00003.npy", "emb-00004.npy",
+                                                                     "emb-00005.npy", "emb-00006.npy",
+                                                                     side_fields.MANIFEST]  # no temporary file left
     np.testing.assert_array_equal(np.concatenate(list(side_fields.SideFieldReader(tmp_path / "inc").chunks())), emb)
     with pytest.raises(FileExistsError, match="inc"):
         side_fields.write_side_file(tmp_path / "inc", {"emb": emb})
@@ -142,6 +145,47 @@ def test_incremental_writer_matches_one_write(tmp_path):
         writer.write({"a": np.zeros(3, np.int32), "b": np.zeros((4, 2), np.int32)})
     with pytest.raises(ValueError, match="'b'"):
         writer.write({"a": np.zeros(3, np.int32), "b": np.zeros((3, 5), np.int32)})
+
+
+def test_writing_shard_by_shard_makes_the_side_file_that_appending_makes(tmp_path):
+    """Two processes that each write their own shards (as python -m clus_jax.embed does), the second finishing
+    first, give the same files and manifest as one writer that appends the rows in order (as cluster --topk
+    does); a re-run sees every shard and writes the manifest again."""
+    rng = np.random.default_rng(3)
+    arrays = {"emb": rng.normal(size=(23, 3)).astype(np.float32), "index": np.arange(23, dtype=np.int64),
+              "valid": rng.random(23) > 0.3}
+    specs = {name: FieldSpec(a.shape[1:], a.dtype) for name, a in arrays.items()}
+    appended = side_fields.write_side_file(tmp_path / "appended", arrays, shard_size=10)
+    ranges = side_fields.shard_ranges(23, 10)
+    assert ranges == [(0, 10), (10, 20), (20, 23)]
+    for process in (1, 0):
+        writer = side_fields.SideFileWriter(tmp_path / "sharded", specs, shard_size=10, num_records=23)
+        for k in side_fields.process_shards(len(ranges), process, 2):
+            writer.write_shard(k, {name: a[slice(*ranges[k])] for name, a in arrays.items()})
+        assert writer.close() == (process == 0)  # the manifest comes with the last shard
+        assert (tmp_path / "sharded" / side_fields.MANIFEST).exists() == (process == 0)
+    names = sorted(p.name for p in (tmp_path / "appended").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "sharded").iterdir()) and len(names) == 3 * 3 + 1
+    for name in names:
+        assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "appended" / name).read_bytes(), name
+    assert json.loads((tmp_path / "sharded" / side_fields.MANIFEST).read_text()) == side_fields.manifest(specs, ranges)
+    np.testing.assert_array_equal(side_fields.open_side_field(tmp_path / "sharded", "emb", 23).array(), arrays["emb"])
+
+    again = side_fields.SideFileWriter(tmp_path / "sharded", specs, shard_size=10, num_records=23)
+    assert all(again.has_shard(k) for k in range(3)) and again.close()
+    np.testing.assert_array_equal(again.read_shard(2, "valid"), arrays["valid"][20:])
+    with pytest.raises(ValueError, match="shard 2 holds records \\[20, 23\\); write_shard got 4 rows"):
+        writer = side_fields.SideFileWriter(tmp_path / "sharded", specs, shard_size=10, num_records=23)
+        writer.write_shard(2, {name: a[:4] for name, a in arrays.items()})
+    with pytest.raises(ValueError, match="num_records"):
+        side_fields.SideFileWriter(tmp_path / "other", specs).write_shard(0, arrays)
+    assert appended == str(tmp_path / "appended")
+
+
+@pytest.mark.parametrize("num_shards, count", [(5, 2), (3, 4), (10, 3), (0, 2)])
+def test_process_shards_partition_the_shards_in_order(num_shards, count):
+    parts = [list(side_fields.process_shards(num_shards, p, count)) for p in range(count)]
+    assert sum(parts, []) == list(range(num_shards))
 
 
 def test_unreadable_side_files_are_named(tmp_path):
@@ -268,7 +312,7 @@ def test_subset_indices_are_checked(tmp_path, labelled):
         make_iterator(config)
     config.subset = str(tmp_path / "missing.npy")
     with pytest.raises(ValueError, match="config.data.subset=.*missing.npy.* does not exist"):
-        pipeline.resolve_data_config(config)
+        data_config.resolve_data_config(config)
 
 
 def test_wrong_length_side_file_is_a_clear_error(tmp_path, labelled):
@@ -305,28 +349,28 @@ def test_side_files_must_match_the_declared_field_and_be_keyed_by_record_index(t
 
 def test_side_field_config_keys(tmp_path, labelled):
     config, _ = labelled
-    resolved = pipeline.resolve_data_config(config)
+    resolved = data_config.resolve_data_config(config)
     assert dict(resolved.side_fields) == dict(config.side_fields)
     with pytest.raises(ValueError, match=r"config.data.side_fields.cluster_labels=.*nowhere.npy.* does not exist"):
-        pipeline.resolve_data_config({"side_fields": {"cluster_labels": str(tmp_path / "nowhere.npy")}})
+        data_config.resolve_data_config({"side_fields": {"cluster_labels": str(tmp_path / "nowhere.npy")}})
     with pytest.raises(ValueError, match="config.data.side_fields.image"):
-        pipeline.resolve_data_config({"side_fields": {"image": str(tmp_path)}})
+        data_config.resolve_data_config({"side_fields": {"image": str(tmp_path)}})
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="config.data.side_fields.cluster_labels.*notes.txt"):
-        pipeline.resolve_data_config({"side_fields": {"cluster_labels": str(tmp_path / "notes.txt")}})
-    assert dict(pipeline.resolve_data_config({"side_fields": {"cluster_labels": ""}}).side_fields) == {}
+        data_config.resolve_data_config({"side_fields": {"cluster_labels": str(tmp_path / "notes.txt")}})
+    assert dict(data_config.resolve_data_config({"side_fields": {"cluster_labels": ""}}).side_fields) == {}
 
     # A config that declares the name (empty path: unset) can take the path from the command line.
     from absl import flags
     from ml_collections import config_flags
 
-    root = ml_collections.ConfigDict({"data": pipeline.default_data_config()})
+    root = ml_collections.ConfigDict({"data": data_config.default_data_config()})
     root.data.side_fields = {"cluster_labels": ""}
     argv = ["prog", f"--config.data.side_fields.cluster_labels={config.side_fields.cluster_labels}"]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_dict("config", root, flag_values=flag_values, lock_config=True, sys_argv=argv)
     flag_values(argv)
-    got = pipeline.resolve_data_config(flag_values.config.data)
+    got = data_config.resolve_data_config(flag_values.config.data)
     assert dict(got.side_fields) == {"cluster_labels": config.side_fields.cluster_labels}
 
 
@@ -347,7 +391,7 @@ def test_bad_per_record_fields_are_skipped_and_counted(tmp_path):
         23: {**good(23), "labels": [1, [2]] * 4},  # ragged
     }
     path = write_source(tmp_path, record=lambda i: bad.get(i) or good(i))
-    config = pipeline.default_data_config()
+    config = data_config.default_data_config()
     config.update({"source": "array_record", "path": path, "prefetch": 0})
     fields = {"image": image_field(SIZE), "text": text_field(CONTEXT), "labels": LABELS,
               "weight": FieldSpec((), "float32")}
@@ -372,7 +416,7 @@ def test_bad_per_record_fields_are_skipped_and_counted(tmp_path):
 
 
 def test_synthetic_label_as_a_declared_field():
-    config = pipeline.default_data_config()
+    config = data_config.default_data_config()
     config.update({"source": "synthetic", "synthetic_size": 20})
     source = sources.make_source(config)
     it = make_iterator(config, fields={"text": text_field(6), "label": FieldSpec((), "int32")},
