@@ -195,20 +195,15 @@ def caption_encoder(captions_dir: str) -> TextEncoder:
     return clus_jax.load(spec["workdir"], spec.get("step")).encode_text
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        cli.fail(message)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _ArgumentParser(prog="python -m clus_jax.ensemble", allow_abbrev=False,
-                        description="MoDE: every expert, the best, the uniform average and the metadata ensemble.")
+    p = cli.ArgumentParser(prog="python -m clus_jax.ensemble", allow_abbrev=False,
+                           description="MoDE: every expert, the best, the uniform average and the metadata ensemble.")
     p.add_argument("--experts", nargs="+", required=True, help="expert workdirs")
     p.add_argument("--expert-ids", default=None, help="coarse cluster of each expert, comma-separated (default 0,1,...)")
     p.add_argument("--clusters", required=True, help="python -m clus_jax.cluster --levels M,N output")
     p.add_argument("--captions", required=True, help="the clustered caption embeddings (python -m clus_jax.embed)")
     p.add_argument("--baseline", default=None, help="one more run reported alone (a dense CLIP)")
-    p.add_argument("--sets", default="embedded", help="evaluation sets (default embedded)")
+    p.add_argument("--sets", default="embedded", choices=("embedded", "none"), help="evaluation sets (default embedded)")
     p.add_argument("--out", default=None, help="directory for ensemble.json and ensemble.md")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: config.evals.batch_size)")
     p.add_argument("--temperature", type=float, default=mode_ensemble.TEMPERATURE,
@@ -229,8 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Loads the experts, routes, evaluates; returns ``{rows, weights, ...}`` (written to ``--out``)."""
     import clus_jax
-    from clus_jax.experts import load_hierarchy
-    from clus_jax.train.loop import load_eval_sets
+    from clus_jax.clustering.outputs import load_hierarchy
+    from clus_jax.evaluate.embedded import load_sets
 
     fine_centers, fine_to_coarse, num_clusters, _ = load_hierarchy(args.clusters)
     if max(args.expert_ids) >= num_clusters:
@@ -239,9 +234,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for workdir in args.experts + ([args.baseline] if args.baseline else []):
         model = clus_jax.load(workdir, batch_size=args.batch_size)
         if sets is None:
-            config = model.config.copy_and_resolve_references()
-            config.evals.sets = args.sets
-            sets = [s for s in load_eval_sets(config) if isinstance(s, (ClassificationSet, RetrievalSet))]
+            loaded = load_sets(model.config) if args.sets == "embedded" else []
+            sets = [s for s in loaded if isinstance(s, (ClassificationSet, RetrievalSet))]
             if not sets:
                 raise cli.UsageError(f"--sets {args.sets} has no zero-shot or retrieval set")
         outputs.append(model_outputs(model.encode_image, model.encode_text, sets))

@@ -118,12 +118,17 @@ def _step_of(checkpoint: str) -> int | None:
     return int(name) if name.isdigit() else None
 
 
-def model_params_shapes(module: Any, config: ml_collections.ConfigDict) -> PyTree:
-    """The model's parameters as boxed ``jax.ShapeDtypeStruct`` (logical-axis boxes kept), nothing allocated."""
-    from clus_jax.models.towers import init_inputs
+def model_shapes(config: ml_collections.ConfigDict) -> tuple[Any, PyTree, dict[str, Any]]:
+    """``(module, boxed, shapes)`` of ``config.model``: the flax module, its parameters as boxed
+    ``jax.ShapeDtypeStruct`` (logical-axis boxes kept) and the same tree unboxed; nothing allocated. What
+    every reader of a model's checkpoint or weights file checks the parameters against."""
+    from clus_jax.models.towers import build_model, init_inputs
+    from clus_jax.objectives import teachers
 
+    module = build_model(config.model)
     inputs = init_inputs(config.model)
-    return jax.eval_shape(module.init, jax.random.PRNGKey(0), inputs["image"], inputs["text"])["params"]
+    boxed = jax.eval_shape(module.init, jax.random.PRNGKey(0), inputs["image"], inputs["text"])["params"]
+    return module, boxed, teachers.unboxed(boxed)
 
 
 def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int | None = None) -> Model:
@@ -134,16 +139,13 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
       step: the checkpoint step; the newest finished one when None.
       batch_size: encoder batch (rounded to the data-parallel size); ``config.evals.batch_size`` when None.
     """
-    from clus_jax.models.towers import build_model
     from clus_jax.objectives import teachers
     from clus_jax.config.run_config import load_run_config
 
     path = str(workdir_or_checkpoint)
     config = load_run_config(path)
     checkpoint = teachers.resolve_checkpoint(path, step)
-    module = build_model(config.model)
-    boxed = model_params_shapes(module, config)
-    shapes = teachers.unboxed(boxed)
+    _, _, shapes = model_shapes(config)
     saved = teachers.saved_param_shapes(path, step)
     missing = sorted(set(shapes) - set(saved))
     if missing:
@@ -161,15 +163,11 @@ def model_from_params(config: ml_collections.ConfigDict, params: PyTree, *, chec
     """The ``Model`` of ``config.model`` with these host parameters (shapes already checked), placed on the
     current devices; ``checkpoint`` says where they came from (``clus_jax.interop`` builds its models here)."""
     from clus_jax.data.tokenizers import create_tokenizer
-    from clus_jax.models.towers import build_model
-    from clus_jax.objectives import teachers
     from clus_jax.parallel import mesh as mesh_lib
     from clus_jax.parallel import partitioning
     from clus_jax.evaluate.encoders import make_encoders
 
-    module = build_model(config.model)
-    boxed = model_params_shapes(module, config)
-    shapes = teachers.unboxed(boxed)
+    module, boxed, shapes = model_shapes(config)
     mesh = mesh_lib.create_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.devices())
     rules = [tuple(r) for r in config.logical_axis_rules]
     shardings = partitioning.shardings_for(boxed, mesh, rules)

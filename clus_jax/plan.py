@@ -19,13 +19,14 @@ when the total does not fit; the launchers under ``launch/`` call it before star
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import sys
 from typing import Any, Mapping
+
+from clus_jax.common import cli
 
 GIB = 2**30
 EXIT_CONFIG_ERROR = 2
@@ -186,7 +187,7 @@ def check_fits(plan: Mapping[str, Any], device_memory_gb: float) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit status (0 fits, 2 bad config, 3 does not fit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m clus_jax.plan",
         description="Per-device memory plan of a config's train step (nothing is run). "
                     "Other arguments (--config, --config.KEY=VALUE, --workdir) are read like the trainer's.")
@@ -219,8 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         mesh_override = parse_mesh(args.mesh) if args.mesh else None
         plan = make_plan(fv.config, mesh_override)
     except (ConfigError, ValueError) as e:
-        print(f"plan: config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        cli.fail(str(e), code=EXIT_CONFIG_ERROR)
     if args.device_memory_gb:
         plan["device_memory_bytes"] = int(args.device_memory_gb * GIB)
     problem = check_fits(plan, args.device_memory_gb) if args.device_memory_gb else None

@@ -50,7 +50,6 @@ nothing; ``--launcher tpu_pod|gpu_slurm`` prints each stage as a launcher comman
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
@@ -65,6 +64,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from clus_jax.common import cli
+from clus_jax.common.files import atomic_write_json
 
 LAUNCHERS = ("local", "tpu_pod", "gpu_slurm")
 LOG_FILE = "stage.log"
@@ -334,10 +334,7 @@ def run_stage(stage: ResolvedStage, processes: int = 1) -> int:
     if returncode == 0:
         marker = {"stage": stage.name, "spec": stage.spec(), "command": argv, "seconds": round(time.time() - start, 1),
                   "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        tmp = _join(stage.workdir, f".{DONE_FILE}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(marker, f, indent=1)
-        os.replace(tmp, _join(stage.workdir, DONE_FILE))
+        atomic_write_json(_join(stage.workdir, DONE_FILE), marker)
     return returncode
 
 
@@ -369,20 +366,14 @@ def run_recipe(stages: Sequence[ResolvedStage], processes: int = 1) -> int:
 
 def _save_recipe(workdir: str, config_spec: str, stages: Sequence[ResolvedStage]) -> None:
     os.makedirs(workdir, exist_ok=True)
-    with open(_join(workdir, RECIPE_FILE), "w") as f:
-        json.dump({"config": config_spec, "stages": [{"name": s.name, "workdir": s.workdir, **s.spec()}
-                                                     for s in stages]}, f, indent=1)
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        cli.fail(message)
+    atomic_write_json(_join(workdir, RECIPE_FILE), {
+        "config": config_spec, "stages": [{"name": s.name, "workdir": s.workdir, **s.spec()} for s in stages]})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; returns the exit status (1 when a stage failed, 2 for a recipe that cannot run)."""
-    parser = _ArgumentParser(prog="python -m clus_jax.recipe", description=__doc__.split("\n\n")[0],
-                             allow_abbrev=False)
+    parser = cli.ArgumentParser(prog="python -m clus_jax.recipe", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
     parser.add_argument("--config", required=True, help="config file with get_recipe(), optionally :ARGS")
     parser.add_argument("--workdir", required=True, help="recipe directory; stage NAME runs in WORKDIR/NAME")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local")

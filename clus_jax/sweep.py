@@ -17,7 +17,6 @@ each through ``launch/local.sh N``); finished runs are skipped, so re-running a 
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import inspect
@@ -30,6 +29,8 @@ import shlex
 import subprocess
 import sys
 from typing import Any, Mapping, Sequence
+
+from clus_jax.common import cli
 
 LAUNCHERS = ("local", "tpu_pod", "gpu_slurm")
 SWEEP_FILE = "sweep.json"
@@ -268,8 +269,8 @@ def run_local(config_spec: str, runs: Sequence[Run], common: Sequence[str], proc
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry; returns the exit status (non-zero when a run failed)."""
-    parser = argparse.ArgumentParser(prog="python -m clus_jax.sweep", description=__doc__.split("\n\n")[0],
-                                     epilog="Other --config.KEY=VALUE arguments apply to every run.")
+    parser = cli.ArgumentParser(prog="python -m clus_jax.sweep", description=__doc__.split("\n\n")[0],
+                                epilog="Other --config.KEY=VALUE arguments apply to every run.")
     parser.add_argument("--config", help="config file with get_sweep(), optionally :ARGS")
     parser.add_argument("--workdir", required=True, help="sweep directory; run i trains in WORKDIR/<i>_<name>")
     parser.add_argument("--launcher", choices=LAUNCHERS, default="local")
@@ -289,8 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             runs = expand(args.config, args.workdir, rest)
         except (KeyError, TypeError, ValueError) as e:
-            print(f"sweep: {e.args[0] if e.args else e}", file=sys.stderr)
-            return 2
+            cli.fail(e.args[0] if e.args else e)
     if args.collect:
         rows = collect(args.workdir, runs)
         print(open(os.path.join(args.workdir, "results.md")).read(), end="")

@@ -79,6 +79,12 @@ def test_the_file_holds_every_objectives_knobs(tmp_path):
     assert saved["swap"] == json.loads(json.dumps(registry.get("swap").defaults))
     assert saved["optim"]["lr"] == config.optim.lr and saved["objectives"] == {"clip": 1.0, "swap": 0.5}
 
+    config.swap = {"temperature": 0.5}  # a knob the config sets stays, the others are filled in under it
+    run_config.save_run_config(str(tmp_path), config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["swap"] == {**json.loads(json.dumps(registry.get("swap").defaults)), "temperature": 0.5}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # written whole: no temporary file left
+
 
 def test_found_from_a_workdir_its_checkpoints_a_step_and_a_state_folder(tmp_path):
     workdir = tmp_path / "run"

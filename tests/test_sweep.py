@@ -5,7 +5,6 @@ import csv
 import json
 import pathlib
 import shlex
-import subprocess
 import sys
 
 import host_limits  # registered by tests/conftest.py
@@ -23,7 +22,7 @@ TINY = [
 def _write_config(tmp_path: pathlib.Path, sweep_body: str) -> str:
     path = tmp_path / "swept.py"
     path.write_text(
-        "from clus_jax import config_base as common\n\n"
+        "from clus_jax.config import base as common\n\n"
         "def get_config(arg=None):\n"
         "    a = common.parse_arg(arg, steps=0, batch=0, synthetic=False, size='', text_size='', image_size=0)\n"
         "    config = common.base_config()\n"

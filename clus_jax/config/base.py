@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 
 from clus_jax.data import fields as fields_lib
-from clus_jax.data.pipeline import default_data_config
+from clus_jax.data.data_config import default_data_config
 from clus_jax.objectives import registry
 from clus_jax.parallel.partitioning import DEFAULT_RULES
 
@@ -61,6 +63,17 @@ def set_dotted(config, key: str, value) -> None:
 TOWER_PATTERNS = {fields_lib.IMAGE: r"^image(_proj)?/", fields_lib.TEXT: r"^text(_proj)?/"}
 
 
+def objective_knobs(names: Iterable[str], given: Mapping[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """``config.<name>`` of each named objective that has knobs: its registered defaults under the values
+    ``given[name]`` sets (the defaults of a new config, the full knobs a run's config.json records)."""
+    out = {}
+    for name in names:
+        defaults = dict(registry.get(name).defaults or {})
+        if defaults:
+            out[name] = {**defaults, **dict((given or {}).get(name) or {})}
+    return out
+
+
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -78,10 +91,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.objectives = {"clip": 1.0}
     # Every registered objective's knobs live under config.<name>, so all of them show up (and can be
     # overridden from the command line) whichever objectives a config turns on.
-    for name in registry.names():
-        defaults = registry.get(name).defaults
-        if defaults:
-            c[name] = ml_collections.ConfigDict(dict(defaults))
+    for name, knobs in objective_knobs(registry.names()).items():
+        c[name] = ml_collections.ConfigDict(knobs)
 
     c.model = ml_collections.ConfigDict()
     # width/depth/heads/mlp_dim: 0 = from the size's name (clus_jax/models/sizes.py; 'nano' is the default
@@ -154,7 +165,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.min_crop_scale = 1.0
     c.tokenizer = ml_collections.ConfigDict(dict(name="clip", path=""))
 
-    c.evals = ml_collections.ConfigDict(dict(sets="embedded", batch_size=256))
+    # Evaluation (clus_jax/evaluate/registry.py): every dict-valued key is an entry {'type': <evaluator>, <its
+    # settings>}; run = the entries to run, comma-separated ('' or 'none': no evaluation); batch_size: the encoders'.
+    c.evals = ml_collections.ConfigDict(dict(run="embedded", batch_size=256, embedded=dict(type="embedded")))
     return c
 
 

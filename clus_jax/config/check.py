@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import numbers
+from typing import TYPE_CHECKING
 
 import jax.numpy as jnp
 import ml_collections
 
+from clus_jax.evaluate import registry as evaluators
 from clus_jax.models import sizes, towers
 from clus_jax.models.layers import ACTIVATIONS
 from clus_jax.objectives import registry
 from clus_jax.common.errors import ConfigError
 from clus_jax.parallel import mesh as mesh_lib
+
+if TYPE_CHECKING:
+    from clus_jax.data.tokenizers import TextTokenizer
 
 
 #: config.optim.mu_dtype: the dtype of Adam's first moment, by name.
@@ -42,8 +47,20 @@ def _check_architecture_options(m: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.image.std={m.image.std!r} must be > 0")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> dict[str, int]:
-    """Raises ConfigError on the first problem; returns the resolved mesh shape."""
+def check_vocabulary(config: ml_collections.ConfigDict, tokenizer: TextTokenizer) -> None:
+    """config.model.text.vocab_size holds every id of the run's tokenizer (ids past the table embed as NaN)."""
+    if tokenizer.vocab_size > int(config.model.text.vocab_size):
+        raise ConfigError(
+            f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the vocabulary of "
+            f"config.tokenizer.name={config.tokenizer.name!r} ({tokenizer.vocab_size} ids)")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1,
+             tokenizer: TextTokenizer | None = None) -> dict[str, int]:
+    """Raises ConfigError on the first problem; returns the resolved mesh shape.
+
+    ``tokenizer``: the run's tokenizer, when it is built already (the trainer's), for ``check_vocabulary``.
+    """
     batch = _positive_int(config, "batch_size")
     _positive_int(config, "total_steps")
     for key in ("log_every", "eval_every", "checkpoint_every"):
@@ -119,12 +136,46 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"config.optim.warmup_steps={o.warmup_steps!r} must be >= 0")
     if o.get("schedule", "cosine") not in ("cosine", "constant"):
         raise ConfigError(f"config.optim.schedule={o.schedule!r} must be 'cosine' or 'constant'")
-    from clus_jax.data.pipeline import resolve_data_config
+    from clus_jax.data.data_config import resolve_data_config
 
     try:
         resolve_data_config(config.data)
     except ValueError as e:
         raise ConfigError(f"config.data: {e}") from None
-    if config.evals.sets not in ("embedded", "none"):
-        raise ConfigError(f"config.evals.sets={config.evals.sets!r} must be 'embedded' or 'none'")
+    check_evals(config)
+    if tokenizer is not None:
+        check_vocabulary(config, tokenizer)
     return mesh_shape
+
+
+def check_evals(config: ml_collections.ConfigDict) -> None:
+    """config.evals: every entry ``config.evals.run`` names exists, every entry's ``type`` is a registered evaluator
+    and has only its settings, and each evaluator that runs accepts its settings (``Evaluator.validate``)."""
+    evals = config.evals
+    entries = evaluators.entries(config)
+    for key in evals:
+        if key not in entries and key not in evaluators.SHARED:
+            raise ConfigError(f"config.evals.{key}={evals[key]!r} is neither a shared setting {list(evaluators.SHARED)} "
+                              "nor an entry (a dict with a 'type')")
+    size = evals.get("batch_size")
+    if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+        raise ConfigError(f"config.evals.batch_size={size!r} must be an integer > 0")
+    if not isinstance(evals.get("run", ""), str):
+        raise ConfigError(f"config.evals.run={evals.run!r} must be entry names, comma-separated ('none': no evaluation)")
+    unknown = [n for n in evaluators.run_names(config) if n not in entries]
+    if unknown:
+        raise ConfigError(f"config.evals.run={evals.run!r}: no entry config.evals.<name> for {unknown}; "
+                          f"entries: {sorted(entries)}")
+    known = evaluators.names()
+    for entry, own in entries.items():
+        kind = own.get("type")
+        if kind not in known:
+            raise ConfigError(f"config.evals.{entry}.type={kind!r} is not an evaluator; known: {known}")
+        defaults = evaluators.get(kind).defaults
+        for key in own:
+            if key != "type" and key not in defaults:
+                raise ConfigError(f"config.evals.{entry}.{key} is not a setting of evaluator {kind!r}; "
+                                  f"its settings: {sorted(defaults)}")
+    for entry in evaluators.run_names(config):
+        settings = evaluators.settings(config, entry)
+        evaluators.get(settings.type).validate(settings, config)

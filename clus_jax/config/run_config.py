@@ -17,6 +17,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
+from clus_jax.common.files import atomic_write_json
+
 CONFIG_FILE = "config.json"
 
 
@@ -35,27 +37,20 @@ def _plain(value: Any, key: str) -> Any:
     raise TypeError(f"config.{key} = {value!r} ({type(value).__name__}) cannot be written to {CONFIG_FILE}")
 
 
-def _with_objective_knobs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """``config.to_dict()`` with every objective in ``config.objectives`` given all its default knobs."""
-    from clus_jax.objectives import registry
-
-    out = config.to_dict()
-    for name in dict(config.get("objectives") or {}):
-        defaults = dict(getattr(registry.get(name), "defaults", None) or {})
-        if defaults:
-            out[name] = {**defaults, **(out.get(name) or {})}
-    return out
-
-
 def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """Writes ``<workdir>/config.json`` (local or gs://, replacing an older one); returns its path."""
-    text = json.dumps(_plain(_with_objective_knobs(config), ""), indent=2) + "\n"
+    """Writes ``<workdir>/config.json`` (local or gs://, replacing an older one); returns its path.
+
+    Every objective in ``config.objectives`` is written with all its knobs (its defaults filled in).
+    """
+    from clus_jax.config.base import objective_knobs
+
+    values = config.to_dict()
+    values.update(objective_knobs(dict(config.get("objectives") or {}), values))
+    plain = _plain(values, "")  # before anything is written: a value JSON cannot hold names its key
     directory = epath.Path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CONFIG_FILE
-    tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write_json(path, plain, indent=2)
     return str(path)
 
 

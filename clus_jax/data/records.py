@@ -18,6 +18,8 @@ from typing import Any
 
 import msgpack
 
+from clus_jax.common.files import atomic_path
+
 WRITER_OPTIONS = "group_size:1"
 
 
@@ -163,21 +165,20 @@ def expand_paths(pattern: str | Sequence[str], *, what: str = "data") -> list[st
 def write_array_record(path: str, records: Iterable[Mapping[str, Any] | bytes]) -> int:
     """Writes records (dicts are serialized with ``encode_record``; bytes are written as is).
 
-    Writes to ``path + '.tmp'`` then renames, so a reader never sees a half-written file. Returns the
-    number of records written.
+    Writes to a temporary name beside ``path`` then renames, so a reader never sees a half-written file.
+    Returns the number of records written.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    tmp = path + ".tmp"
-    writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
     n = 0
-    try:
-        for rec in records:
-            writer.write(rec if isinstance(rec, (bytes, bytearray)) else encode_record(rec))
-            n += 1
-    finally:
-        writer.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        writer = ArrayRecordWriter(os.fspath(tmp), WRITER_OPTIONS)
+        try:
+            for rec in records:
+                writer.write(rec if isinstance(rec, (bytes, bytearray)) else encode_record(rec))
+                n += 1
+        finally:
+            writer.close()
     return n
 
 

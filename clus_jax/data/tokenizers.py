@@ -24,10 +24,7 @@ import functools
 import gzip
 import hashlib
 import html
-import importlib.util
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -37,12 +34,14 @@ import ftfy
 import numpy as np
 from absl import logging
 
+from clus_jax.common.cache import cache_dir, package_dir, pip_download_wheel
+from clus_jax.common.files import atomic_write_bytes
+
 CLIP_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 CLIP_VOCAB_WHEEL_REQUIREMENT = "open-clip-torch==3.3.0"
 CLIP_VOCAB_WHEEL_MEMBER = "open_clip/" + CLIP_VOCAB_FILENAME
 CLIP_VOCAB_ENV = "CLUS_JAX_CLIP_VOCAB"
-CACHE_ENV = "CLUS_JAX_CACHE"
 
 _SOT = "<start_of_text>"
 _EOT = "<end_of_text>"
@@ -55,22 +54,6 @@ _CLIP_SPLIT_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|
 # ----------------------------------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """Directory for fetched assets: ``$CLUS_JAX_CACHE`` or ``~/.cache/clus_jax``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "clus_jax")
-
-
-def _package_dir(name: str) -> Path | None:
-    """Folder of an installed package, found without importing it (None when not installed)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -79,18 +62,9 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def pip_download_wheel(dest_dir: str | Path, requirement: str = CLIP_VOCAB_WHEEL_REQUIREMENT) -> Path:
-    """Downloads a wheel (no dependencies; default open-clip-torch's) into ``dest_dir`` with pip; returns its path."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           requirement, "-d", str(dest_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed ({proc.returncode}):\n{proc.stderr.strip()}")
-    name = requirement.split("=")[0].split("<")[0].split(">")[0].strip().replace("-", "_")
-    wheels = sorted(Path(dest_dir).glob(f"{name}-*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download of {requirement} produced no wheel in {dest_dir}")
-    return wheels[0]
+def download_open_clip_wheel(dest_dir: str | Path) -> Path:
+    """The open-clip-torch wheel the vocabulary is extracted from, fetched with pip into ``dest_dir``."""
+    return pip_download_wheel(dest_dir, CLIP_VOCAB_WHEEL_REQUIREMENT)
 
 
 def extract_clip_vocab(wheel: str | Path, dest: str | Path, sha256: str = CLIP_VOCAB_SHA256) -> Path:
@@ -110,20 +84,12 @@ def extract_clip_vocab(wheel: str | Path, dest: str | Path, sha256: str = CLIP_V
         raise ValueError(f"sha256 mismatch for {CLIP_VOCAB_WHEEL_MEMBER} in {wheel}: got {digest}, "
                          f"expected {sha256}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(dest, data)
     return dest
 
 
 def fetch_clip_vocab(dest: str | Path,
-                     download: Callable[[Path], str | Path] = pip_download_wheel) -> Path:
+                     download: Callable[[Path], str | Path] = download_open_clip_wheel) -> Path:
     """Fetches the CLIP vocabulary into ``dest``: ``download(tmpdir)`` returns a wheel, which is extracted."""
     with tempfile.TemporaryDirectory(prefix="clus_jax_wheel_") as tmp:
         wheel = download(Path(tmp))
@@ -131,7 +97,7 @@ def fetch_clip_vocab(dest: str | Path,
 
 
 def resolve_clip_vocab(vocab_path: str | os.PathLike | None = None, *,
-                       download: Callable[[Path], str | Path] = pip_download_wheel) -> str:
+                       download: Callable[[Path], str | Path] = download_open_clip_wheel) -> str:
     """Returns a path to the CLIP BPE vocabulary, trying the sources listed in the module docstring in order."""
     if vocab_path is not None:
         if not os.path.isfile(vocab_path):
@@ -146,7 +112,7 @@ def resolve_clip_vocab(vocab_path: str | os.PathLike | None = None, *,
         logging.info("CLIP vocabulary: %s (from $%s)", env_path, CLIP_VOCAB_ENV)
         return env_path
 
-    pkg = _package_dir("open_clip")
+    pkg = package_dir("open_clip")
     if pkg is not None and (pkg / CLIP_VOCAB_FILENAME).is_file():
         logging.info("CLIP vocabulary: %s (installed open_clip package)", pkg / CLIP_VOCAB_FILENAME)
         return str(pkg / CLIP_VOCAB_FILENAME)

@@ -64,14 +64,12 @@ def resolve(weights: str | os.PathLike, model_cfg: ModelConfig | None = None) ->
 def read_params(weights: str | os.PathLike, model_cfg: ModelConfig | None = None) -> dict[str, Any]:
     """The clus_jax parameters (float32 NumPy, nested by path) of an open_clip source, every tensor checked
     against the shape its model config gives (ValueError naming the tensor)."""
-    from clus_jax.inference import model_params_shapes
-    from clus_jax.models.towers import build_model
-    from clus_jax.objectives import teachers
+    from clus_jax.inference import model_shapes
     from clus_jax.common.trees import path_str
 
     path, cfg, preprocess = resolve(weights, model_cfg)
     config = run_config(cfg, preprocess)
-    shapes = teachers.unboxed(model_params_shapes(build_model(config.model), config))
+    _, _, shapes = model_shapes(config)
     expected = {path_str(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(shapes)}
     try:
         return open_clip_weights.to_params(open_clip_weights.read_state_dict(path), cfg, expected)
@@ -102,14 +100,13 @@ def load_open_clip(weights: str | os.PathLike, model_cfg: ModelConfig | None = N
         has one, else OpenAI's (open_clip's default).
       batch_size: the encoders' batch (``config.evals.batch_size`` when None).
     """
-    from clus_jax.inference import model_from_params, model_params_shapes
-    from clus_jax.models.towers import build_model
+    from clus_jax.inference import model_from_params, model_shapes
     from clus_jax.objectives import teachers
 
     path, cfg, preprocess = resolve(weights, model_cfg)
     config = run_config(cfg, preprocess)
     params = read_params(path, cfg)
-    shapes = teachers.unboxed(model_params_shapes(build_model(config.model), config))
+    _, _, shapes = model_shapes(config)
     problems = teachers.shape_mismatches(shapes, params)
     if problems:  # a bug in the mapping rather than in the file: the file's shapes were checked against cfg
         raise ValueError(f"{path!r} does not give clus_jax's model: " + "; ".join(problems[:10]))
@@ -135,13 +132,12 @@ def save_open_clip(workdir: str | os.PathLike, path: str | os.PathLike, step: in
     embedding bias is folded into the position embedding (the same function). ``step``: the checkpoint
     (the newest when None). Returns the two files' paths.
     """
-    from clus_jax.inference import model_params_shapes
-    from clus_jax.models.towers import build_model
+    from clus_jax.inference import model_shapes
     from clus_jax.objectives import teachers
     from clus_jax.config.run_config import load_run_config
 
     config = load_run_config(os.fspath(workdir))
-    model_keys = tuple(teachers.unboxed(model_params_shapes(build_model(config.model), config)))
+    model_keys = tuple(model_shapes(config)[2])
     params = teachers.load_params(os.fspath(workdir), step, include=model_keys)
     state_dict, model_cfg, preprocess = export_params(params, config)
     os.makedirs(path, exist_ok=True)

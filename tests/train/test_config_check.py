@@ -1,5 +1,5 @@
 """Bad config values fail before compilation with a message naming the key."""
-import os
+import types
 
 import pytest
 
@@ -23,7 +23,7 @@ import train_helpers as helpers  # registered by tests/conftest.py
         ({"optim.lr": 0.0}, r"config\.optim\.lr=0\.0 must be > 0"),
         ({"total_steps": -1}, r"config\.total_steps=-1"),
         ({"data.source": "s3"}, r"config\.data: data source must be one of"),
-        ({"evals.sets": "imagenet"}, r"config\.evals\.sets='imagenet'"),
+        ({"evals.run": "imagenet"}, r"config\.evals\.run='imagenet': no entry"),
     ],
 )
 def test_bad_values_name_the_key(overrides, pattern):
@@ -47,6 +47,17 @@ def test_siglip_needs_a_bias():
     config.objectives = {"siglip": 1.0}
     with pytest.raises(ConfigError, match=r"config\.model\.logit_bias_init"):
         config_check.validate(config, num_devices=8)
+
+
+def test_a_vocabulary_larger_than_the_text_table():
+    """The tokenizer's ids must all have a row of the text tower's embedding (ids past it embed as NaN)."""
+    config = helpers.tiny_config("clip", **{"model.text.vocab_size": 1000})
+    config_check.validate(config, num_devices=8)  # without the tokenizer, nothing to compare
+    tokenizer = types.SimpleNamespace(vocab_size=1001)
+    with pytest.raises(ConfigError, match=r"config\.model\.text\.vocab_size=1000 is smaller than the vocabulary of "
+                                          r"config\.tokenizer\.name='clip' \(1001 ids\)"):
+        config_check.validate(config, num_devices=8, tokenizer=tokenizer)
+    config_check.validate(config, num_devices=8, tokenizer=types.SimpleNamespace(vocab_size=1000))
 
 
 def test_valid_config_resolves_the_mesh():

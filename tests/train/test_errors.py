@@ -1,11 +1,11 @@
 """User mistakes give one readable error naming the problem, not a stack trace from inside a library."""
 import os
-import subprocess
 import sys
 
 import host_limits  # registered by tests/conftest.py
 import pytest
 
+from clus_jax.common.errors import ConfigError
 from clus_jax.train import loop
 from clus_jax.train.checkpoint import CheckpointError
 
@@ -23,6 +23,14 @@ def test_missing_vocabulary_file(tmp_path):
     config = helpers.tiny_config("clip", **{"tokenizer.path": str(tmp_path / "missing_vocab.txt.gz")})
     with pytest.raises(FileNotFoundError, match="missing_vocab.txt.gz"):
         loop.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_text_table_smaller_than_the_vocabulary(tmp_path):
+    """Checked with the rest of the config, before the workdir is made or anything compiles."""
+    config = helpers.tiny_config("clip", **{"model.text.vocab_size": 1000})
+    with pytest.raises(ConfigError, match=r"config\.model\.text\.vocab_size=1000 is smaller than the vocabulary"):
+        loop.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
 
 
 def test_unwritable_workdir(tmp_path):
@@ -45,7 +53,7 @@ def test_checkpoint_from_an_incompatible_config(tmp_path):
 def test_cli_prints_one_line_for_a_missing_path(tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:steps=2,batch=8", "--workdir",
            str(tmp_path / "w"), "--config.data.source=tar", f"--config.data.path={tmp_path}/missing-*.tar",
-           "--config.evals.sets=none"]
+           "--config.evals.run=none"]
     proc = host_limits.run(cmd, cwd=REPO, capture_output=True, text=True, base_s=300,
                            env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert proc.returncode == 1, proc.stderr[-2000:]
