@@ -106,7 +106,7 @@ def arch_config(arch: str, objective: str = "clip", *, batch_size: int | None = 
     c.model.dtype = dtype
     c.model.remat = remat
     c.data.source = "synthetic"
-    c.evals.sets = "none"
+    c.evals.run = "none"
     configure_objective(c, objective, num_prototypes)
     return c
 
@@ -118,7 +118,7 @@ def file_config(spec: str):
 
     config = config_base.load_config(spec)
     config.data.source = "synthetic"
-    config.evals.sets = "none"
+    config.evals.run = "none"
     return config
 
 

@@ -107,7 +107,7 @@ def clip_config(args: argparse.Namespace, objective: str, batch: int, remat: boo
         config.model.dtype = "bfloat16"
         config.model.remat = remat
         config.data.source = "synthetic"
-        config.evals.sets = "none"
+        config.evals.run = "none"
         common.configure_objective(config, objective)
     config.batch_size = batch
     config.total_steps = 1000

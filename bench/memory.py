@@ -76,7 +76,7 @@ def tiny_config(objective: str, global_batch: int, num_prototypes: int, chunk_si
     c.model.text.update(dict(size="mu", context_length=8, vocab_size=64))
     c.model.embed_dim = 32
     c.data.source = "synthetic"
-    c.evals.sets = "none"
+    c.evals.run = "none"
     common.configure_objective(c, objective, num_prototypes)
     if chunk_size:
         c[objective].chunk_size = chunk_size
@@ -101,7 +101,7 @@ def scale_config(per_device_batch: int, num_devices: int, dtype: str, remat: boo
     c.model.remat = remat
     c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
     c.data.source = "synthetic"
-    c.evals.sets = "none"
+    c.evals.run = "none"
     return c
 
 

@@ -46,7 +46,7 @@ def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
     config = config_base.load_config("configs/clip.py")
     assert config.batch_size == 64 and config.data.min_crop_scale == 1.0
     config.data.source = "synthetic"
-    config.evals.sets = "none"
+    config.evals.run = "none"
     params = build(config, jax.devices()[:1]).abstract_state["params"]
     image, text = params["image"]["encoder"], params["text"]["encoder"]
     assert sorted(image) == [f"block_{i}" for i in range(4)] and sorted(text) == ["block_0", "block_1"]
@@ -64,7 +64,7 @@ def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
 
 
 TINY = {"model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,
-        "model.text.context_length": 8, "evals.sets": "none", "log_every": 1, "checkpoint_every": 0,
+        "model.text.context_length": 8, "evals.run": "none", "log_every": 1, "checkpoint_every": 0,
         "data.synthetic_size": 256}
 
 

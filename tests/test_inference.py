@@ -10,7 +10,7 @@ from PIL import Image
 import clus_jax
 from clus_jax import inference
 from clus_jax.config import run_config
-from clus_jax.data import embedded, transforms
+from clus_jax.data import embedded, embedded_eval, transforms
 from clus_jax.data.tokenizers import create_tokenizer
 from clus_jax.evaluate.runner import evaluate
 from clus_jax.train import loop
@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("run"))
     config = helpers.tiny_config("clip", total_steps=4, log_every=2, checkpoint_every=0)
     config.data.source = "embedded"
-    config.evals.sets = "embedded"
+    config.evals.run = "embedded"
     config.evals.batch_size = 64
     config.model.text.vocab_size = 49408  # the CLIP tokenizer's ids
     loop.train_and_evaluate(config, workdir)
@@ -43,7 +43,7 @@ def model(run):
 
 @pytest.fixture(scope="module")
 def eval_sets(model):
-    return embedded.load_eval_sets(image_size=model.image_size)
+    return embedded_eval.load_eval_sets(image_size=model.image_size)
 
 
 def test_the_trainer_writes_config_json(run):

@@ -17,7 +17,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = [
     "--config.model.image.size=mu", "--config.model.text.size=mu", "--config.model.image.image_size=16",
-    "--config.model.text.context_length=8", "--config.log_every=1", "--config.evals.sets=none",
+    "--config.model.text.context_length=8", "--config.log_every=1", "--config.evals.run=none",
 ]
 TINY_CONFIG = "configs/clip.py:steps=4,batch=16,synthetic"
 

@@ -1,4 +1,4 @@
-"""``python -m clus_jax.evaluate WORKDIR [--step S] [--sets embedded] [--batch-size B] [--no-append]``: re-evaluates a run
+"""``python -m clus_jax.evaluate WORKDIR [--step S] [--evals NAMES] [--batch-size B] [--no-append]``: re-evaluates a run
 (``clus_jax.train.reevaluate``) and prints one JSON line of its metrics."""
 from __future__ import annotations
 
@@ -10,16 +10,12 @@ from clus_jax.common.errors import ConfigError
 from clus_jax.common import cli
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        cli.fail(message)
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = _ArgumentParser(prog="python -m clus_jax.evaluate", description=__doc__)
+    p = cli.ArgumentParser(prog="python -m clus_jax.evaluate", allow_abbrev=False, description=__doc__)
     p.add_argument("workdir", help="the run's workdir (holds config.json and checkpoints/)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest finished one)")
-    p.add_argument("--sets", default=None, help="evaluation sets instead of the run's config.evals.sets")
+    p.add_argument("--evals", default=None,
+                   help="entries of config.evals to run, comma-separated, instead of the run's config.evals.run")
     p.add_argument("--batch-size", type=int, default=None, help="encoder batch (default: config.evals.batch_size)")
     p.add_argument("--no-append", dest="append", action="store_false",
                    help="do not append the metrics to <workdir>/metrics.jsonl (the arrays are still written)")
@@ -35,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     try:
         step, metrics = reevaluate(args.workdir, args.step, batch_size=args.batch_size, append=args.append,
-                                   sets=args.sets)
+                                   evals=args.evals)
     except (FileNotFoundError, ValueError, ConfigError) as e:
         cli.fail(cli.exception_text(e), code=1)
     print(json.dumps({"step": step, **metrics}), flush=True)

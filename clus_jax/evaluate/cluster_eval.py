@@ -1,16 +1,16 @@
-"""Cluster quality of frozen image embeddings against class labels: k-means and the swap prototype banks.
+"""Cluster quality of frozen image embeddings against class labels: k-means and the objectives' cluster heads.
 
 Two clusterings of a labelled set's image embeddings are scored with NMI, adjusted Rand index and purity
 (``clus_jax.clustering.quality``):
 
 - ``kmeans``: spherical k-means (``clus_jax.clustering.kmeans``: cosine, k-means++ seeding, fixed seed, at
   most 30 Lloyd iterations) with k = the number of classes, on the embeddings of any model;
-- ``bank_<i>``: the arg-max prototype of each embedding under the swap objective's bank ``i``
-  (``params['swap']['bank_<i>']``, rows re-normalised here as the objective does every step), i.e. the
-  clustering the run itself learned, with its own K.
+- ``<head>``: the arg-max row of each embedding under a cluster head [K, D] that an objective names
+  (``Objective.eval_heads``; rows re-normalised here), i.e. a clustering the run itself learned, with its
+  own K.
 
-Purity rewards many clusters (one point per cluster has purity 1) and NMI leans the same way, so bank
-figures are comparable across runs with the same bank sizes; the k-means figures are comparable across any
+Purity rewards many clusters (one point per cluster has purity 1) and NMI leans the same way, so head
+figures are comparable across runs with the same head sizes; the k-means figures are comparable across any
 runs. ARI is corrected for chance and is the fairest across different K.
 """
 from __future__ import annotations
@@ -34,9 +34,9 @@ def scores(labels, assignments) -> dict[str, float]:
             "purity": quality.purity(labels, assignments)}
 
 
-def bank_assignments(embeddings, bank) -> np.ndarray:
-    """Arg-max prototype of each embedding against the unit-length rows of ``bank`` [K, D] (ties: lower index)."""
-    rows = np.asarray(bank, np.float32)
+def head_assignments(embeddings, head) -> np.ndarray:
+    """Arg-max row of each embedding against the unit-length rows of ``head`` [K, D] (ties: lower index)."""
+    rows = np.asarray(head, np.float32)
     rows = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
     return np.argmax(np.asarray(embeddings, np.float32) @ rows.T, axis=1).astype(np.int64)
 
@@ -50,18 +50,18 @@ def kmeans_assignments(embeddings, k: int, *, seed: int = KMEANS_SEED) -> np.nda
     return np.asarray(result.assignments, np.int64)
 
 
-def metric_names(set_name: str, bank_names=()) -> list[str]:
+def metric_names(set_name: str, head_names=()) -> list[str]:
     """The keys ``cluster_metrics`` returns for one set, in order."""
-    return [f"cluster/{set_name}/{source}_{score}" for source in ("kmeans", *bank_names) for score in SCORES]
+    return [f"cluster/{set_name}/{source}_{score}" for source in ("kmeans", *head_names) for score in SCORES]
 
 
 def cluster_metrics(set_name: str, embeddings, labels, num_classes: int,
-                    banks: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-    """``cluster/<set>/kmeans_{nmi,ari,purity}`` and ``cluster/<set>/<bank>_{nmi,ari,purity}`` per bank."""
+                    heads: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+    """``cluster/<set>/kmeans_{nmi,ari,purity}`` and ``cluster/<set>/<head>_{nmi,ari,purity}`` per head."""
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
     clusterings = {"kmeans": kmeans_assignments(embeddings, min(int(num_classes), len(labels)))}
-    for name, bank in (banks or {}).items():
-        clusterings[name] = bank_assignments(embeddings, bank)
+    for name, head in (heads or {}).items():
+        clusterings[name] = head_assignments(embeddings, head)
     return {f"cluster/{set_name}/{source}_{score}": value
             for source, assignments in clusterings.items()
             for score, value in scores(labels, assignments).items()}

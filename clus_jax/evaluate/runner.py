@@ -1,15 +1,15 @@
 """Runs evaluation sets through two encoders and returns flat, stable metric names.
 
-``evaluate(sets, encode_images, encode_texts, banks=None)`` accepts any mix of ``ClassificationSet``,
+``evaluate(sets, encode_images, encode_texts, heads=None)`` accepts any mix of ``ClassificationSet``,
 ``RetrievalSet``, ``ProbeSet`` (see ``datasets.py``) and ``ClusterSet`` and returns ``{name: float}`` with these
 names (values are fractions in [0, 1]; ``<set>`` is the set's ``name``):
 
 - ``zeroshot/<set>/top1``, ``zeroshot/<set>/top5``: zero-shot classification with the class-name prompts
   (one text per class and template, templates averaged CLIP style);
 - ``zeroshot/<set>/mean_per_class_top1``: top-1 recall averaged over the classes present (balanced accuracy);
-- ``cluster/<set>/kmeans_{nmi,ari,purity}`` and, with ``banks``, ``cluster/<set>/bank_<i>_{nmi,ari,purity}``
+- ``cluster/<set>/kmeans_{nmi,ari,purity}`` and, with ``heads``, ``cluster/<set>/<head>_{nmi,ari,purity}``
   for every classification set: the set's image embeddings clustered by k-means (k = classes) and by each
-  prototype bank's arg-max, scored against the labels (``cluster_eval``); a ``ClusterSet`` (a classification
+  cluster head's arg-max, scored against the labels (``cluster_eval``); a ``ClusterSet`` (a classification
   set of a run without a text tower, from ``sets_for``) gets these names only;
 - ``retrieval/<set>/i2t_r1``, ``i2t_r5``, ``i2t_r10``: image->text recall@k (an image is correct when any
   of its captions is in the top k);
@@ -71,20 +71,22 @@ class ClassArrays:
 
 @dataclasses.dataclass
 class Evaluation:
+    """What an evaluation gives: flat scalars, and the arrays the report draws (``artifacts`` saves them)."""
+
     metrics: dict[str, float]
-    arrays: dict[str, ClassArrays]  # by classification set name
+    arrays: dict[str, ClassArrays] = dataclasses.field(default_factory=dict)  # by classification set name
 
 
-def metric_names(sets: Sequence[EvalSet], bank_names: Sequence[str] = ()) -> list[str]:
-    """The keys ``evaluate`` returns for ``sets`` (and prototype banks named ``bank_names``), in order."""
+def metric_names(sets: Sequence[EvalSet], head_names: Sequence[str] = ()) -> list[str]:
+    """The keys ``evaluate`` returns for ``sets`` (and cluster heads named ``head_names``), in order."""
     names = []
     for s in sets:
         if isinstance(s, ClassificationSet):
             names += [f"zeroshot/{s.name}/top{k}" for k in ZEROSHOT_KS]
             names += [f"zeroshot/{s.name}/mean_per_class_top1"]
-            names += cluster_eval.metric_names(s.name, bank_names)
+            names += cluster_eval.metric_names(s.name, head_names)
         elif isinstance(s, ClusterSet):
-            names += cluster_eval.metric_names(s.name, bank_names)
+            names += cluster_eval.metric_names(s.name, head_names)
         elif isinstance(s, RetrievalSet):
             names += [f"retrieval/{s.name}/{d}_r{k}" for d in ("i2t", "t2i") for k in RETRIEVAL_KS]
         elif isinstance(s, ProbeSet):
@@ -113,7 +115,7 @@ def _embed(fn: Callable, inputs, what: str) -> np.ndarray:
 
 
 def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: TextEncoder,
-              banks: Mapping[str, np.ndarray]) -> tuple[dict[str, float], ClassArrays]:
+              heads: Mapping[str, np.ndarray]) -> tuple[dict[str, float], ClassArrays]:
     bad = [t for t in s.templates if "{}" not in t]
     if bad or not s.templates:
         raise ValueError(f"set {s.name!r}: every template needs a '{{}}' for the class name; got {bad or 'none'}")
@@ -128,7 +130,7 @@ def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: T
     per_class = metrics.per_class_accuracy(confusion)
     out = {f"zeroshot/{s.name}/top{k}": acc[f"top{k}"] for k in ZEROSHOT_KS}
     out[f"zeroshot/{s.name}/mean_per_class_top1"] = float(np.nanmean(per_class)) if len(labels) else float("nan")
-    out.update(cluster_eval.cluster_metrics(s.name, image_embs, labels, len(s.classnames), banks))
+    out.update(cluster_eval.cluster_metrics(s.name, image_embs, labels, len(s.classnames), heads))
     projection, explained = metrics.pca_2d(image_embs)
     arrays = ClassArrays(classnames=list(s.classnames), confusion=confusion, per_class_accuracy=per_class,
                          projection=projection.astype(np.float32), explained_variance=explained, labels=labels)
@@ -154,19 +156,19 @@ def _probe(s: ProbeSet, encode_images: ImageEncoder, knn_k: int) -> dict[str, fl
 
 
 def evaluate(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
-             knn_k: int = 20, banks: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+             knn_k: int = 20, heads: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
     """Evaluates every set and returns the flat metrics named in the module docstring."""
-    return run(sets, encode_images, encode_texts, knn_k=knn_k, banks=banks).metrics
+    return run(sets, encode_images, encode_texts, knn_k=knn_k, heads=heads).metrics
 
 
 def run(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
-        knn_k: int = 20, banks: Mapping[str, np.ndarray] | None = None) -> Evaluation:
+        knn_k: int = 20, heads: Mapping[str, np.ndarray] | None = None) -> Evaluation:
     """Evaluates every set: the metrics of ``evaluate`` and each classification set's ``ClassArrays``.
 
-    ``banks``: prototype banks ``{'bank_<i>': [K_i, D]}`` (the swap objective's), in bank order.
+    ``heads``: the objectives' cluster heads ``{name: [K, D]}`` (``Objective.eval_heads``), in their order.
     """
-    banks = dict(banks or {})
-    names = metric_names(sets, list(banks))
+    heads = dict(heads or {})
+    names = metric_names(sets, list(heads))
     if len(set(names)) != len(names):
         raise ValueError(f"two evaluation sets of the same kind share a name: {[s.name for s in sets]}")
     results: dict[str, float] = {}
@@ -174,11 +176,11 @@ def run(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: Text
     for s in sets:
         start = time.perf_counter()
         if isinstance(s, ClassificationSet):
-            out, arrays[s.name] = _zeroshot(s, encode_images, encode_texts, banks)
+            out, arrays[s.name] = _zeroshot(s, encode_images, encode_texts, heads)
         elif isinstance(s, ClusterSet):
             src = s.source
             out = cluster_eval.cluster_metrics(src.name, _embed(encode_images, src.images, "image"), src.labels,
-                                               len(src.classnames), banks)
+                                               len(src.classnames), heads)
         elif isinstance(s, RetrievalSet):
             out = _retrieval(s, encode_images, encode_texts)
         else:

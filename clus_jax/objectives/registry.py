@@ -3,8 +3,8 @@
 An objective owns its knobs (``config.<name>``), its own parameters (``params[<name>]``: prototype banks,
 class centres), any state that is not a parameter (queues, EMA teachers), the extra per-example batch
 fields it needs, its parameter groups (learning-rate multipliers, freezing) and its share of the model
-FLOPs. The train step calls these hooks for every objective in ``config.objectives`` and never asks which
-method is running.
+FLOPs, and what it adds to every evaluation (cluster heads, scalars). The train step and the evaluation call
+these hooks for every objective in ``config.objectives`` and never ask which method is running.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
+import numpy as np
 from jax.sharding import Mesh
 
 from clus_jax.common.errors import ConfigError  # noqa: F401  (objectives raise it as registry.ConfigError)
@@ -111,6 +112,20 @@ class Objective:
     def after_update(self, params: PyTree, state: PyTree, step: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
         """Updates state from the new parameters after the optimizer step (e.g. an EMA teacher)."""
         return state
+
+    def eval_heads(self, params: PyTree, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+        """Named cluster heads [K, D] that every evaluation scores as clusterings (each embedding's arg-max row),
+        e.g. prototype banks; names are shared by all objectives (``cluster/<set>/<head>_{nmi,ari,purity}``).
+
+        ``params`` is this objective's own subtree ``params[<name>]`` as host NumPy arrays ({} when it has none),
+        from the train state or from a checkpoint (``python -m clus_jax.evaluate``).
+        """
+        return {}
+
+    def eval_metrics(self, params: PyTree, config: ml_collections.ConfigDict) -> dict[str, float]:
+        """Scalars reported at every evaluation, logged as ``objectives/<name>/<metric>``; ``params`` as in
+        ``eval_heads``."""
+        return {}
 
 
 _REGISTRY: dict[str, Objective] = {}

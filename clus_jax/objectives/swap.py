@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -337,6 +338,10 @@ class Swap(registry.Objective):
             return state  # a checkpoint teacher stays frozen
         m = teachers.momentum(step, float(cfg.teacher_momentum), float(cfg.teacher_momentum_final), int(config.total_steps))
         return {**state, "teacher": teachers.ema_update(state["teacher"], _teacher_source(params, config), m)}
+
+    def eval_heads(self, params: PyTree, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+        """The banks ``{'bank_<i>': [K_i, D]}`` in bank order: the clusterings the run learned."""
+        return {name: np.asarray(params[name]) for name in prototypes.bank_names(len(params))}
 
 
 def _checkpoint_step(config: ml_collections.ConfigDict) -> int | None:

@@ -1,38 +1,72 @@
-"""The evaluation of a train state: encode functions for the evaluators (fixed-size padded batches,
-sharded over the mesh, every host alike), the prototype banks it is scored with, and where it is saved.
-
-Every process holds the whole (small) evaluation array; each one feeds its share of every padded batch,
-so all hosts run the same number of identical-shape steps and get the full result back.
-"""
+"""One evaluation of a run: the objectives' heads and scalars, the evaluators of ``config.evals.run``, the
+arrays saved under ``<workdir>/eval/step_<N>/``. Shared by the loop and the re-evaluation of a checkpoint."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
 import jax
+import ml_collections
 import numpy as np
 
-from clus_jax.evaluate import artifacts, runner
-from clus_jax.objectives import prototypes
+from clus_jax.evaluate import artifacts
+from clus_jax.evaluate import registry as evaluators
+from clus_jax.objectives import registry as objectives
 from clus_jax.parallel import multihost
 
 PyTree = Any
+#: ``params_of(name)``: objective ``name``'s own parameters as host NumPy arrays ({} when it has none).
+ParamsOf = Callable[[str], PyTree]
 
 
-def prototype_banks(params: PyTree) -> dict[str, np.ndarray]:
-    """The swap objective's banks ``{'bank_<i>': [K_i, D]}`` of a run's parameters, on the host in bank
-    order; empty when the run has none. Works on sharded (multi-host) arrays and on NumPy trees alike."""
-    banks = params.get(prototypes.PARAMS_KEY) if hasattr(params, "get") else None
-    if not banks:
+def _evaluates(objective: objectives.Objective) -> bool:
+    """Whether the objective implements an evaluation hook: only then are its parameters fetched to the host
+    (class centres of millions of rows stay where they are)."""
+    base = objectives.Objective
+    return any(getattr(type(objective), h) is not getattr(base, h) for h in ("eval_heads", "eval_metrics"))
+
+
+def state_params(params: PyTree) -> ParamsOf:
+    """``params_of`` for a train state's parameters; works on sharded (multi-host) arrays and NumPy trees alike."""
+
+    def host(x):
+        return np.asarray(multihost.to_host(x) if isinstance(x, jax.Array) else x)
+
+    return lambda name: jax.tree.map(host, params.get(name, {}))
+
+
+def objective_outputs(config: ml_collections.ConfigDict,
+                      params_of: ParamsOf) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """The cluster heads of every objective of ``config.objectives`` (one namespace) and their scalars, named
+    ``objectives/<objective>/<metric>``."""
+    heads: dict[str, np.ndarray] = {}
+    scalars: dict[str, float] = {}
+    for name in dict(config.objectives):
+        objective = objectives.get(name)
+        if not _evaluates(objective):
+            continue
+        own = params_of(name)
+        for head, array in objective.eval_heads(own, config).items():
+            if head in heads:
+                raise ValueError(f"config.objectives: two objectives name a cluster head {head!r}")
+            heads[head] = np.asarray(array)
+        scalars.update({f"objectives/{name}/{k}": float(v) for k, v in objective.eval_metrics(own, config).items()})
+    return heads, scalars
+
+
+def evaluate_and_save(config: ml_collections.ConfigDict, modalities: Sequence[str],
+                      encoders: tuple[Callable, Callable], params_of: ParamsOf, workdir: str,
+                      step: int) -> dict[str, float]:
+    """Runs the entries of ``config.evals.run`` with ``encoders`` and the objectives' heads, adds the
+    objectives' scalars, and has process 0 save the arrays under ``<workdir>/eval/step_<step>/``
+    (``evaluate.artifacts``). Returns the metrics; {} (nothing saved) when there is nothing to report."""
+    if not evaluators.run_names(config):
         return {}
-    return {name: np.asarray(multihost.to_host(banks[name]) if isinstance(banks[name], jax.Array) else banks[name])
-            for name in prototypes.bank_names(len(banks))}
-
-
-def evaluate_and_save(sets: Sequence[runner.EvalSet], encoders: tuple[Callable, Callable], params: PyTree,
-                      workdir: str, step: int) -> dict[str, float]:
-    """Evaluates ``sets`` with ``encoders`` and the banks of ``params``; process 0 saves the arrays under
-    ``<workdir>/eval/step_<step>/`` (``evaluate.artifacts``). Returns the metrics."""
-    evaluation = runner.run(sets, *encoders, banks=prototype_banks(params))
+    heads, scalars = objective_outputs(config, params_of)
+    ctx = evaluators.EvalContext(*encoders, modalities=tuple(modalities), heads=heads, config=config)
+    evaluation = evaluators.run(config, ctx)
+    evaluation.metrics.update(scalars)
+    if not evaluation.metrics:
+        return {}
     if jax.process_index() == 0:
         artifacts.write(evaluation, artifacts.step_dir(workdir, step))
     return evaluation.metrics

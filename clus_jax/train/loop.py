@@ -11,17 +11,15 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from clus_jax.common.errors import ConfigError
 from clus_jax.common.cli import format_eta
 from clus_jax.data.pipeline import create_train_iterator
 from clus_jax.data.tokenizers import create_tokenizer
-from clus_jax.evaluate.runner import sets_for
 from clus_jax.train.experiment import build
 from clus_jax.config.run_config import save_run_config
 from clus_jax.common import faults
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.evaluate.encoders import make_encoders
-from clus_jax.train.eval_hook import evaluate_and_save
+from clus_jax.train.eval_hook import evaluate_and_save, state_params
 from clus_jax.train.metrics_writer import MetricWriter
 from clus_jax.train.progress import Eta
 
@@ -30,17 +28,6 @@ log = logging.getLogger("clus_jax")
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-def load_eval_sets(config: ml_collections.ConfigDict) -> list:
-    """Evaluation sets named by ``config.evals.sets``: 'embedded' or 'none'."""
-    if config.evals.sets == "none":
-        return []
-    if config.evals.sets == "embedded":
-        from clus_jax.data.embedded import load_eval_sets as load_embedded
-
-        return load_embedded(image_size=int(config.model.image.image_size), cache_dir=config.data.get("cache_dir") or None)
-    raise ConfigError(f"config.evals.sets={config.evals.sets!r} must be 'embedded' or 'none'")
 
 
 class _Preemption:
@@ -86,16 +73,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
     checkpoints = epath.Path(workdir) / "checkpoints"
     resuming = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
-    exp = build(config, resuming=resuming)  # a resumed run neither checks nor reads config.init_from
+    tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
+    # Every check runs in build (config.check.validate, the vocabulary included); a resumed run neither checks
+    # nor reads config.init_from.
+    exp = build(config, resuming=resuming, tokenizer=tokenizer)
     check_workdir(workdir)
     if jax.process_index() == 0:
         save_run_config(workdir, config)  # the workdir describes itself (clus_jax.load reads it)
 
-    tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
-    if tokenizer.vocab_size > int(config.model.text.vocab_size):  # ids past the table embed as NaN
-        raise ConfigError(
-            f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the vocabulary of "
-            f"config.tokenizer.name={config.tokenizer.name!r} ({tokenizer.vocab_size} ids)")
     pcount, pindex = jax.process_count(), jax.process_index()
     data_iter = create_train_iterator(
         config.data, tokenizer=tokenizer, image_size=int(config.model.image.image_size),
@@ -114,17 +99,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer = MetricWriter(workdir)
     bind_encoders = make_encoders(exp.model, exp.mesh, exp.rules, exp.model_params(exp.shardings["params"]), tokenizer,
                                   int(config.evals.batch_size))
-    eval_sets = None
 
     def run_evals(step: int, state) -> dict[str, float]:
-        nonlocal eval_sets
-        if eval_sets is None:
-            eval_sets = sets_for(load_eval_sets(config), exp.modalities)
-        if not eval_sets:
-            return {}
+        """The entries of ``config.evals.run`` on this state (``train.eval_hook``), logged; {} when none report."""
         t0 = time.time()
-        results = evaluate_and_save(eval_sets, bind_encoders(exp.model_params(state["params"])), state["params"],
-                                    workdir, step)
+        results = evaluate_and_save(config, exp.modalities, bind_encoders(exp.model_params(state["params"])),
+                                    state_params(state["params"]), workdir, step)
+        if not results:
+            return {}
         results["eval/seconds"] = time.time() - t0
         eta.evaluated(results["eval/seconds"])
         writer.write(step, results)

@@ -1,10 +1,11 @@
-"""Cluster quality in the evaluation: k-means and prototype-bank assignments of the image embeddings, scored
+"""Cluster quality in the evaluation: k-means and cluster-head assignments of the image embeddings, scored
 against the labels, through the runner with toy encoders whose embeddings are known.
 
 NMI, ARI and purity themselves are tested in tests/clustering (hand-computed values, label permutations);
 here the figures are hand-computed for the wiring: which embeddings are clustered, with which k and which
-banks, under which names. The scores are float64 functions of integer assignments and counts, so
-``pytest.approx``'s relative 1e-6 is far above their rounding on any processor.
+heads, under which names (a head's name is the objective's: the swap banks are 'bank_<i>'). The scores are
+float64 functions of integer assignments and counts, so ``pytest.approx``'s relative 1e-6 is far above their
+rounding on any processor.
 """
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import pytest
 from clus_jax.evaluate import cluster_eval
 from clus_jax.data.eval_sets import ClassificationSet
 from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, run
-from clus_jax.train import eval_hook
 
 NUM_CLASSES = 4
 LABELS = np.array([0, 1, 2, 3, 0, 1, 2, 3, 2, 0, 3, 1])
@@ -34,12 +34,12 @@ def onehot_texts(texts):
     return np.eye(NUM_CLASSES)[[CLASSNAMES.index(t) for t in texts]]
 
 
-def test_class_one_hot_embeddings_cluster_perfectly_by_kmeans_and_by_a_bank_of_class_rows():
+def test_class_one_hot_embeddings_cluster_perfectly_by_kmeans_and_by_a_head_of_class_rows():
     # Bank 0: one row per class, in a shuffled order and of unequal lengths (rows are re-normalised).
     # Bank 1: the first two classes share a prototype, the others get one each, plus an unused row.
     bank_0 = np.eye(NUM_CLASSES)[[2, 0, 3, 1]] * np.array([[3.0], [0.5], [1.0], [7.0]])
     bank_1 = np.array([[1.0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0], [-1.0, -1.0, -1.0, -1.0]])
-    out = evaluate([onehot_set()], onehot_images, onehot_texts, banks={"bank_0": bank_0, "bank_1": bank_1})
+    out = evaluate([onehot_set()], onehot_images, onehot_texts, heads={"bank_0": bank_0, "bank_1": bank_1})
     names = metric_names([onehot_set()], ["bank_0", "bank_1"])
     assert list(out) == names
     assert [k for k in names if k.startswith("cluster/")] == [
@@ -95,19 +95,11 @@ def test_relabelling_the_classes_changes_no_cluster_score():
     assert {k: v for k, v in c.items() if "bank" in k} == pytest.approx({k: v for k, v in a.items() if "bank" in k})
 
 
-def test_bank_assignment_uses_unit_rows():
+def test_head_assignment_uses_unit_rows():
     # Unnormalised, the long row 1 would win both points; with unit rows each point takes its own row.
     bank = np.array([[1.0, 0.0], [10.0, 10.0]])
     x = np.array([[1.0, 0.0], [0.6, 0.8]])
-    np.testing.assert_array_equal(cluster_eval.bank_assignments(x, bank), [0, 1])
-
-
-def test_prototype_banks_in_bank_order_from_a_params_tree():
-    params = {"image": {}, "swap": {f"bank_{i}": np.full((2, 3), i, np.float32) for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)}}
-    banks = eval_hook.prototype_banks(params)
-    assert list(banks) == [f"bank_{i}" for i in range(11)]
-    assert all(np.all(banks[f"bank_{i}"] == i) for i in range(11))
-    assert eval_hook.prototype_banks({"image": {}}) == {}
+    np.testing.assert_array_equal(cluster_eval.head_assignments(x, bank), [0, 1])
 
 
 def test_mean_per_class_accuracy_weights_every_class_equally():
@@ -128,6 +120,6 @@ def test_an_image_only_run_gets_cluster_quality_of_the_classification_sets():
 
     bank = np.eye(NUM_CLASSES)
     sets = [ClusterSet(onehot_set())]
-    out = evaluate(sets, onehot_images, no_text, banks={"bank_0": bank})
+    out = evaluate(sets, onehot_images, no_text, heads={"bank_0": bank})
     assert list(out) == metric_names(sets, ["bank_0"]) == cluster_eval.metric_names("toy", ["bank_0"])
     assert out == pytest.approx({k: 1.0 for k in out})

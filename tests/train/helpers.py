@@ -27,7 +27,7 @@ def tiny_config(objective: str = "clip", **overrides):
     c.optim.warmup_steps = 2
     c.optim.lr = 3e-3
     c.data.source = "synthetic"
-    c.evals.sets = "none"
+    c.evals.run = "none"
     if objective == "siglip":
         c.model.logit_bias_init = -10.0
         c.model.logit_scale_init = float(np.log(10.0))

@@ -20,7 +20,7 @@ STEPS = 8
 EVERY = 2  # checkpoints at 2, 4, 6 (and 8 at the end)
 ARGS = ["--config", f"configs/clip.py:steps={STEPS},batch=16,synthetic", "--config.model.image.size=mu",
         "--config.model.text.size=mu", "--config.model.image.image_size=16", "--config.model.text.context_length=8",
-        "--config.log_every=1", f"--config.checkpoint_every={EVERY}", "--config.evals.sets=none",
+        "--config.log_every=1", f"--config.checkpoint_every={EVERY}", "--config.evals.run=none",
         "--config.data.synthetic_size=96"]
 
 pytestmark = pytest.mark.slow

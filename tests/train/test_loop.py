@@ -1,4 +1,5 @@
-"""The loop end to end on synthetic data: metrics files, exact resume after a preemption, NaN handling."""
+"""The loop end to end on synthetic data: metrics files, exact resume after a preemption, NaN handling, and a
+throwaway objective and evaluator plugged in through the public seams only (README "Adding an evaluator")."""
 import json
 import logging
 import os
@@ -11,6 +12,10 @@ import numpy as np
 import host_limits  # registered by tests/conftest.py
 import pytest
 
+from clus_jax.common.errors import ConfigError
+from clus_jax.evaluate import registry as evaluators
+from clus_jax.evaluate.runner import Evaluation
+from clus_jax.objectives import registry as objectives
 from clus_jax.train.experiment import build
 from clus_jax.train import loop
 from clus_jax.train.metrics_writer import read_metrics
@@ -110,7 +115,7 @@ def test_cli_writes_metrics_and_prints_a_summary(tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/clip.py:steps=4,batch=16,synthetic",
            "--workdir", workdir, "--config.model.image.size=mu", "--config.model.text.size=mu",
            "--config.model.image.image_size=16", "--config.model.text.context_length=8", "--config.log_every=2",
-           "--config.evals.sets=none"]
+           "--config.evals.run=none"]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     proc = host_limits.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, base_s=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -131,3 +136,73 @@ def test_cli_rejects_a_bad_config_value_with_one_line(tmp_path):
     assert proc.returncode == 2
     assert "error: config.batch_size=12 is not divisible by the data-parallel size 8" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# -- a throwaway objective and evaluator, through the public seams only ------------------------------------
+
+
+class Throwaway(objectives.Objective):
+    """Owns a [3, D] head it adds to every evaluation, adds nothing to the loss, reports its number of rows."""
+
+    name = "test_throwaway"
+
+    def init_params(self, rng, config):
+        return {"head": jax.random.normal(rng, (3, int(config.model.embed_dim)))}
+
+    def loss(self, ctx):
+        return jnp.zeros([]), {}, ctx.state
+
+    def eval_heads(self, params, config):
+        return {"throwaway_head": params["head"]}
+
+    def eval_metrics(self, params, config):
+        return {"rows": float(len(params["head"]))}
+
+
+class Probe(evaluators.Evaluator):
+    """Encodes ``images`` black images; reports the embedding width and the heads it was given."""
+
+    name = "test_probe"
+    defaults = {"images": 4}
+
+    def validate(self, settings, config):
+        if settings.images < 1:
+            raise ConfigError(f"config.evals.{settings.entry}.images={settings.images!r} must be >= 1")
+
+    def run(self, settings, ctx):
+        size = int(ctx.config.model.image.image_size)
+        embeddings = ctx.encode_images(np.zeros((settings.images, size, size, 3), np.uint8))
+        return Evaluation({f"probe/{settings.entry}/width": float(embeddings.shape[1]),
+                           f"probe/{settings.entry}/images": float(len(embeddings)),
+                           f"probe/{settings.entry}/heads": float(len(ctx.heads))})
+
+
+@pytest.fixture
+def throwaway():
+    objectives.register(Throwaway)
+    evaluators.register(Probe)
+    yield
+    objectives._REGISTRY.pop(Throwaway.name, None)
+    evaluators._REGISTRY.pop(Probe.name, None)
+
+
+@pytest.mark.slow
+def test_a_throwaway_objective_and_evaluator_reach_metrics_and_the_report(tmp_path, throwaway):
+    from clus_jax import report
+
+    config = loop_config()
+    config.total_steps = 2
+    config.objectives = {"clip": 1.0, "test_throwaway": 1.0}
+    config.evals.mine = {"type": "test_probe", "images": 3}  # a setting other than its default
+    config.evals.run = "mine"
+    config.evals.batch_size = 16
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(config, workdir)
+    (line,) = [r for r in read_metrics(workdir) if "probe/mine/width" in r]
+    assert line["step"] == 2
+    assert line["objectives/test_throwaway/rows"] == 3.0
+    assert (line["probe/mine/width"], line["probe/mine/images"], line["probe/mine/heads"]) == (32.0, 3.0, 1.0)
+    out = tmp_path / "report"
+    report.main([workdir, "--out", str(out)])
+    page = (out / "report.html").read_text()
+    assert "objectives/test_throwaway/rows" in page and "probe/mine/width" in page

@@ -31,7 +31,7 @@ def start(workdir, steps, logs):
         cmd = [sys.executable, "-m", "clus_jax.train", "--config", f"configs/clip.py:steps={steps},batch=16,synthetic",
                "--config.model.image.size=mu", "--config.model.text.size=mu", "--config.model.image.image_size=16",
                "--config.model.text.context_length=8", "--config.log_every=1", "--config.checkpoint_every=4",
-               "--config.evals.sets=none", "--workdir", workdir]
+               "--config.evals.run=none", "--workdir", workdir]
         log = open(os.path.join(logs, f"p{i}.log"), "a")
         procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
