@@ -13,7 +13,7 @@ by random access (``data.sources.make_source``); images get the evaluation's pre
 ``--encoder minilm`` embeds the captions with all-MiniLM-L6-v2 (``models.minilm``, sentence-transformers'
 values, 384 wide) instead of a run's text tower: MoDE's caption encoder, which needs no trained run. Only
 the text modality is embedded; ``--workdir`` is then optional and only says whose data config to start
-from (without it, ``config_base``'s default data: the embedded dataset).
+from (without it, ``config.base``'s default data: the embedded dataset).
 
 Output: a side file (``clus_jax/data/side_fields.py`` writes and reads it, manifest included) of the fields
 ``image_emb`` / ``text_emb`` float32 [D], ``index`` int64 and ``valid`` bool, and beside it

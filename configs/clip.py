@@ -17,7 +17,7 @@ BENCHMARKS.md ("The default run at a third of the compute"): batch 64 gives twic
 (0.90 where 300 steps of batch 128 give 0.66), no crop keeps easy-VQA's shapes whole (0.92), and the
 cheaper nano towers (clus_jax/models/sizes.py) lose nothing (0.92, then 0.94).
 
-Two defaults of config_base make easy-VQA's shapes learnable (the colour alone gives 1/3 of top-1):
+Two defaults of clus_jax/config/base.py make easy-VQA's shapes learnable (the colour alone gives 1/3 of top-1):
   * the image tower: 8x8 tokens from a (32, 64) convolutional stem (model.image.patch_size=4,
     model.image.conv_stem). With the labels, in this budget, the plain 8-pixel patches reach 0.53 top-1
     and the stem 0.94 (bench/supervised_ceiling.py): the old tower could not see the shapes.

@@ -85,7 +85,7 @@ THIS_CONFIG = __file__
 
 
 def get_config(arg: str | None = None):
-    """The CLIP run of one stage: config_base's towers, data and optimizer (as configs/clip.py, at batch 128)."""
+    """The CLIP run of one stage: config.base's towers, data and optimizer (as configs/clip.py, at batch 128)."""
     a = common.parse_arg(arg, size="", text_size="", steps=0, batch=0, synthetic=False, image_size=0)
     config = common.base_config()
     config.objectives = {"clip": 1.0}

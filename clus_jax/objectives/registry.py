@@ -53,7 +53,7 @@ class Objective:
     """Base class: subclasses set ``name`` and implement ``loss``; hooks default to no-ops."""
 
     name: str = ""
-    #: Default knobs, merged under ``config.<name>`` by configs/common.py.
+    #: Default knobs, merged under ``config.<name>`` by ``config.base.objective_knobs``.
     defaults: dict[str, Any] = {}
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
