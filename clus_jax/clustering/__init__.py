@@ -1,6 +1,6 @@
 """Clustering on the device mesh: k-means up to a million centres, top-l assignment, balanced and
-two-level clustering, and the quality figures of a clustering. Depends on ``clus_jax.parallel`` and
-``clus_jax.data`` only (nothing of the objectives).
+two-level clustering, and the quality figures of a clustering. Depends on ``clus_jax.common``,
+``clus_jax.parallel`` and ``clus_jax.data`` only (nothing of the objectives).
 
 API (``from clus_jax import clustering``):
 
@@ -44,6 +44,10 @@ rows back to records).
 MoDE (``mode_ensemble``, MetaCLIP's rules): ``fine_assignment`` / ``coarse_assignment`` (nearest centre),
 ``expert_membership`` (each expert's records plus a seeded out-of-cluster share), ``mode_ensemble_weights``
 (expert weights from a task's class embeddings), ``retrieval_weights`` (per query), ``ensemble_logits``.
+
+What the stages write (``python -m clus_jax.cluster`` and ``experts``): ``outputs`` (the files of a clustering
+output, written with its summary last), ``topk_labels`` (the top-l labels side file MLCD trains on),
+``expert_subsets`` (MoDE's subset index per expert) and ``figures`` (cluster sizes and inertia for the summary).
 """
 from clus_jax.clustering import quality
 from clus_jax.clustering.assign import assign, assign_topk
