@@ -118,3 +118,20 @@ def test_one_config_loader_for_the_cli_sweeps_and_tests(tmp_path):
         config_base.load_config(str(tmp_path / "nope.py"))
     with pytest.raises(FileNotFoundError, match="nope.py"):
         sweep.sweep_points(str(tmp_path / "nope.py"))
+
+
+@pytest.mark.parametrize("sets, run", [("embedded", "embedded"), ("none", "none")])
+def test_a_config_json_from_before_named_evaluators_loads_and_validates(tmp_path, sets, run):
+    """A run saved with ``evals.sets`` (before evaluators had names) still loads, checks and re-evaluates."""
+    from clus_jax.config import check
+
+    config = config_base.base_config()
+    run_config.save_run_config(str(tmp_path), config)
+    path = tmp_path / run_config.CONFIG_FILE
+    values = json.loads(path.read_text())
+    values["evals"] = {"sets": sets, "batch_size": 64}
+    path.write_text(json.dumps(values))
+    loaded = run_config.load_run_config(str(tmp_path))
+    assert loaded.evals.run == run and loaded.evals.batch_size == 64 and "sets" not in loaded.evals
+    assert loaded.evals.embedded.type == "embedded"
+    check.validate(loaded, 1)

@@ -90,4 +90,16 @@ def load_run_config(workdir_or_checkpoint: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds {type(values).__name__}, expected a JSON object")
-    return ml_collections.ConfigDict(_tuples(values))
+    return ml_collections.ConfigDict(_tuples(_upgrade(values)))
+
+
+def _upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """A config.json written before evaluators had names (``evals.sets``: 'embedded' or 'none') in today's
+    form (``evals.run`` over named entries), so older runs still load and re-evaluate."""
+    evals = values.get("evals")
+    if isinstance(evals, dict) and "sets" in evals and "run" not in evals:
+        evals = {k: v for k, v in evals.items() if k != "sets"}
+        evals["run"] = "none" if values["evals"]["sets"] == "none" else "embedded"
+        evals.setdefault("embedded", {"type": "embedded"})
+        values = {**values, "evals": evals}
+    return values
