@@ -110,7 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.topk is not None and not 1 <= args.topk <= args.k:
         cli.fail(f"--topk={args.topk} must be in [1, --k={args.k}]")
     try:
-        from clus_jax.plan import parse_mesh
+        from clus_jax.parallel.mesh import parse_mesh
 
         args.mesh = parse_mesh(args.mesh)
     except ValueError as e:

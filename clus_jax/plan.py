@@ -33,17 +33,6 @@ EXIT_CONFIG_ERROR = 2
 EXIT_DOES_NOT_FIT = 3
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-    """'data=8,fsdp=4,tensor=1' -> {'data': 8, 'fsdp': 4, 'tensor': 1} (-1 allowed for one axis)."""
-    out: dict[str, int] = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"-?\d+", value.strip()):
-            raise ValueError(f"--mesh expects AXIS=SIZE[,AXIS=SIZE...], got {spec!r}")
-        out[name.strip()] = int(value)
-    return out
-
-
 def _fake_cpu_devices(n: int) -> None:
     """Makes the host CPU platform expose ``n`` devices; must run before JAX initializes a backend."""
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
@@ -215,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required")
 
     from clus_jax.common.errors import ConfigError
+    from clus_jax.parallel.mesh import parse_mesh
 
     try:
         mesh_override = parse_mesh(args.mesh) if args.mesh else None

@@ -30,13 +30,6 @@ def _config(spec: str, overrides: dict):
     return config
 
 
-def test_parse_mesh():
-    assert plan_lib.parse_mesh("data=8,fsdp=4,tensor=1") == {"data": 8, "fsdp": 4, "tensor": 1}
-    assert plan_lib.parse_mesh("fsdp=-1") == {"fsdp": -1}
-    with pytest.raises(ValueError, match="AXIS=SIZE"):
-        plan_lib.parse_mesh("data:8")
-
-
 @pytest.mark.parametrize(
     "spec,overrides,mesh",
     [

@@ -1,6 +1,7 @@
 """Device mesh from config: ``config.mesh = {'data': -1, 'fsdp': 1, 'tensor': 1}`` (one -1 = the rest)."""
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import jax
@@ -56,3 +57,14 @@ def create_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | 
 
 def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def parse_mesh(spec: str) -> dict[str, int]:
+    """'data=8,fsdp=4,tensor=1' -> {'data': 8, 'fsdp': 4, 'tensor': 1} (-1 allowed for one axis)."""
+    out: dict[str, int] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"-?\d+", value.strip()):
+            raise ValueError(f"--mesh expects AXIS=SIZE[,AXIS=SIZE...], got {spec!r}")
+        out[name.strip()] = int(value)
+    return out
