@@ -151,25 +151,19 @@ def launcher_command(launcher: str, config_spec: str, run: Run, common_overrides
 
 
 def read_final_metrics(workdir: str) -> tuple[dict[str, Any], int | None]:
-    """(last value of every key, last step) from ``workdir/metrics.jsonl``; ({}, None) when absent."""
-    path = os.path.join(workdir, "metrics.jsonl")
+    """(last value of every key, last step) from ``workdir/metrics.jsonl``; ({}, None) when absent.
+
+    Read by ``read_metrics``: a line cut short by a crash is skipped with a warning naming the file and line."""
+    from clus_jax.train.metrics_writer import METRICS_FILE, read_metrics  # here: the sweep's --help stays quick
+
     final: dict[str, Any] = {}
     last_step = None
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, METRICS_FILE)):
         return final, None
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            step = record.pop("step", None)
-            if step is not None:
-                last_step = step if last_step is None else max(last_step, step)
-            final.update({k: v for k, v in record.items() if v is not None})
+    for record in read_metrics(workdir):
+        step = record.pop("step")
+        last_step = step if last_step is None else max(last_step, step)
+        final.update({k: v for k, v in record.items() if v is not None})
     return final, last_step
 
 

@@ -56,9 +56,9 @@ def run_names(workdirs: Sequence[str]) -> list[str]:
 def load_run(workdir: str, name: str) -> Run:
     """Reads a run's metrics and its newest evaluation arrays; a workdir without ``metrics.jsonl`` fails."""
     from clus_jax.evaluate import artifacts
-    from clus_jax.train.metrics_writer import read_metrics
+    from clus_jax.train.metrics_writer import METRICS_FILE, read_metrics
 
-    if not (epath.Path(workdir) / "metrics.jsonl").exists():
+    if not (epath.Path(workdir) / METRICS_FILE).exists():
         raise FileNotFoundError(f"{workdir!r} holds no metrics.jsonl (is it a run's workdir?)")
     records = read_metrics(workdir)
     steps = artifacts.steps(workdir)
