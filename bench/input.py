@@ -18,7 +18,6 @@ from ``<workdir>/metrics.jsonl``; the first window, which contains compilation, 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -83,8 +82,9 @@ def training_run(workers: int, args: argparse.Namespace) -> dict[str, float]:
         wall = time.perf_counter() - t0
         if result.returncode:
             raise RuntimeError(f"training run failed:\n{result.stderr[-3000:]}")
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f if "train/data_wait_fraction" in line]
+        from clus_jax.train.metrics_writer import read_metrics
+
+        records = [r for r in read_metrics(workdir) if "train/data_wait_fraction" in r]
     windows = records[1:] or records
     mean = lambda key: sum(r[key] for r in windows) / len(windows)
     return dict(data_wait_fraction=mean("train/data_wait_fraction"), train_images_per_s=mean("train/images_per_sec"),
