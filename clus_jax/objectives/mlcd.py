@@ -31,7 +31,8 @@ What is a choice (the MLCD loss itself was never released, deepglint/unicom#84):
     distinct positives exceed its ``num_sample`` (where unicom falls back to a dynamic shape);
   * centres from a k-means file (``init_centers``) start as unit rows; random centres as unicom's.
 
-Sharding: the centres are split over every device with Partial-FC sampling per shard (``partial_fc.py``).
+Sharding: the centres are split over every device with Partial-FC sampling per shard; their K rows are padded
+to a multiple of ``pad_classes_to``, and the padding rows never enter the loss or its gradient (``partial_fc.py``).
 """
 from __future__ import annotations
 

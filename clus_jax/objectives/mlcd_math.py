@@ -25,9 +25,15 @@ PROB_FLOOR = 1e-30
 
 
 def _unit(x: jax.Array, dtype: jnp.dtype, eps: float = 1e-12) -> jax.Array:
-    """``torch.nn.functional.normalize``: x / max(|x|, eps), in ``dtype``."""
+    """``torch.nn.functional.normalize``: x / max(|x|, eps), in ``dtype``.
+
+    As torch's, the norm of a zero row has a zero gradient (``sqrt`` at 0 would give NaN), so a zero row masked
+    out of the loss gets a zero gradient; other rows take the norm of ``x`` itself: the same bits both ways.
+    """
     x = x.astype(dtype)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    nonzero = jnp.any(x != 0, axis=-1, keepdims=True)
+    norm = jnp.linalg.norm(jnp.where(nonzero, x, jnp.ones((), dtype)), axis=-1, keepdims=True)
+    return x / jnp.maximum(jnp.where(nonzero, norm, jnp.zeros((), dtype)), eps)
 
 
 def _straight_through(x: jax.Array, value: jax.Array) -> jax.Array:

@@ -2,12 +2,13 @@
 
 The centres parameter has K rounded up to a multiple of ``pad_classes_to`` (256) rows, so that K = 1,000,000
 splits evenly over 8, 64 or 256 devices (unicom gives shards uneven sizes instead); padding rows are never
-sampled, scored or labelled. The class axis follows the 'classes' logical rule (data x fsdp x tensor: every
-device), and the loss runs in one shard_map island where each device all-gathers the embeddings and labels,
-samples its own centres and computes [B_global, int(r * K / n)] logits; the positive term is summed over
-shards (each positive lives on one) and the negative term is a distributed log-sum-exp, so no device holds
-[B, K]. Sampling follows deepglint/unicom ``PartialFC_V2``: per shard, every positive of the batch plus
-random others, ``num_sample = int(r * num_local)``.
+labelled, drawn only by a shard with too few real rows, and masked out of the loss, which reads them as zeros
+so that they get an exact zero gradient whatever they hold. The class axis follows the 'classes' logical rule
+(data x fsdp x tensor: every device), and the loss runs in one shard_map island where each device all-gathers
+the embeddings and labels, samples its own centres and computes [B_global, int(r * K / n)] logits; the
+positive term is summed over shards (each positive lives on one) and the negative term is a distributed
+log-sum-exp, so no device holds [B, K]. Sampling follows deepglint/unicom ``PartialFC_V2``: per shard, every
+positive of the batch plus random others, ``num_sample = int(r * num_local)``.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from jax.sharding import Mesh
 from clus_jax.objectives.cluster_centers import load_centers
 from clus_jax.objectives.mlcd_math import local_labels, mlcd_terms
 from clus_jax.parallel import partitioning
-from clus_jax.parallel.collectives import AxisName, all_gather_rows, all_sum, join_axis_names, shard_offset
+from clus_jax.parallel.collectives import AxisName, all_gather_rows, all_sum, axis_size, join_axis_names, shard_offset
 
 #: The centres' logical axes: classes split over the mesh, features whole.
 LOGICAL_AXES = ("classes", "proj")
@@ -98,13 +99,16 @@ def partial_fc_loss(embeddings: jax.Array, positive_labels: jax.Array, centers: 
     """The objective's loss on local blocks: rows split over the batch axes, centres over the class axes.
 
     ``centers`` holds this shard's rows of the (padded) parameter; rows with a global id >= ``num_classes``
-    are padding, never sampled or scored.
+    are padding: read as zeros whatever they hold (the zero rows after a k-means file, random ones), masked
+    out of every term, so they never change the loss and get an exact zero gradient.
     """
     e = all_gather_rows(embeddings, batch_axis_name)
     labels = all_gather_rows(positive_labels, batch_axis_name)
     num_local = centers.shape[0]
     num_sample = samples_per_shard(num_local, sample_rate)
     real = shard_offset(num_local, class_axis_name) + jnp.arange(num_local) < num_classes
+    if num_local * axis_size(class_axis_name) > num_classes:  # padding rows: zeros, no gradient
+        centers = jnp.where(real[:, None], centers, jnp.zeros((), centers.dtype))
     candidates, mask = None, real
     if num_sample < num_local:
         shard = lax.axis_index(class_axis_name) if join_axis_names(class_axis_name) else 0

@@ -322,6 +322,21 @@ def test_mlcd_loss_is_stable_at_scale_64():
     np.testing.assert_allclose(np.asarray(g), want_e, rtol=0, atol=e_atol)
 
 
+def test_a_zero_centre_out_of_the_loss_gets_a_zero_gradient():
+    """A zero row of ``centers`` masked out of the negatives (as Partial FC's zero padding rows): finite
+    gradients, exactly zero on that row (the norm's gradient at 0 is torch's 0, not NaN)."""
+    rng = np.random.default_rng(8)
+    labels = distinct_labels(rng, 6, 2, 8)
+    e, w = near_centres(rng, 6, 8, 8, labels)
+    w[3] = 0.0
+    labels[labels == 3] = -1
+    mask = np.arange(8) != 3
+    g_e, g_w = jax.jit(jax.grad(lambda e, w: mlcd_loss(e, jnp.asarray(labels), w, negative_mask=jnp.asarray(mask)),
+                                (0, 1)))(np.float32(e), np.float32(w))
+    assert np.all(np.isfinite(g_e)) and np.all(np.isfinite(g_w)) and np.any(g_w)
+    assert not np.any(np.asarray(g_w)[3])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Partial-FC sampling.
 # ----------------------------------------------------------------------------------------------------
@@ -465,6 +480,36 @@ def test_compiled_logits_are_b_global_by_sampled_centres_per_device():
     assert (str(B), "16") in shapes, sorted(shapes)
     assert (str(B), "64") not in shapes and (str(B), str(K)) not in shapes, sorted(shapes)
     assert (str(K), str(D)) not in shapes and ("64", str(D)) in shapes  # each device: its 64 centres only
+
+
+# (K, sample rate, mesh): K not a multiple of pad_classes_to (256), so 240, 156 and 212 rows are padding; a
+# shard with too few real rows draws padding rows (K 16), every row is scored (rate 1), whole padding shards (8).
+PADDING_CASES = [(16, RATE, dict(data=1, fsdp=1, tensor=1)), (100, 0.1, dict(data=1, fsdp=1, tensor=1)),
+                 (300, 1.0, dict(data=1, fsdp=1, tensor=1)), (16, RATE, dict(data=8, fsdp=1, tensor=1))]
+
+
+@pytest.mark.parametrize("k,rate,mesh_shape", PADDING_CASES, ids=["k16", "k100", "k300_rate1", "k16_data8"])
+def test_padding_rows_never_touch_the_loss_or_its_gradient(tmp_path, k, rate, mesh_shape):
+    """Centres from a k-means file end in zero padding rows: finite gradients, exactly zero on the padding, and
+    the same loss and gradients (bit for bit) whatever the padding rows hold, NaN included."""
+    np.save(tmp_path / "centers.npy", np.random.default_rng(k).normal(size=(k, D)).astype(np.float32))
+    config = mlcd_config(**{"mlcd.num_classes": k, "mlcd.sample_rate": rate, "mlcd.init_centers": str(tmp_path)})
+    rows = partial_fc.padded_rows(k, config.mlcd.pad_classes_to)
+    w = np.asarray(MLCD.init_params(jax.random.PRNGKey(0), config)[mlcd.CENTERS].unbox())
+    assert w.shape == (rows, D) and rows % 256 == 0 and rows > k and not np.any(w[k:])
+    rng = np.random.default_rng(1)
+    e = ref.normalize(rng.normal(size=(B, D))).astype(np.float32)
+    labels = distinct_labels(rng, B, L, k, pad=1)
+    fn, _ = objective_fn(config, mesh_shape)
+    (loss, _), (g_e, g_w) = jax.device_get(fn(e, w, labels, jax.random.PRNGKey(3)))
+    assert np.isfinite(loss) and np.all(np.isfinite(g_e)) and np.all(np.isfinite(g_w[:k])) and np.any(g_w[:k])
+    assert not np.any(g_w[k:])  # NaN is not zero either
+    garbage = w.copy()
+    garbage[k:] = np.nan
+    (loss_g, _), (g_e_g, g_w_g) = jax.device_get(fn(e, garbage, labels, jax.random.PRNGKey(3)))
+    assert loss_g == loss
+    np.testing.assert_array_equal(g_e_g, g_e)
+    np.testing.assert_array_equal(g_w_g, g_w)
 
 
 # ----------------------------------------------------------------------------------------------------
