@@ -2,7 +2,9 @@
 purity), inertia (mean squared distance to the assigned centre) and the cluster-size distribution.
 
 NMI uses the arithmetic-mean normalisation, sklearn's default (``normalized_mutual_info_score``), and the
-adjusted Rand index is Hubert and Arabie's, so figures compare with the usual tables."""
+adjusted Rand index is Hubert and Arabie's, so figures compare with the usual tables. Degenerate inputs follow
+scikit-learn too: two identical partitions score 1 under all three, the empty one and a single point
+included (no pair of points disagrees); nothing is NaN."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,7 +32,8 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def nmi(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """Normalised mutual information, I(T; P) / ((H(T) + H(P)) / 2); 1.0 when both are one cluster."""
+    """Normalised mutual information, I(T; P) / ((H(T) + H(P)) / 2); 1.0 when both are one cluster or there
+    are no points (scikit-learn's ``normalized_mutual_info_score``)."""
     table = _contingency(labels_true, labels_pred)
     n = table.sum()
     if n == 0:
@@ -51,20 +54,25 @@ def _pairs(x: np.ndarray) -> np.ndarray:
 
 
 def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """Adjusted Rand index (Hubert and Arabie 1985): 1 for identical partitions, 0 in expectation by chance."""
+    """Adjusted Rand index (Hubert and Arabie 1985): 1 for identical partitions, 0 in expectation by chance.
+
+    Fewer than two points have no pair to disagree on: 1.0, as scikit-learn's ``adjusted_rand_score``."""
     table = _contingency(labels_true, labels_pred)
     n = table.sum()
+    if n < 2:
+        return 1.0
     sum_cells = _pairs(table).sum()
     sum_rows, sum_cols = _pairs(table.sum(1)).sum(), _pairs(table.sum(0)).sum()
     expected = sum_rows * sum_cols / _pairs(np.array(n))
     maximum = (sum_rows + sum_cols) / 2.0
-    if maximum == expected:  # both partitions trivial (one cluster each, or all singletons)
+    if maximum == expected:  # both partitions trivial and identical (one cluster each, or all singletons)
         return 1.0
     return float((sum_cells - expected) / (maximum - expected))
 
 
 def purity(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
-    """Fraction of points whose cluster's majority class is their own class."""
+    """Fraction of points whose cluster's majority class is their own class; 1.0 for no points (nothing to
+    disagree on, as NMI and ARI)."""
     table = _contingency(labels_true, labels_pred)
     n = table.sum()
     return float(table.max(0).sum() / n) if n else 1.0

@@ -12,6 +12,11 @@ Two clusterings of a labelled set's image embeddings are scored with NMI, adjust
 Purity rewards many clusters (one point per cluster has purity 1) and NMI leans the same way, so head
 figures are comparable across runs with the same head sizes; the k-means figures are comparable across any
 runs. ARI is corrected for chance and is the fairest across different K.
+
+A non-finite embedding (NaN or inf) is refused, naming the set; with ``nonfinite='wrong'`` the finite ones are
+clustered and the others put together in one extra cluster that knows nothing of the labels: with every
+embedding non-finite, NMI and ARI are 0 and purity the largest class's share, as for a model collapsed to a
+point.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from clus_jax.clustering import quality
+from clus_jax.evaluate import metrics
 
 KMEANS_SEED = 0
 KMEANS_ITERS = 30
@@ -55,13 +61,31 @@ def metric_names(set_name: str, head_names=()) -> list[str]:
     return [f"cluster/{set_name}/{source}_{score}" for source in ("kmeans", *head_names) for score in SCORES]
 
 
+def _finite_only(assign, embeddings: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """``assign(embeddings)`` of the finite rows; -1, one extra cluster, for the others."""
+    if ok.all():
+        return assign(embeddings)
+    out = np.full(len(ok), -1, np.int64)
+    if ok.any():
+        out[ok] = assign(embeddings[ok])
+    return out
+
+
 def cluster_metrics(set_name: str, embeddings, labels, num_classes: int,
-                    heads: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
-    """``cluster/<set>/kmeans_{nmi,ari,purity}`` and ``cluster/<set>/<head>_{nmi,ari,purity}`` per head."""
-    labels = np.asarray(labels).astype(np.int64).reshape(-1)
-    clusterings = {"kmeans": kmeans_assignments(embeddings, min(int(num_classes), len(labels)))}
+                    heads: Mapping[str, np.ndarray] | None = None, *, nonfinite: str = "raise") -> dict[str, float]:
+    """``cluster/<set>/kmeans_{nmi,ari,purity}`` and ``cluster/<set>/<head>_{nmi,ari,purity}`` per head.
+
+    ``labels`` must lie in ``[0, num_classes)``; ``nonfinite``: see the module docstring."""
+    embeddings = np.asarray(embeddings)
+    labels = metrics.check_labels(labels, int(num_classes), f"set {set_name!r}: labels")
+    if len(labels) != len(embeddings) or not len(labels):
+        raise ValueError(f"set {set_name!r}: {len(embeddings)} embeddings and {len(labels)} labels; "
+                         "cluster quality needs one label per embedding and at least one")
+    ok = metrics.check_finite(embeddings, "image embeddings", nonfinite, where=f"set {set_name!r}: ")
+    clusterings = {"kmeans": _finite_only(lambda e: kmeans_assignments(e, min(int(num_classes), len(e))),
+                                          embeddings, ok)}
     for name, head in (heads or {}).items():
-        clusterings[name] = head_assignments(embeddings, head)
+        clusterings[name] = _finite_only(lambda e, head=head: head_assignments(e, head), embeddings, ok)
     return {f"cluster/{set_name}/{source}_{score}": value
             for source, assignments in clusterings.items()
             for score, value in scores(labels, assignments).items()}

@@ -2,7 +2,8 @@
 that the run's towers can be scored on (``runner.sets_for``), through ``runner.run`` with the objectives' heads.
 
 ``config.evals.embedded = {'type': 'embedded'}`` is the default entry; its one setting is ``knn_k``, the
-neighbours of the k-NN probe. Metric names: ``runner``'s docstring.
+neighbours of the k-NN probe. Metric names: ``runner``'s docstring, plus ``eval/nonfinite_embeddings``: how
+many encoder output rows had a NaN or inf (scored as wrong, never as right), 0 in a healthy run.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import ml_collections
 
 from clus_jax.common.errors import ConfigError
 from clus_jax.evaluate import registry, runner
+
+#: The metric counting the non-finite embeddings of an evaluation.
+NONFINITE_KEY = "eval/nonfinite_embeddings"
 
 
 def load_sets(config: ml_collections.ConfigDict) -> list[runner.EvalSet]:
@@ -36,4 +40,6 @@ class Embedded(registry.Evaluator):
 
     def run(self, settings: ml_collections.ConfigDict, ctx: registry.EvalContext) -> runner.Evaluation:
         sets = runner.sets_for(load_sets(ctx.config), ctx.modalities)
-        return runner.run(sets, ctx.encode_images, ctx.encode_texts, knn_k=int(settings.knn_k), heads=ctx.heads)
+        out = runner.run(sets, ctx.encode_images, ctx.encode_texts, knn_k=int(settings.knn_k), heads=ctx.heads)
+        out.metrics[NONFINITE_KEY] = float(out.nonfinite_embeddings)
+        return out

@@ -21,6 +21,12 @@ The encoders belong to the caller, which handles tokenisation, batching, padding
 called once per array or list with the whole of it. ``encode_images`` gets uint8 ``[n, H, W, 3]``,
 ``encode_texts`` a ``list[str]``; both return ``[n, D]``. Outputs are L2-normalised again here.
 
+An encoder output row with a NaN or inf is never scored as right. By default (``nonfinite='wrong'``, so one bad
+evaluation does not end a training run) it is scored as wrong (``metrics``: a miss at every k, no prediction,
+no neighbour; ``cluster_eval``: one extra cluster), logged with its set, and counted in
+``Evaluation.nonfinite_embeddings``; ``nonfinite='raise'`` refuses it with a ValueError naming the set and the
+count. Labels outside ``[0, classes)`` are a ValueError naming the set.
+
 ``run`` returns the same metrics with what the report draws: per classification set, the zero-shot confusion
 matrix and per-class accuracy, and a 2-D PCA projection of its image embeddings (``artifacts`` saves them).
 """
@@ -75,6 +81,7 @@ class Evaluation:
 
     metrics: dict[str, float]
     arrays: dict[str, ClassArrays] = dataclasses.field(default_factory=dict)  # by classification set name
+    nonfinite_embeddings: int = 0  # encoder output rows with a NaN or inf, over every set (scored as wrong)
 
 
 def metric_names(sets: Sequence[EvalSet], head_names: Sequence[str] = ()) -> list[str]:
@@ -107,66 +114,95 @@ def sets_for(sets: Sequence[EvalSet], modalities: Sequence[str]) -> list[EvalSet
     return [ClusterSet(s) if isinstance(s, ClassificationSet) else s for s in sets if not isinstance(s, RetrievalSet)]
 
 
-def _embed(fn: Callable, inputs, what: str) -> np.ndarray:
-    out = np.asarray(fn(inputs))
-    if out.ndim != 2 or out.shape[0] != len(inputs):
-        raise ValueError(f"{what} encoder returned shape {out.shape} for {len(inputs)} inputs; expected [n, D]")
-    return metrics.l2_normalize(out.astype(np.float32, copy=False))
+@dataclasses.dataclass
+class _Encoders:
+    """The caller's encoders, checked: every output is ``[n, D]``; its non-finite rows are refused naming the
+    set (``nonfinite='raise'``) or logged and counted (``'wrong'``: the metrics score them as wrong)."""
+
+    images: ImageEncoder
+    texts: TextEncoder
+    nonfinite: str
+    bad_rows: int = 0
+
+    def __call__(self, kind: str, inputs, set_name: str, part: str = "") -> np.ndarray:
+        """``kind`` ('image' or 'text') embeddings of ``inputs``, the ``part`` of set ``set_name`` (for errors)."""
+        if len(inputs) == 0:
+            raise ValueError(f"set {set_name!r}: no {part or kind + 's'}: an empty set has no score")
+        out = np.asarray((self.images if kind == "image" else self.texts)(inputs))
+        if out.ndim != 2 or out.shape[0] != len(inputs):
+            raise ValueError(f"{kind} encoder returned shape {out.shape} for {len(inputs)} inputs; expected [n, D]")
+        ok = metrics.check_finite(out, f"{kind} embeddings", self.nonfinite, where=f"set {set_name!r}: ")
+        bad = int(len(ok) - ok.sum())
+        if bad:
+            logging.warning("eval %s: %d of %d %s embeddings are not finite (NaN or inf); scored as wrong",
+                            set_name, bad, len(ok), kind)
+            self.bad_rows += bad
+        return metrics.l2_normalize(out.astype(np.float32, copy=False))
 
 
-def _zeroshot(s: ClassificationSet, encode_images: ImageEncoder, encode_texts: TextEncoder,
+def _zeroshot(s: ClassificationSet, enc: _Encoders,
               heads: Mapping[str, np.ndarray]) -> tuple[dict[str, float], ClassArrays]:
     bad = [t for t in s.templates if "{}" not in t]
     if bad or not s.templates:
         raise ValueError(f"set {s.name!r}: every template needs a '{{}}' for the class name; got {bad or 'none'}")
+    num_classes = len(s.classnames)
+    labels = metrics.check_labels(s.labels, num_classes, f"set {s.name!r}: labels")
     texts = [t.replace("{}", c) for c in s.classnames for t in s.templates]
-    text_embs = _embed(encode_texts, texts, "text")
-    classifier = metrics.zeroshot_classifier(text_embs.reshape(len(s.classnames), len(s.templates), -1))
-    image_embs = _embed(encode_images, s.images, "image")
-    labels = np.asarray(s.labels).astype(np.int64).reshape(-1)
-    acc = metrics.zeroshot_accuracy(image_embs, labels, classifier, ks=ZEROSHOT_KS)
-    confusion = metrics.confusion_matrix(labels, metrics.zeroshot_predictions(image_embs, classifier),
-                                         len(s.classnames))
-    per_class = metrics.per_class_accuracy(confusion)
+    text_embs = enc("text", texts, s.name)
+    classifier = metrics.zeroshot_classifier(text_embs.reshape(num_classes, len(s.templates), -1))
+    image_embs = enc("image", s.images, s.name)
+    acc = metrics.zeroshot_accuracy(image_embs, labels, classifier, ks=ZEROSHOT_KS, nonfinite=enc.nonfinite)
+    # An image without a prediction (non-finite) is in no column of the matrix but counts as a miss of its class.
+    predictions = metrics.zeroshot_predictions(image_embs, classifier, nonfinite=enc.nonfinite)
+    predicted = predictions >= 0
+    confusion = metrics.confusion_matrix(labels[predicted], predictions[predicted], num_classes)
+    per_class = metrics.per_class_accuracy(confusion, np.bincount(labels, minlength=num_classes))
     out = {f"zeroshot/{s.name}/top{k}": acc[f"top{k}"] for k in ZEROSHOT_KS}
-    out[f"zeroshot/{s.name}/mean_per_class_top1"] = float(np.nanmean(per_class)) if len(labels) else float("nan")
-    out.update(cluster_eval.cluster_metrics(s.name, image_embs, labels, len(s.classnames), heads))
+    out[f"zeroshot/{s.name}/mean_per_class_top1"] = float(np.nanmean(per_class))
+    out.update(cluster_eval.cluster_metrics(s.name, image_embs, labels, num_classes, heads, nonfinite=enc.nonfinite))
     projection, explained = metrics.pca_2d(image_embs)
     arrays = ClassArrays(classnames=list(s.classnames), confusion=confusion, per_class_accuracy=per_class,
                          projection=projection.astype(np.float32), explained_variance=explained, labels=labels)
     return out, arrays
 
 
-def _retrieval(s: RetrievalSet, encode_images: ImageEncoder, encode_texts: TextEncoder) -> dict[str, float]:
-    image_embs = _embed(encode_images, s.images, "image")
-    text_embs = _embed(encode_texts, list(s.captions), "text")
-    rec = metrics.retrieval_recall(image_embs, text_embs, s.caption_to_image, ks=RETRIEVAL_KS)
+def _retrieval(s: RetrievalSet, enc: _Encoders) -> dict[str, float]:
+    image_embs = enc("image", s.images, s.name)
+    text_embs = enc("text", list(s.captions), s.name, "captions")
+    rec = metrics.retrieval_recall(image_embs, text_embs, s.caption_to_image, ks=RETRIEVAL_KS,
+                                   nonfinite=enc.nonfinite)
     return {f"retrieval/{s.name}/{key}": value for key, value in rec.items()}
 
 
-def _probe(s: ProbeSet, encode_images: ImageEncoder, knn_k: int) -> dict[str, float]:
-    train = _embed(encode_images, s.train_images, "image")
-    test = _embed(encode_images, s.test_images, "image")
+def _probe(s: ProbeSet, enc: _Encoders, knn_k: int) -> dict[str, float]:
+    train_labels = metrics.check_labels(s.train_labels, s.num_classes, f"set {s.name!r}: train labels")
+    test_labels = metrics.check_labels(s.test_labels, s.num_classes, f"set {s.name!r}: test labels")
+    train = enc("image", s.train_images, s.name, "train images")
+    test = enc("image", s.test_images, s.name, "test images")
     return {
         f"probe/{s.name}/linear_top1": metrics.linear_probe_accuracy(
-            train, s.train_labels, test, s.test_labels, s.num_classes),
+            train, train_labels, test, test_labels, s.num_classes, nonfinite=enc.nonfinite),
         f"probe/{s.name}/knn_top1": metrics.knn_accuracy(
-            train, s.train_labels, test, s.test_labels, k=knn_k, num_classes=s.num_classes),
+            train, train_labels, test, test_labels, k=knn_k, num_classes=s.num_classes, nonfinite=enc.nonfinite),
     }
 
 
 def evaluate(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
-             knn_k: int = 20, heads: Mapping[str, np.ndarray] | None = None) -> dict[str, float]:
+             knn_k: int = 20, heads: Mapping[str, np.ndarray] | None = None,
+             nonfinite: str = "wrong") -> dict[str, float]:
     """Evaluates every set and returns the flat metrics named in the module docstring."""
-    return run(sets, encode_images, encode_texts, knn_k=knn_k, heads=heads).metrics
+    return run(sets, encode_images, encode_texts, knn_k=knn_k, heads=heads, nonfinite=nonfinite).metrics
 
 
 def run(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: TextEncoder, *,
-        knn_k: int = 20, heads: Mapping[str, np.ndarray] | None = None) -> Evaluation:
+        knn_k: int = 20, heads: Mapping[str, np.ndarray] | None = None, nonfinite: str = "wrong") -> Evaluation:
     """Evaluates every set: the metrics of ``evaluate`` and each classification set's ``ClassArrays``.
 
     ``heads``: the objectives' cluster heads ``{name: [K, D]}`` (``Objective.eval_heads``), in their order.
+    ``nonfinite``: ``'wrong'`` or ``'raise'``, for encoder outputs with a NaN or inf (module docstring).
     """
+    metrics.check_nonfinite_mode(nonfinite)
+    enc = _Encoders(encode_images, encode_texts, nonfinite)
     heads = dict(heads or {})
     names = metric_names(sets, list(heads))
     if len(set(names)) != len(names):
@@ -176,16 +212,17 @@ def run(sets: Sequence[EvalSet], encode_images: ImageEncoder, encode_texts: Text
     for s in sets:
         start = time.perf_counter()
         if isinstance(s, ClassificationSet):
-            out, arrays[s.name] = _zeroshot(s, encode_images, encode_texts, heads)
+            out, arrays[s.name] = _zeroshot(s, enc, heads)
         elif isinstance(s, ClusterSet):
             src = s.source
-            out = cluster_eval.cluster_metrics(src.name, _embed(encode_images, src.images, "image"), src.labels,
-                                               len(src.classnames), heads)
+            out = cluster_eval.cluster_metrics(src.name, enc("image", src.images, src.name), src.labels,
+                                               len(src.classnames), heads, nonfinite=nonfinite)
         elif isinstance(s, RetrievalSet):
-            out = _retrieval(s, encode_images, encode_texts)
+            out = _retrieval(s, enc)
         else:
-            out = _probe(s, encode_images, knn_k)
+            out = _probe(s, enc, knn_k)
         logging.info("eval %s (%.1fs): %s", s.name, time.perf_counter() - start,
                      ", ".join(f"{k.rsplit('/', 1)[-1]}={v:.4f}" for k, v in out.items()))
         results.update(out)
-    return Evaluation(metrics={k: float(results[k]) for k in names}, arrays=arrays)
+    return Evaluation(metrics={k: float(results[k]) for k in names}, arrays=arrays,
+                      nonfinite_embeddings=enc.bad_rows)

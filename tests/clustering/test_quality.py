@@ -73,3 +73,38 @@ def test_cluster_sizes_imbalance_and_empty():
     assert sizes.fraction_empty == pytest.approx(0.25)
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         quality.cluster_sizes(np.array([4]), k=4)
+
+
+def _ari_by_pairs(a, b) -> float:
+    """Independent ARI: scikit-learn's ``adjusted_rand_score`` from the pair confusion counted over every
+    ordered pair of distinct points (1.0 when no pair disagrees, the empty and one-point cases included)."""
+    a, b = np.asarray(a), np.asarray(b)
+    off = ~np.eye(len(a), dtype=bool)
+    same_a, same_b = (a[:, None] == a[None, :])[off], (b[:, None] == b[None, :])[off]
+    tp, fn = int(np.sum(same_a & same_b)), int(np.sum(same_a & ~same_b))
+    fp, tn = int(np.sum(~same_a & same_b)), int(np.sum(~same_a & ~same_b))
+    if fn == 0 and fp == 0:
+        return 1.0
+    return 2.0 * (tp * tn - fn * fp) / ((tp + fn) * (fn + tn) + (tp + fp) * (fp + tn))
+
+
+@pytest.mark.parametrize("true,pred", [
+    ([], []), ([4], [9]), ([0, 0], [0, 1]), ([0, 1], [0, 1]), ([0, 0, 0], [0, 1, 2]), ([0, 1, 2], [5, 6, 7]),
+    ([0, 0, 1, 1], [0, 1, 0, 1]), ([0, 0, 1, 2], [0, 0, 1, 1]), (TRUE, PRED)])
+def test_ari_matches_pair_counting_on_degenerate_and_small_inputs(true, pred):
+    assert quality.adjusted_rand_index(true, pred) == pytest.approx(_ari_by_pairs(true, pred), abs=1e-12)
+
+
+def test_ari_matches_pair_counting_on_random_labelings():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10, 60):
+        for _ in range(10):
+            true, pred = rng.integers(0, 4, n), rng.integers(0, int(rng.integers(1, 6)), n)
+            assert quality.adjusted_rand_index(true, pred) == pytest.approx(_ari_by_pairs(true, pred), abs=1e-12)
+
+
+@pytest.mark.parametrize("labels", [[], [3], ["a"]])
+def test_no_or_one_point_is_a_perfect_match_not_nan(labels):
+    # scikit-learn: NMI and ARI of identical (here trivially so) partitions are 1.0; purity has nothing to miss.
+    for fn in (quality.nmi, quality.adjusted_rand_index, quality.purity):
+        assert fn(labels, labels[::-1]) == 1.0, fn.__name__

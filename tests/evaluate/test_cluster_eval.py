@@ -123,3 +123,32 @@ def test_an_image_only_run_gets_cluster_quality_of_the_classification_sets():
     out = evaluate(sets, onehot_images, no_text, heads={"bank_0": bank})
     assert list(out) == metric_names(sets, ["bank_0"]) == cluster_eval.metric_names("toy", ["bank_0"])
     assert out == pytest.approx({k: 1.0 for k in out})
+
+
+def test_nonfinite_embeddings_are_refused_naming_the_set_or_put_in_one_extra_cluster():
+    embeddings = np.eye(NUM_CLASSES)[LABELS]
+    embeddings[[0, 5]] = np.nan  # a class-0 and a class-1 point
+    with pytest.raises(ValueError, match=r"^set 'toy': 2 of 12 image embeddings are not finite \(NaN or inf\)$"):
+        cluster_eval.cluster_metrics("toy", embeddings, LABELS, NUM_CLASSES)
+    out = cluster_eval.cluster_metrics("toy", embeddings, LABELS, NUM_CLASSES, {"bank_0": np.eye(NUM_CLASSES)},
+                                       nonfinite="wrong")
+    # The ten finite points cluster by class (k-means and the head alike); the two NaN ones form a fifth
+    # cluster. By hand: purity (2 + 2 + 3 + 3 + 1) / 12; ARI: pairs inside cells 1 + 1 + 3 + 3 = 8, within
+    # classes 4 * C(3,2) = 12, within clusters 1 + 1 + 3 + 3 + 1 = 9, 66 in all: expected 12 * 9 / 66.
+    expected = 12 * 9 / 66
+    for source in ("kmeans", "bank_0"):
+        assert out[f"cluster/toy/{source}_purity"] == pytest.approx(11 / 12)
+        assert out[f"cluster/toy/{source}_ari"] == pytest.approx((8 - expected) / (10.5 - expected))
+        assert out[f"cluster/toy/{source}_nmi"] < 1.0
+    every = cluster_eval.cluster_metrics("toy", np.full((12, 4), np.nan), LABELS, NUM_CLASSES, nonfinite="wrong")
+    assert every == {"cluster/toy/kmeans_nmi": 0.0, "cluster/toy/kmeans_ari": 0.0, "cluster/toy/kmeans_purity": 3 / 12}
+
+
+def test_labels_out_of_range_and_empty_sets_are_refused():
+    embeddings = np.eye(NUM_CLASSES)[LABELS]
+    bad = LABELS.copy()
+    bad[3] = -1
+    with pytest.raises(ValueError, match=r"^set 'toy': labels must lie in \[0, 4\), got -1 \(1 of 12 outside\)$"):
+        cluster_eval.cluster_metrics("toy", embeddings, bad, NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"^set 'toy': 0 embeddings and 0 labels"):
+        cluster_eval.cluster_metrics("toy", embeddings[:0], LABELS[:0], NUM_CLASSES)

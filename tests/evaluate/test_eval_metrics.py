@@ -230,3 +230,157 @@ def test_pca_2d_against_the_covariance_eigenvectors():
     assert axis_0[np.argmax(np.abs(axis_0))] > 0
     one_dim, ratio_1 = M.pca_2d(x[:, :1])
     assert one_dim.shape == (500, 2) and np.all(one_dim[:, 1] == 0) and ratio_1[1] == 0
+
+
+# ------------------------------------------------- non-finite embeddings, labels out of range, k, empty sets
+
+
+def test_ranks_of_puts_a_nan_true_score_behind_every_candidate():
+    scores = np.array([[np.nan, np.nan, np.nan],   # all NaN: the true class is last, past every top k
+                       [0.5, np.nan, 0.2],         # a NaN candidate never ranks ahead of the true one
+                       [0.1, 0.3, 0.3]])         # a tie: the lower index first
+    np.testing.assert_array_equal(M._ranks_of(scores, np.array([0, 2, 2])), [3, 1, 1])
+
+
+def test_ranks_of_matches_a_stable_argsort_with_nan_last():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.normal(size=(200, 9)))  # many ties
+    scores[rng.random(scores.shape) < 0.2] = np.nan
+    scores[:10] = np.nan
+    target = rng.integers(0, 9, 200)
+    order = np.argsort(-scores, axis=1, kind="stable")  # NumPy sorts NaN last
+    position = np.argmax(order == target[:, None], axis=1)
+    expected = np.where(np.isnan(scores[np.arange(200), target]), 9, position)
+    np.testing.assert_array_equal(M._ranks_of(scores, target), expected)
+
+
+def test_nan_images_are_refused_or_scored_wrong_never_right():
+    labels, classifier = np.arange(100) % 8, np.eye(8)
+    with pytest.raises(ValueError, match=r"^100 of 100 image embeddings are not finite \(NaN or inf\)$"):
+        M.zeroshot_accuracy(np.full((100, 8), np.nan), labels, classifier)
+    nan = M.zeroshot_accuracy(np.full((100, 8), np.nan), labels, classifier, ks=(1, 5, 8, 20), nonfinite="wrong")
+    assert nan == {"top1": 0.0, "top5": 0.0, "top8": 0.0, "top20": 0.0}
+    # Every finite image is right; rows with a NaN or an inf are wrong at every k.
+    images = np.eye(8)[labels]
+    images[[3, 50, 99], 2] = [np.nan, np.inf, -np.inf]
+    with pytest.raises(ValueError, match="^3 of 100 image embeddings"):
+        M.zeroshot_accuracy(images, labels, classifier)
+    acc = M.zeroshot_accuracy(images, labels, classifier, ks=(1, 20), nonfinite="wrong")
+    assert acc == {"top1": 0.97, "top20": 0.97}
+    predictions = M.zeroshot_predictions(images, classifier, nonfinite="wrong")
+    np.testing.assert_array_equal(predictions, np.where(np.isin(np.arange(100), [3, 50, 99]), -1, labels))
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        M.zeroshot_accuracy(images, labels, classifier, nonfinite="ignore")
+
+
+def test_a_nan_class_is_never_predicted_and_its_images_are_wrong():
+    rng = np.random.default_rng(1)
+    images, labels = rng.normal(size=(300, 6)), rng.integers(0, 6, 300)
+    classifier = M.l2_normalize(rng.normal(size=(6, 6)))
+    classifier[4] = np.nan  # e.g. the text tower gave NaN for one class name
+    with pytest.raises(ValueError, match="^1 of 6 classifier rows are not finite"):
+        M.zeroshot_predictions(images, classifier)
+    acc = M.zeroshot_accuracy(images, labels, classifier, ks=(1, 2), nonfinite="wrong")
+    predictions = M.zeroshot_predictions(images, classifier, nonfinite="wrong")
+    # Independent: the other classes' scores, ranked by NumPy's stable sort; class 4 never scores.
+    scores = M.l2_normalize(images) @ np.delete(classifier, 4, axis=0).T
+    top2 = np.delete(np.arange(6), 4)[np.argsort(-scores, axis=1, kind="stable")[:, :2]]
+    assert 4 not in predictions and np.all(predictions == top2[:, 0])
+    assert acc["top1"] == np.mean(predictions == labels) == np.mean(top2[:, 0] == labels)
+    assert acc["top2"] == np.mean(np.any(top2 == labels[:, None], axis=1))
+
+
+def test_retrieval_scores_nan_images_and_captions_as_misses():
+    c2i = np.array([0, 0, 1, 2, 3])
+    images, texts = np.eye(4), np.eye(4)[c2i]  # every query right at rank 0 while finite
+    images[1] = np.nan
+    texts[[1, 3]] = np.nan
+    with pytest.raises(ValueError, match="^1 of 4 image embeddings"):
+        M.retrieval_recall(images, texts, c2i)
+    with pytest.raises(ValueError, match="^2 of 5 text embeddings"):
+        M.retrieval_recall(np.eye(4), texts, c2i)
+    out = M.retrieval_recall(images, texts, c2i, ks=(1, 10), nonfinite="wrong")
+    # i2t: image 0 keeps its finite caption 0; image 1 is NaN; image 2's only caption (3) is NaN; image 3 is fine.
+    # t2i: captions 0 and 4 are fine; 1 and 3 are NaN, 2 belongs to the NaN image 1.
+    assert out == {"i2t_r1": 0.5, "i2t_r10": 0.5, "t2i_r1": 0.4, "t2i_r10": 0.4}
+    everything_nan = M.retrieval_recall(np.full((4, 4), np.nan), texts, c2i, nonfinite="wrong")
+    assert set(everything_nan.values()) == {0.0}
+
+
+def test_labels_out_of_range_are_refused_not_wrapped():
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 3\), got -1 \(1 of 2 outside\)$"):
+        M.zeroshot_accuracy(np.eye(3)[:2], [-1, 0], np.eye(3))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got 3"):
+        M.zeroshot_accuracy(np.eye(3)[:2], [3, 0], np.eye(3))
+    x, y = np.eye(3), np.array([0, 1, 2])
+    for probe in (M.linear_probe_accuracy, M.logistic_probe_accuracy):
+        with pytest.raises(ValueError, match=r"^train labels must lie in \[0, 3\), got -1"):
+            probe(x, [0, 1, -1], x, y, 3)
+        with pytest.raises(ValueError, match=r"^test labels must lie in \[0, 3\), got 5"):
+            probe(x, y, x, [0, 5, 1], 3)
+    with pytest.raises(ValueError, match=r"^train labels must lie in \[0, 3\), got -1"):
+        M.knn_accuracy(x, [0, 1, -1], x, y, k=1)  # classes inferred from the labels: -1 still refused
+    with pytest.raises(ValueError, match=r"^train labels must lie in \[0, 2\), got 2"):
+        M.knn_accuracy(x, [0, 1, 2], x, [0, 1, 1], k=1, num_classes=2)
+
+
+@pytest.mark.parametrize("k", [0, -5, 1.5, True])
+def test_knn_k_must_be_a_positive_integer(k):
+    x, y = np.eye(3), np.array([0, 1, 2])
+    with pytest.raises(ValueError, match=r"^k must be an integer >= 1, got"):
+        M.knn_accuracy(x, y, x, y, k=k)
+
+
+def test_top_k_must_be_a_positive_integer():
+    with pytest.raises(ValueError, match=r"^ks must be an integer >= 1, got 0$"):
+        M.zeroshot_accuracy(np.eye(3), [0, 1, 2], np.eye(3), ks=(1, 0))
+    with pytest.raises(ValueError, match=r"^ks must be an integer >= 1, got -1$"):
+        M.retrieval_recall(np.eye(3), np.eye(3), [0, 1, 2], ks=(-1,))
+
+
+def test_empty_sets_are_refused():
+    x, y, none = np.eye(3), np.array([0, 1, 2]), np.zeros((0, 3))
+    for probe in (M.linear_probe_accuracy, M.logistic_probe_accuracy):
+        with pytest.raises(ValueError, match="^no train examples"):
+            probe(none, [], x, y, 3)
+        with pytest.raises(ValueError, match="^no test examples"):
+            probe(x, y, none, [], 3)
+    with pytest.raises(ValueError, match="^no train examples"):
+        M.knn_accuracy(none, [], x, y, k=1, num_classes=3)
+    with pytest.raises(ValueError, match="^no test examples"):
+        M.knn_accuracy(x, y, none, [], k=1)
+    with pytest.raises(ValueError, match="^no image embeddings"):
+        M.zeroshot_accuracy(none, [], np.eye(3))
+    with pytest.raises(ValueError, match="^no captions"):
+        M.retrieval_recall(x, none, [])
+    with pytest.raises(ValueError, match="^2 train embeddings but 3 train labels"):
+        M.linear_probe_accuracy(x[:2], y, x, y, 3)
+
+
+def test_probes_drop_nan_train_rows_and_miss_nan_test_rows():
+    rng = np.random.default_rng(0)
+    centers = 3.0 * rng.normal(size=(4, 16))
+    trx, try_ = _clusters(rng, 20, centers, 0.5)
+    tex, tey = _clusters(rng, 10, centers, 0.5)
+    bad_train, bad_test = [0, 21, 79], [5, 6, 39]
+    dirty_trx, dirty_tex = trx.copy(), tex.copy()
+    dirty_trx[bad_train, 3] = np.nan
+    dirty_tex[bad_test, 0] = np.inf
+    clean_train = np.delete(np.arange(80), bad_train)
+    for probe in (M.linear_probe_accuracy, lambda *a, **kw: M.knn_accuracy(*a[:4], k=5, num_classes=a[4], **kw)):
+        with pytest.raises(ValueError, match="^3 of 80 train embeddings are not finite"):
+            probe(dirty_trx, try_, tex, tey, 4)
+        with pytest.raises(ValueError, match="^3 of 40 test embeddings are not finite"):
+            probe(trx, try_, dirty_tex, tey, 4)
+        # Separable clusters: the finite test rows are all right, the three non-finite ones wrong.
+        assert probe(trx[clean_train], try_[clean_train], tex, tey, 4) == 1.0
+        assert probe(dirty_trx, try_, dirty_tex, tey, 4, nonfinite="wrong") == 37 / 40
+        # Nothing finite to learn from: every answer is wrong.
+        assert probe(np.full_like(trx, np.nan), try_, tex, tey, 4, nonfinite="wrong") == 0.0
+
+
+def test_per_class_accuracy_counts_examples_without_a_prediction_as_wrong():
+    conf = M.confusion_matrix([0, 0, 1], [0, 1, 1], 3)  # a fourth example, of class 0, had no prediction
+    np.testing.assert_allclose(M.per_class_accuracy(conf, totals=[3, 1, 0]), [1 / 3, 1.0, np.nan])
+    with pytest.raises(ValueError, match=r"^predictions must lie in \[0, 3\), got -1"):
+        M.confusion_matrix([0], [-1], 3)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from clus_jax.data.eval_sets import ClassificationSet, ProbeSet, RetrievalSet
-from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, sets_for
+from clus_jax.evaluate.runner import ClusterSet, evaluate, metric_names, run, sets_for
 
 RED, GREEN, BLUE, GRAY = (255, 0, 0), (0, 255, 0), (0, 0, 255), (128, 128, 128)
 ONEHOT = {"red": [1.0, 0, 0], "green": [0, 1.0, 0], "blue": [0, 0, 1.0]}
@@ -142,3 +142,91 @@ def test_sets_for_the_towers_a_run_trains():
     # Image-only: frozen-feature probes, and cluster quality on the classification sets.
     assert sets_for(sets, ("image",)) == [ClusterSet(sets[0]), sets[2]]
     assert sets_for(sets, ("text",)) == []
+
+
+# ------------------------------------------------- non-finite embeddings, labels out of range, empty sets
+
+
+def nan_rows(encode, rows):
+    """``encode`` with the output rows ``rows`` of every call replaced by NaN."""
+    def wrapped(inputs):
+        out = np.array(encode(inputs), np.float64)
+        out[rows] = np.nan
+        return out
+    return wrapped
+
+
+def test_nan_images_are_scored_wrong_consistently_and_counted():
+    enc = Encoders(TEXTS)
+    evaluation = run([zeroshot_set()], nan_rows(enc.images, [0, 1]), enc.text)  # the two red images, both right
+    out = evaluation.metrics
+    assert list(out) == metric_names([zeroshot_set()])
+    assert out["zeroshot/colors/top1"] == 2 / 6
+    assert out["zeroshot/colors/top5"] == 4 / 6  # only 3 classes, yet a NaN image is still a miss
+    # Labels [0, 0, 1, 2, 1, 2], predictions [-, -, 1, 2, 2, 1]: class 0 has no right answer left.
+    a = evaluation.arrays["colors"]
+    np.testing.assert_array_equal(a.confusion, [[0, 0, 0], [0, 1, 1], [0, 1, 1]])
+    np.testing.assert_allclose(a.per_class_accuracy, [0.0, 0.5, 0.5])  # ratios of small counts: exact
+    assert out["zeroshot/colors/mean_per_class_top1"] == pytest.approx(1 / 3)
+    assert evaluation.nonfinite_embeddings == 2
+
+
+def test_all_nan_images_score_nothing_right():
+    enc = Encoders(TEXTS)
+    sets = [zeroshot_set(), retrieval_set(), probe_set()]
+    evaluation = run(sets, nan_rows(enc.images, slice(None)), enc.text, knn_k=5)
+    out = evaluation.metrics
+    assert list(out) == metric_names(sets)
+    cluster = {"cluster/colors/kmeans_nmi": 0.0, "cluster/colors/kmeans_ari": 0.0,
+               "cluster/colors/kmeans_purity": 2 / 6}  # one cluster of all six: the largest class has two
+    assert out == {k: cluster.get(k, 0.0) for k in out}
+    assert evaluation.nonfinite_embeddings == 6 + 4 + 30 + 9
+
+
+def test_nonfinite_raise_names_the_set_and_the_count():
+    enc = Encoders(TEXTS)
+    with pytest.raises(ValueError, match=r"^set 'colors': 2 of 6 image embeddings are not finite \(NaN or inf\)$"):
+        evaluate([zeroshot_set()], nan_rows(enc.images, [0, 1]), enc.text, nonfinite="raise")
+    with pytest.raises(ValueError, match=r"^set 'shapes': 1 of 5 text embeddings are not finite"):
+        evaluate([retrieval_set()], enc.images, nan_rows(enc.text, [4]), nonfinite="raise")
+    with pytest.raises(ValueError, match="nonfinite must be one of"):
+        evaluate([], enc.images, enc.text, nonfinite="skip")
+
+
+def test_labels_out_of_range_k_and_empty_sets_are_errors_naming_the_set():
+    enc = Encoders(TEXTS)
+    bad = zeroshot_set()
+    bad.labels = np.array([-1, 0, 1, 2, 1, 2])
+    with pytest.raises(ValueError, match=r"^set 'colors': labels must lie in \[0, 3\), got -1 \(1 of 6 outside\)$"):
+        evaluate([bad], enc.images, enc.text)
+    with pytest.raises(ValueError, match=r"^set 'colors': labels must lie in \[0, 3\), got -1"):
+        evaluate([ClusterSet(bad)], enc.images, enc.text)
+    probe = probe_set()
+    probe.train_labels = np.tile([0, 1, -1], 10)
+    with pytest.raises(ValueError, match=r"^set 'jitter': train labels must lie in \[0, 3\), got -1"):
+        evaluate([probe], enc.images, enc.text)
+    with pytest.raises(ValueError, match=r"^k must be an integer >= 1, got 0$"):
+        evaluate([probe_set()], enc.images, enc.text, knn_k=0)
+    empty = probe_set()
+    empty.train_images, empty.train_labels = empty.train_images[:0], empty.train_labels[:0]
+    with pytest.raises(ValueError, match=r"^set 'jitter': no train images: an empty set has no score$"):
+        evaluate([empty], enc.images, enc.text)
+
+
+def test_the_embedded_evaluator_adds_the_count_of_nonfinite_embeddings(monkeypatch):
+    import ml_collections
+
+    from clus_jax.evaluate import embedded, registry
+
+    sets = [zeroshot_set(), retrieval_set()]
+    monkeypatch.setattr(embedded, "load_sets", lambda config: sets)
+    enc = Encoders(TEXTS)
+    settings = ml_collections.ConfigDict({"type": "embedded", "knn_k": 5, "entry": "embedded"})
+    healthy = evaluate(sets, enc.images, enc.text)
+    for encode_images, count in ((enc.images, 0.0), (nan_rows(enc.images, [0]), 2.0)):  # one per set
+        ctx = registry.EvalContext(encode_images, enc.text, ("image", "text"), {}, ml_collections.ConfigDict())
+        out = embedded.Embedded().run(settings, ctx).metrics
+        assert list(out) == metric_names(sets) + ["eval/nonfinite_embeddings"]
+        assert out["eval/nonfinite_embeddings"] == count
+    ctx = registry.EvalContext(enc.images, enc.text, ("image", "text"), {}, ml_collections.ConfigDict())
+    assert {k: v for k, v in embedded.Embedded().run(settings, ctx).metrics.items() if k.count("/") == 2} == healthy

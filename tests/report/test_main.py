@@ -80,7 +80,7 @@ def test_report_writes_every_png_and_the_page_shows_them(finished_run, tmp_path,
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     names = run_names([finished_run, copy])
     assert len(set(names)) == 2
-    expected = {"loss.png", "learning_rate.png", "logit_scale.png", "train.png", "eval_data.png",
+    expected = {"loss.png", "learning_rate.png", "logit_scale.png", "train.png", "eval_data.png", "eval_eval.png",
                 "objective_clip.png", "objective_swap.png",
                 *(f"eval_{f}.png" for f in ("zeroshot", "retrieval", "probe", "cluster")),
                 *(f"{kind}_{slug(n + '_' + s)}.png" for n in names for s in SETS for kind in ("confusion", "pca"))}
