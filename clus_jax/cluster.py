@@ -30,7 +30,9 @@ centres for cosine), size imbalance and empty fraction (clustering/quality.py), 
 
 A progress line (iteration, pass progress, running inertia, ETA) goes to stderr. A re-run of a finished
 clustering prints its summary and does nothing; one with other arguments into the same ``OUT`` is refused.
-A mistyped command exits with one ``error: ...`` line (code 2), an unusable input with one such line and
+Every input (each shard of ``--features``, ``--labels``) is opened and checked before anything is computed
+or written, so a mistake leaves ``OUT`` as it was and a re-run with the input corrected starts afresh. A
+mistyped command exits with one ``error: ...`` line (code 2), an unusable input with one such line and
 code 1.
 """
 from __future__ import annotations
@@ -50,10 +52,6 @@ from clus_jax.common.files import claim_directory
 
 METRICS = ("euclidean", "cosine")
 INITS = ("random", "kmeans++")
-
-
-class InputError(RuntimeError):
-    """An input that cannot be used (no embedding directory, unreadable labels); exit code 1."""
 
 
 def _levels(text: str) -> tuple[int, int]:
@@ -156,6 +154,37 @@ class Progress:
               f"inertia {inertia:.6g}  eta {cli.format_eta(eta)}", file=sys.stderr, flush=True)
 
 
+def check_inputs(args: argparse.Namespace) -> tuple[Any, np.ndarray, np.ndarray | None]:
+    """(the embedding shards, each row's record index, each row's class with --labels): every input opened and
+    checked before anything is written or computed, so a mistake costs no clustering and leaves ``--out`` as
+    it was. Raises ``cli.UsageError`` (exit 2) or ``cli.InputError`` (exit 1) naming the flag."""
+    from clus_jax import clustering
+    from clus_jax.clustering import figures
+
+    cli.check_out_dir("--out", args.out)
+    if args.assign_to:
+        cli.check_out_dir("--assign-to", args.assign_to)
+    try:
+        shards = clustering.EmbeddingShards(args.features, field=args.field)
+    except (FileNotFoundError, ValueError) as e:
+        raise cli.InputError(f"--features {args.features}: {cli.exception_text(e)}") from None
+    if args.k > shards.num_rows:
+        raise cli.UsageError(f"--k={args.k} exceeds the {shards.num_rows} embedded points of {args.features}")
+    if args.balanced and shards.num_rows % args.k:
+        raise cli.UsageError(f"--balanced needs the {shards.num_rows} points to divide into --k={args.k} equal clusters")
+    records = shards.record_indices()
+    if args.topk and np.any(np.diff(records) <= 0):
+        raise cli.InputError(f"--features {args.features}: record indices are not increasing; the --topk labels "
+                             f"could not be keyed by record index")
+    truth = None
+    if args.labels:
+        try:
+            truth = figures.read_labels(args.labels, records)
+        except ValueError as e:
+            raise cli.InputError(f"--labels {cli.exception_text(e)}") from None
+    return shards, records, truth
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Clusters ``args.features`` into ``args.out``; returns the summary."""
     import jax
@@ -166,22 +195,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from clus_jax.data.side_fields import CENTERS_FILE, COARSE_CENTERS_FILE, FINE_TO_COARSE_FILE
     from clus_jax.parallel import mesh as mesh_lib
 
-    try:
-        shards = clustering.EmbeddingShards(args.features, field=args.field)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"--features {args.features}: {cli.exception_text(e)}") from None
+    shards, records, truth = check_inputs(args)
     num_records = shards.num_records
-    if args.k > shards.num_rows:
-        raise cli.UsageError(f"--k={args.k} exceeds the {shards.num_rows} embedded points of {args.features}")
-    if args.balanced and shards.num_rows % args.k:
-        raise cli.UsageError(f"--balanced needs the {shards.num_rows} points to divide into --k={args.k} equal clusters")
     try:
         mesh = mesh_lib.create_mesh(args.mesh)
     except mesh_lib.MeshError as e:
         raise cli.UsageError(f"--mesh: {e}") from None
     writer = jax.process_index() == 0
     out = epath.Path(args.out)
-    if writer:
+    if writer:  # the spec only now: a run that stopped at a bad input leaves nothing a re-run would trust
         out.mkdir(parents=True, exist_ok=True)
         claim_directory(out, outputs.SPEC_FILE, _spec(args), "another clustering")
     finished = outputs.read_summary(out)
@@ -209,7 +231,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    checkpoint_dir=os.fspath(checkpoint), progress=progress, **options)
         centers, assignments, iterations = result.centers, result.assignments, int(result.num_iters_run)
     centers, assignments = np.asarray(centers, np.float32), np.asarray(assignments, np.int32)
-    records = shards.record_indices()
     sizes, size_figures = figures.size_figures(assignments, args.k)
     arrays: dict[str, tuple[np.ndarray, str]] = {
         CENTERS_FILE: (centers, "centres [K, D]" + (" (fine)" if args.levels else "")),
@@ -233,17 +254,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         arrays[outputs.COARSE_ASSIGNMENTS_FILE] = (outputs.by_record(coarse_of_point, records, num_records),
                                                    "coarse centre of each record, -1 where the record has no embedding")
         summary["levels"] = {"fine": m, "coarse": n, "coarse_sizes": coarse_figures}
-    if args.labels:
-        try:
-            summary["labels"] = figures.label_figures(args.labels, records, assignments)
-        except ValueError as e:
-            raise InputError(f"--labels {cli.exception_text(e)}") from None
+    if truth is not None:
+        summary["labels"] = figures.label_figures(truth, assignments)
     if args.topk:
-        try:
-            summary["topk"] = write_topk_side_file(shards, centers, args.topk, args.metric, args.assign_to,
-                                                   num_records, mesh=mesh, write=writer)
-        except ValueError as e:
-            raise InputError(f"--features {cli.exception_text(e)}") from None
+        summary["topk"] = write_topk_side_file(shards, centers, args.topk, args.metric, args.assign_to, num_records,
+                                               mesh=mesh, write=writer)
     summary["seconds"] = round(time.time() - start, 2)
     if writer:
         title = (f"{args.k} clusters of {shards.num_rows} points ({args.metric}); imbalance "
@@ -257,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from clus_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize()
-    cli.run_and_print(lambda: run(args), input_errors=(InputError,))
+    cli.run_command(lambda: run(args), print_json=True)
 
 
 if __name__ == "__main__":

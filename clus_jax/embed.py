@@ -24,8 +24,9 @@ image cannot be decoded or whose caption is missing gets zero rows and ``valid``
 size; process P of N embeds its own contiguous run of shards, so the processes write disjoint ranges that
 together cover every record. A re-run skips the shards that are complete; the side file's manifest is
 written once every shard is (by whichever process completes the last one). A progress line (records done /
-total, rate, ETA) goes to stderr and a JSON summary to stdout. A mistyped command exits with one
-``error: ...`` line (code 2), a run or data path that cannot be used with one such line and code 1.
+total, rate, ETA) goes to stderr and a JSON summary to stdout. A ``DIR`` that holds embeddings of something
+else is refused before the weights are read. A mistyped command exits with one ``error: ...`` line (code 2), a
+run or data path that cannot be used with one such line and code 1.
 """
 from __future__ import annotations
 
@@ -73,10 +74,6 @@ class CaptionEncoder:
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
         return self._encoder.encode_captions(list(texts), self.batch_size)
-
-
-class RunError(RuntimeError):
-    """What the command names cannot be used (a checkpoint that does not match its config.json)."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
@@ -234,36 +231,42 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     from clus_jax.inference import load
     from clus_jax.config.run_config import load_run_config
 
+    cli.check_out_dir("--out", args.out)
     if args.encoder == "minilm":
         from clus_jax.config.base import base_config
 
         data = data_config_with(load_run_config(args.workdir).data if args.workdir else base_config().data, overrides)
-        model = CaptionEncoder(args.batch_size)
     else:
         data = data_config_with(load_run_config(args.workdir).data, overrides)
-        try:
-            model = load(args.workdir, args.step, batch_size=args.batch_size)
-        except ValueError as e:
-            raise RunError(cli.exception_text(e)) from None
     try:
         source = make_source(data)
     except ValueError as e:
         raise cli.UsageError(cli.exception_text(e)) from None
     num_records = len(source)
+    out = epath.Path(args.out)
+    workdir = args.workdir and (os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir)
+    spec = {"workdir": workdir, "data": data.to_dict(), "modality": list(args.modality),
+            "shard_size": int(args.shard_size), "num_records": num_records}
+    if args.encoder != "run":  # an embedding made before --encoder existed still matches its embed.json
+        spec["encoder"] = args.encoder
+    # What is known before the weights are read: another embedding in --out is refused before the model loads.
+    claim_directory(out, SPEC_FILE, spec, "embeddings of something else", partial=True)
+    if args.encoder == "minilm":
+        model = CaptionEncoder(args.batch_size)
+    else:
+        try:
+            model = load(args.workdir, args.step, batch_size=args.batch_size)
+        except ValueError as e:  # a checkpoint cut short or of another model
+            raise cli.InputError(f"--workdir {args.workdir}: {cli.exception_text(e)}") from None
     specs = {EMBEDDING_FIELDS[m]: FieldSpec((model.embed_dim,), "float32") for m in args.modality}
     specs[INDEX_FIELD] = FieldSpec((), "int64")
     specs[VALID_FIELD] = FieldSpec((), "bool")
 
-    out = epath.Path(args.out)
     writer = SideFileWriter(out, specs, shard_size=int(args.shard_size), num_records=num_records)
     ranges = writer.ranges
     mine = process_shards(len(ranges), args.process_index, args.process_count)
-    workdir = args.workdir and (os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir)
-    spec = {"workdir": workdir, "step": model.step, "data": data.to_dict(), "modality": list(args.modality),
-            "shard_size": int(args.shard_size), "num_records": num_records, "fields": field_entries(specs)}
-    if args.encoder != "run":  # an embedding made before --encoder existed still matches its embed.json
-        spec["encoder"] = args.encoder
-    claim_directory(out, SPEC_FILE, spec, "embeddings of something else")
+    claim_directory(out, SPEC_FILE, {**spec, "step": model.step, "fields": field_entries(specs)},
+                    "embeddings of something else")
 
     todo = [k for k in mine if not writer.has_shard(k)]
     total = sum(ranges[k][1] - ranges[k][0] for k in mine)
@@ -287,7 +290,7 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
 
 def main(argv: Sequence[str] | None = None) -> None:
     args, overrides = parse_args(argv)
-    cli.run_and_print(lambda: run(args, overrides), input_errors=(RunError,))
+    cli.run_command(lambda: run(args, overrides), print_json=True)
 
 
 if __name__ == "__main__":

@@ -227,9 +227,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from clus_jax.clustering.outputs import load_hierarchy
     from clus_jax.evaluate.embedded import load_sets
 
-    fine_centers, fine_to_coarse, num_clusters, _ = load_hierarchy(args.clusters)
+    if args.out:
+        cli.check_out_dir("--out", args.out)
+    try:
+        fine_centers, fine_to_coarse, num_clusters, _ = load_hierarchy(args.clusters)
+    except (FileNotFoundError, ValueError) as e:
+        raise cli.InputError(f"--clusters {cli.exception_text(e)}") from None
     if max(args.expert_ids) >= num_clusters:
-        raise cli.UsageError(f"--expert-ids {args.expert_ids}: {args.clusters} has {num_clusters} coarse clusters")
+        raise cli.InputError(f"--expert-ids {args.expert_ids}: {args.clusters} has {num_clusters} coarse clusters")
     outputs, sets = [], None
     for workdir in args.experts + ([args.baseline] if args.baseline else []):
         model = clus_jax.load(workdir, batch_size=args.batch_size)
@@ -262,12 +267,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        result = run(args)
-    except cli.UsageError as e:
-        cli.fail(str(e), code=1)
-    except (FileNotFoundError, ValueError) as e:
-        cli.fail(cli.exception_text(e), code=1)
+    result = cli.run_command(lambda: run(args), input_errors=(FileNotFoundError, ValueError))
     print(result["table"], flush=True)
     print(json.dumps({"rows": result["rows"], "weights": result["weights"]}), flush=True)
 

@@ -29,6 +29,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from clus_jax.common import cli
 from clus_jax.common.files import atomic_write_json
 from clus_jax.clustering import mode_ensemble
@@ -53,20 +55,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Writes every expert's subset into ``args.out``; returns the summary written to ``experts.json``."""
+    """Writes every expert's subset into ``args.out``; returns the summary written to ``experts.json`` (last, so
+    a run that stopped leaves no summary; a re-run writes every file again)."""
     from clus_jax.clustering import EmbeddingShards, expert_subsets
     from clus_jax.clustering.outputs import load_hierarchy
 
+    cli.check_out_dir("--out", args.out)
     try:
         fine_centers, fine_to_coarse, num_experts, cluster_metric = load_hierarchy(args.clusters)
     except (FileNotFoundError, ValueError) as e:
-        raise cli.UsageError(f"--clusters {cli.exception_text(e)}") from None
+        raise cli.InputError(f"--clusters {cli.exception_text(e)}") from None
+    in_range = np.all((fine_to_coarse >= 0) & (fine_to_coarse < num_experts))
+    if fine_to_coarse.shape != (len(fine_centers),) or not in_range:
+        raise cli.InputError(f"--clusters {args.clusters}: fine_to_coarse.npy {fine_to_coarse.dtype}"
+                             f"{list(fine_to_coarse.shape)} does not map its {len(fine_centers)} fine centres to "
+                             f"its {num_experts} coarse ones")
     try:
         shards = EmbeddingShards(args.features, field=args.field)
     except (FileNotFoundError, ValueError) as e:
-        raise cli.UsageError(f"--features {args.features}: {cli.exception_text(e)}") from None
+        raise cli.InputError(f"--features {args.features}: {cli.exception_text(e)}") from None
     if shards.dim != fine_centers.shape[1]:
-        raise cli.UsageError(f"--features {args.features} field {shards.field} is {shards.dim} wide but the fine "
+        raise cli.InputError(f"--features {args.features} field {shards.field} is {shards.dim} wide but the fine "
                              f"centres of --clusters {args.clusters} are {fine_centers.shape[1]} wide")
     metric = args.metric or cluster_metric
     experts = expert_subsets.write_expert_subsets(args.out, shards, fine_centers, fine_to_coarse, num_experts, metric,
@@ -81,10 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    try:
-        summary = run(args)
-    except cli.UsageError as e:
-        cli.fail(str(e), code=1)
+    summary = cli.run_command(lambda: run(args))
     sizes = ", ".join(f"{e['expert']}: {e['records']} ({e['out_of_cluster']} out of cluster)"
                       for e in summary["experts"])
     print(f"experts: {summary['num_experts']} subsets of {summary['embedded_records']} records: {sizes}",

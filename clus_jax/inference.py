@@ -131,6 +131,15 @@ def model_shapes(config: ml_collections.ConfigDict) -> tuple[Any, PyTree, dict[s
     return module, boxed, teachers.unboxed(boxed)
 
 
+def _read(checkpoint: str, read: Callable[[], Any]) -> Any:
+    """``read()`` of a checkpoint's files; a file cut short or damaged is a ValueError that names the checkpoint
+    (orbax and tensorstore name only the file inside it, if anything)."""
+    try:
+        return read()
+    except ValueError as e:
+        raise ValueError(f"checkpoint {checkpoint!r} cannot be read: {type(e).__name__}: {e}") from e
+
+
 def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int | None = None) -> Model:
     """The model of a run, from its workdir, its ``checkpoints`` folder or one step's folder.
 
@@ -145,13 +154,13 @@ def load(workdir_or_checkpoint: str, step: int | None = None, *, batch_size: int
     path = str(workdir_or_checkpoint)
     config = load_run_config(path)
     checkpoint = teachers.resolve_checkpoint(path, step)
+    saved = _read(checkpoint, lambda: teachers.saved_param_shapes(path, step))  # before tracing the model
     _, _, shapes = model_shapes(config)
-    saved = teachers.saved_param_shapes(path, step)
     missing = sorted(set(shapes) - set(saved))
     if missing:
         raise ValueError(f"checkpoint {checkpoint!r} holds no {missing} of the model that config.json describes "
                          f"(it has {sorted(saved)})")
-    params = teachers.load_params(path, step, include=tuple(shapes))
+    params = _read(checkpoint, lambda: teachers.load_params(path, step, include=tuple(shapes)))
     problems = teachers.shape_mismatches(shapes, params)
     if problems:
         raise ValueError(f"checkpoint {checkpoint!r} does not match config.json's model: " + "; ".join(problems[:10]))

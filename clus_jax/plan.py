@@ -177,9 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit status (0 fits, 2 bad config, 3 does not fit)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = cli.ArgumentParser(
-        prog="python -m clus_jax.plan",
+        prog="python -m clus_jax.plan", allow_abbrev=False,
         description="Per-device memory plan of a config's train step (nothing is run). "
-                    "Other arguments (--config, --config.KEY=VALUE, --workdir) are read like the trainer's.")
+                    "Other arguments (--config.KEY=VALUE, --workdir) are read like the trainer's.")
+    parser.add_argument("--config", required=True, help="config file, optionally :ARG (as the trainer's --config)")
     parser.add_argument("--mesh", default="", help="mesh override, e.g. data=8,fsdp=4,tensor=1")
     parser.add_argument("--device-memory-gb", type=float, default=None,
                         help="fail (exit 3) when the total per device exceeds this many GiB")
@@ -189,28 +190,42 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.num_devices:
         _fake_cpu_devices(args.num_devices)  # before anything below imports and starts JAX
+    return cli.run_command(lambda: _run(args, rest))
 
+
+def _config(spec: str, rest: list[str]):
+    """The config of ``--config spec`` with the ``--config.KEY=VALUE`` overrides of ``rest``, parsed as the
+    trainer parses them; a missing file or key, or a bad value, is a ``UsageError`` naming it."""
     from absl import flags
     from ml_collections import config_flags
 
+    from clus_jax.config.base import load_config
+
+    try:  # the file and every key, named, before absl reads them
+        config = load_config(spec)
+    except (FileNotFoundError, KeyError, ValueError, SyntaxError) as e:
+        raise cli.UsageError(f"--config {spec}: {cli.exception_text(e)}") from None
+    cli.check_overrides(config, rest)
     fv = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "config file (optionally :ARG)", flag_values=fv, lock_config=False)
     flags.DEFINE_string("workdir", None, "ignored (accepted so launchers can pass the trainer's arguments)", flag_values=fv)
     try:
-        fv(["clus_jax.plan", *rest])
+        fv(["clus_jax.plan", "--config", spec, *rest])
     except flags.Error as e:
-        parser.error(str(e))
-    if fv.config is None:
-        parser.error("--config is required")
+        raise cli.UsageError(cli.error_text(e)) from None
+    return fv.config
 
+
+def _run(args, rest: list[str]) -> int:
     from clus_jax.common.errors import ConfigError
     from clus_jax.parallel.mesh import parse_mesh
 
+    config = _config(args.config, rest)
     try:
         mesh_override = parse_mesh(args.mesh) if args.mesh else None
-        plan = make_plan(fv.config, mesh_override)
+        plan = make_plan(config, mesh_override)
     except (ConfigError, ValueError) as e:
-        cli.fail(str(e), code=EXIT_CONFIG_ERROR)
+        raise cli.UsageError(cli.error_text(e)) from None
     if args.device_memory_gb:
         plan["device_memory_bytes"] = int(args.device_memory_gb * GIB)
     problem = check_fits(plan, args.device_memory_gb) if args.device_memory_gb else None
@@ -222,7 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         print(problem, file=sys.stderr)
         return EXIT_DOES_NOT_FIT
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

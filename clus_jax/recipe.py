@@ -50,6 +50,7 @@ nothing; ``--launcher tpu_pod|gpu_slurm`` prints each stage as a launcher comman
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import json
@@ -136,7 +137,10 @@ def recipe_stages(config_spec: str) -> list[Stage]:
     fn = getattr(module, "get_recipe", None)
     if fn is None:
         raise RecipeError(f"--config {path} defines no get_recipe()")
-    stages = list(fn(arg) if arg and inspect.signature(fn).parameters else fn())
+    try:
+        stages = list(fn(arg) if arg and inspect.signature(fn).parameters else fn())
+    except (KeyError, TypeError, ValueError) as e:  # a mistyped argument: get_recipe's message names it
+        raise RecipeError(f"--config {config_spec}: {cli.exception_text(e)}") from None
     if not stages:
         raise RecipeError(f"get_recipe() of {path} returned no stages")
     seen: set[str] = set()
@@ -382,10 +386,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.processes < 1:
         cli.fail(f"--processes={args.processes} must be at least 1")
-    try:
-        stages = resolve(recipe_stages(args.config), args.workdir)
-    except cli.UsageError as e:
-        cli.fail(str(e))
+    return cli.run_command(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The recipe of ``args``: printed (a launcher, --dry-run) or run; a recipe that cannot run raises RecipeError."""
+    cli.check_out_dir("--workdir", args.workdir)
+    stages = resolve(recipe_stages(args.config), args.workdir)
     if args.launcher != "local":
         for stage in stages:
             print(f"# stage {stage.index + 1}/{len(stages)}: {stage.name}")

@@ -277,15 +277,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
 
     if args.collect and not args.config:
-        runs = _load_sweep(args.workdir)
+        runs = cli.run_command(lambda: _load_sweep(args.workdir))  # a missing --workdir is one error line
     else:
         if not args.config:
             parser.error("--config is required (unless --collect)")
         try:
             runs = expand(args.config, args.workdir, rest)
-        except (KeyError, TypeError, ValueError) as e:
-            cli.fail(e.args[0] if e.args else e)
+        except (FileNotFoundError, SyntaxError, KeyError, TypeError, ValueError) as e:
+            cli.fail(f"--config {args.config}: {cli.error_text(e)}")
     if args.collect:
+        if not any(os.path.isdir(run.workdir) for run in runs):  # nothing to collect: write no results there
+            cli.fail(f"--workdir {args.workdir} holds no run of the sweep (no {SWEEP_FILE}, no run directory with "
+                     f"metrics.jsonl); nothing to collect", code=1)
         rows = collect(args.workdir, runs)
         print(open(os.path.join(args.workdir, "results.md")).read(), end="")
         return 0 if all(r["status"] == "finished" for r in rows) else 1

@@ -30,20 +30,24 @@ def streamed_inertia(shards: Iterable[np.ndarray], centers: np.ndarray, assignme
     return total / max(row, 1)
 
 
-def label_figures(path: str | os.PathLike, records: np.ndarray, assignments: np.ndarray) -> dict[str, float]:
-    """NMI, adjusted Rand index and purity of ``assignments`` (one per embedded row, whose record indices are
-    ``records``) against the class of every record in ``path`` (a ``.npy`` or side file, field ``labels``).
+def read_labels(path: str | os.PathLike, records: np.ndarray) -> np.ndarray:
+    """The class of every embedded row (``records``: each row's record index) from ``path`` (a ``.npy`` or side
+    file, field ``labels``), read before the clustering so a bad file fails at once.
 
     Raises ValueError, starting with ``path``, when the file cannot be read or is too short."""
     path = os.fspath(path)
     try:
         reader = SideFieldReader(path, field="labels")
+        labels = reader.array().reshape(len(reader), -1)[:, 0]
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
-    labels = reader.array().reshape(len(reader), -1)[:, 0]
     if len(labels) <= records.max(initial=0):
         raise ValueError(f"{path} has {len(labels)} rows but the embeddings reach record {records.max()}")
-    truth = labels[records]
+    return labels[records]
+
+
+def label_figures(truth: np.ndarray, assignments: np.ndarray) -> dict[str, float]:
+    """NMI, adjusted Rand index and purity of ``assignments`` against ``truth`` (``read_labels``), row by row."""
     return {"nmi": quality.nmi(truth, assignments),
             "adjusted_rand_index": quality.adjusted_rand_index(truth, assignments),
             "purity": quality.purity(truth, assignments)}

@@ -39,6 +39,9 @@ class EmbeddingShards:
                              f"k-means needs vectors")
         self._valid = SideFieldReader(self.directory, field=VALID_FIELD) if VALID_FIELD in fields else None
         self._index = SideFieldReader(self.directory, field=INDEX_FIELD) if INDEX_FIELD in fields else None
+        for reader in (self._rows, self._index):  # a shard cut short fails here, not in the middle of a pass
+            if reader is not None:
+                reader.check_files()
         self._num_rows = sum(int(m.sum()) for m in self._valid.chunks()) if self._valid else len(self._rows)
 
     @property

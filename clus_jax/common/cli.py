@@ -1,19 +1,32 @@
-"""What the commands share for a mistyped command: one readable ``error: ...`` line and exit code 2 (and
-exit 1 for an input that cannot be used), and the one JSON summary line a finished command prints.
+"""What the commands share for a user's mistake: one readable ``error: ...`` line, exit code 2 for a mistyped
+command and 1 for an input that cannot be used, and the one JSON summary line a finished command prints.
 
 A user who mistypes a key, a file or an argument gets the name of what is wrong (and the closest key
-that exists), never a traceback from inside a flags library.
+that exists), never a traceback from inside a flags library. A real bug still prints its traceback, and
+``CLUS_JAX_DEBUG=1`` prints the traceback of any error (the one line still follows it).
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import json
+import os
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any, NoReturn
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
-from clus_jax.common.errors import UsageError  # noqa: F401  (commands raise it as cli.UsageError)
+from clus_jax.common.errors import ConfigError, UsageError
+
+T = TypeVar("T")
+DEBUG_ENV = "CLUS_JAX_DEBUG"
+# The path errors a user fixes by pointing at another file; anything else unexpected is a bug with a traceback.
+PATH_ERRORS = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+class InputError(RuntimeError):
+    """An input a command cannot use (a file cut short, labels of another length, a damaged checkpoint): the
+    message names the flag and the file; exit code 1."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -29,30 +42,83 @@ def format_eta(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def debug() -> bool:
+    """Whether ``CLUS_JAX_DEBUG`` asks for the traceback of every error."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Prints ``error: <message>`` (one line) on stderr and exits with ``code``."""
+    if debug():
+        traceback.print_stack(file=sys.stderr)
+    _exit(message, code)
+
+
+def _exit(message: str, code: int) -> NoReturn:
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
-def run_and_print(run: Callable[[], Any], *, input_errors: tuple[type[BaseException], ...] = ()) -> None:
-    """Runs a command's ``run`` and prints its summary as one JSON line; a usage error exits 2 with one
-    line, one of ``input_errors`` or an unreadable path exits 1 with one line."""
+def _exit_code(e: BaseException, input_errors: tuple[type[BaseException], ...]) -> int | None:
+    """2 for a usage mistake, 1 for an unusable input, None for anything else (a bug)."""
+    if isinstance(e, UsageError) or (isinstance(e, ConfigError) and ConfigError not in input_errors):
+        return 2
+    return 1 if isinstance(e, (InputError, *input_errors, *PATH_ERRORS)) else None
+
+
+def run_command(run: Callable[[], T], *, input_errors: tuple[type[BaseException], ...] = (),
+                print_json: bool = False) -> T:
+    """Runs a command's body and returns what it returns (printed as one JSON line with ``print_json``).
+
+    A user's mistake ends the command with one ``error: ...`` line: ``UsageError`` and ``ConfigError`` exit 2
+    (``ConfigError`` exits 1 where ``input_errors`` names it: a saved run's config); ``InputError``, one of
+    ``input_errors`` or a path that cannot be used exits 1 (a path error not named there says its kind:
+    ``FileNotFoundError: ...``). Any other exception is a bug and propagates with its traceback;
+    ``CLUS_JAX_DEBUG=1`` prints the traceback of a mistake too.
+    """
     try:
-        summary = run()
-    except UsageError as e:
-        fail(str(e))
-    except input_errors as e:
-        fail(str(e), code=1)
-    except (FileNotFoundError, PermissionError) as e:
-        fail(f"{type(e).__name__}: {exception_text(e)}", code=1)
-    print(json.dumps(summary), flush=True)
+        result = run()
+    except Exception as e:
+        code = _exit_code(e, tuple(input_errors))
+        if code is None:
+            raise
+        if debug():
+            e.__suppress_context__ = False  # the error a message was made from, too
+            traceback.print_exception(e, file=sys.stderr)
+        own = isinstance(e, (UsageError, ConfigError, InputError, *input_errors))
+        _exit(error_text(e) if own else f"{type(e).__name__}: {error_text(e)}", code)
+    if print_json:
+        print(json.dumps(result), flush=True)
+    return result
+
+
+def error_text(e: BaseException) -> str:
+    """An exception's whole message (a KeyError's without its repr quotes), without a tensorstore error's dump
+    of its spec."""
+    text = str(e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e)
+    return text.split(" [tensorstore_spec=")[0]
+
+
+def check_out_dir(flag: str, path: str) -> None:
+    """Raises ``UsageError`` when an output directory argument names something that is not a directory."""
+    if "://" not in path and os.path.lexists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} exists and is not a directory; pass a directory")
+
+
+def check_overrides(config: Any, args: Sequence[str]) -> None:
+    """Raises ``UsageError`` naming the first ``--config.KEY[=VALUE]`` of ``args`` whose key ``config`` lacks."""
+    for arg in args:
+        if arg == "--":
+            return
+        if arg.startswith(("--config.", "-config.")):
+            problem = unknown_key(config, arg.split("config.", 1)[1].partition("=")[0])
+            if problem:
+                raise UsageError(f"{arg}: {problem}")
 
 
 def exception_text(e: BaseException) -> str:
-    """An exception's message on one line (a KeyError's message without its repr quotes)."""
-    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    """The first line of an exception's message (``error_text``), for a message that wraps it."""
+    lines = [line.strip() for line in error_text(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
 
 

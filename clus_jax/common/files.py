@@ -57,18 +57,21 @@ def atomic_save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array)))
 
 
-def claim_directory(directory: str | os.PathLike, spec_file: str, spec: dict[str, Any], holds: str) -> None:
+def claim_directory(directory: str | os.PathLike, spec_file: str, spec: dict[str, Any], holds: str, *,
+                    partial: bool = False) -> None:
     """Writes a stage's ``spec`` (what it makes and with which settings) as ``directory/spec_file``, or, when an
     earlier run wrote one, checks that it made the same thing, so a re-run may resume into ``--out`` but another
     job never mixes its files with it. Raises ``UsageError`` naming the keys that differ: ``--out DIR holds
-    {holds} (different ...)``."""
+    {holds} (different ...)``. ``partial=True`` compares only the keys ``spec`` has and writes nothing: the
+    check a stage can make before its expensive step finds the rest of the spec."""
     spec = json.loads(json.dumps(spec))  # as read back from the file: tuples are lists
     path = epath.Path(directory) / spec_file
     if not path.exists():
-        atomic_write_json(path, spec)
+        if not partial:
+            atomic_write_json(path, spec)
         return
     old = json.loads(path.read_text())
-    differ = sorted(k for k in set(spec) | set(old) if old.get(k) != spec.get(k))
+    differ = sorted(k for k in (set(spec) if partial else set(spec) | set(old)) if old.get(k) != spec.get(k))
     if differ:
         raise UsageError(f"--out {os.fspath(directory)} holds {holds} (different {', '.join(differ)} in "
                          f"{spec_file}); pass another --out")

@@ -36,7 +36,11 @@ def parse_arg(arg: str | None, **defaults):
         key, _, value = item.partition("=")
         if key not in defaults:
             raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-        values[key] = parse_value(value, defaults[key])
+        try:
+            values[key] = parse_value(value, defaults[key])
+        except (TypeError, ValueError):
+            raise ValueError(f"config argument {key}={value!r}: expected {type(defaults[key]).__name__} like "
+                             f"{defaults[key]!r}") from None
     return ml_collections.ConfigDict(values)
 
 

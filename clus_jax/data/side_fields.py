@@ -200,6 +200,12 @@ class SideFieldReader:
             self._arrays[shard] = array  # Races between threads only open the same file twice.
         return array
 
+    def check_files(self) -> None:
+        """Opens every shard (memory-mapped: its header and size, no row is read), so one that is missing, cut
+        short or of another shape fails now, with ValueError naming it, not in the middle of a pass."""
+        for shard in range(len(self._files)):
+            self._shard_array(shard)
+
     def __getitem__(self, index: int) -> np.ndarray:
         i = int(index)
         if not 0 <= i < self._len:

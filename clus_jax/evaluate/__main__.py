@@ -27,13 +27,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    from clus_jax.train.checkpoint import CheckpointError
     from clus_jax.train.reevaluate import reevaluate
 
-    try:
-        step, metrics = reevaluate(args.workdir, args.step, batch_size=args.batch_size, append=args.append,
-                                   evals=args.evals)
-    except (FileNotFoundError, ValueError, ConfigError) as e:
-        cli.fail(cli.exception_text(e), code=1)
+    step, metrics = cli.run_command(
+        lambda: reevaluate(args.workdir, args.step, batch_size=args.batch_size, append=args.append, evals=args.evals),
+        input_errors=(FileNotFoundError, ValueError, ConfigError, CheckpointError))
     print(json.dumps({"step": step, **metrics}), flush=True)
 
 

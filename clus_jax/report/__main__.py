@@ -17,10 +17,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run() -> dict:
         from clus_jax.report.write import write_report
 
+        cli.check_out_dir("--out", args.out)
         files = write_report(args.workdirs, args.out)
         return {"report": files["report"][0], "png": len(files["png"])}
 
-    cli.run_and_print(run, input_errors=(FileNotFoundError, ValueError))
+    cli.run_command(run, input_errors=(FileNotFoundError, ValueError), print_json=True)
 
 
 if __name__ == "__main__":

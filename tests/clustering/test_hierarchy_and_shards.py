@@ -42,3 +42,14 @@ def test_embedding_shards_skip_invalid_rows(tmp_path):
     np.testing.assert_array_equal(from_shards.centers, from_array.centers)
     with pytest.raises(ValueError, match="no field 'caption'"):
         EmbeddingShards(tmp_path / "emb", field="caption")
+
+
+@pytest.mark.parametrize("field", ["image_emb", "index"])
+def test_a_shard_cut_short_fails_when_the_shards_are_opened(tmp_path, field):
+    """Before any pass: k-means must not stop in its last shard after an hour of the others."""
+    write_side_file(tmp_path / "emb", {"image_emb": np.ones((40, 4), np.float32), "index": np.arange(40)},
+                    shard_size=16)
+    path = tmp_path / "emb" / f"{field}-00002.npy"
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=f"cannot read side file shard .*{field}-00002.npy"):
+        EmbeddingShards(tmp_path / "emb", field="image_emb")

@@ -57,3 +57,13 @@ def test_claim_directory_writes_the_spec_once_and_refuses_another(tmp_path):
     assert str(e.value) == (f"--out {tmp_path} holds another clustering (different k, seed in stage.json); "
                             f"pass another --out")
     assert json.loads((tmp_path / "stage.json").read_text())["k"] == 3
+
+
+def test_a_partial_claim_checks_the_keys_it_has_and_writes_nothing(tmp_path):
+    files.claim_directory(tmp_path, "stage.json", {"k": 3}, "another clustering", partial=True)
+    assert not (tmp_path / "stage.json").exists()
+    files.claim_directory(tmp_path, "stage.json", {"k": 3, "step": 5}, "another clustering")
+    files.claim_directory(tmp_path, "stage.json", {"k": 3}, "another clustering", partial=True)  # step not known yet
+    with pytest.raises(files.UsageError, match=r"different k in stage\.json"):
+        files.claim_directory(tmp_path, "stage.json", {"k": 4}, "another clustering", partial=True)
+    assert json.loads((tmp_path / "stage.json").read_text()) == {"k": 3, "step": 5}

@@ -206,6 +206,13 @@ def test_unreadable_side_files_are_named(tmp_path):
     np.testing.assert_array_equal(reader[0], 0)
     with pytest.raises(ValueError, match="x-00001.npy"):
         reader[5]
+    with pytest.raises(ValueError, match="x-00001.npy"):  # every shard at once, before reading any row
+        side_fields.SideFieldReader(path).check_files()
+    np.save(tmp_path / "short" / "x-00001.npy", np.zeros(4, np.int32))
+    side_fields.SideFieldReader(path).check_files()
+    (tmp_path / "short" / "x-00002.npy").unlink()  # a shard that is gone
+    with pytest.raises(ValueError, match="x-00002.npy"):
+        side_fields.SideFieldReader(path).check_files()
 
 
 # ------------------------------------------------------------------------------- through the pipeline
