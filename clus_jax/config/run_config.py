@@ -37,16 +37,19 @@ def _plain(value: Any, key: str) -> Any:
     raise TypeError(f"config.{key} = {value!r} ({type(value).__name__}) cannot be written to {CONFIG_FILE}")
 
 
-def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """Writes ``<workdir>/config.json`` (local or gs://, replacing an older one); returns its path.
-
-    Every objective in ``config.objectives`` is written with all its knobs (its defaults filled in).
-    """
+def run_config_values(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What ``config.json`` holds for ``config``, as read back (lists, not tuples): every objective in
+    ``config.objectives`` with all its knobs (its defaults filled in). A value JSON cannot hold names its key."""
     from clus_jax.config.base import objective_knobs
 
     values = config.to_dict()
     values.update(objective_knobs(dict(config.get("objectives") or {}), values))
-    plain = _plain(values, "")  # before anything is written: a value JSON cannot hold names its key
+    return json.loads(json.dumps(_plain(values, "")))
+
+
+def save_run_config(workdir: str, config: ml_collections.ConfigDict) -> str:
+    """Writes ``<workdir>/config.json`` atomically (local or gs://, replacing an older one); returns its path."""
+    plain = run_config_values(config)  # before anything is written
     directory = epath.Path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CONFIG_FILE
@@ -83,14 +86,22 @@ def run_config_path(workdir_or_checkpoint: str) -> epath.Path:
 
 def load_run_config(workdir_or_checkpoint: str) -> ml_collections.ConfigDict:
     """The config a run was trained with, from its workdir, ``checkpoints`` folder or one step's folder."""
-    path = run_config_path(workdir_or_checkpoint)
+    return ml_collections.ConfigDict(_tuples(read_run_values(run_config_path(workdir_or_checkpoint))))
+
+
+def read_run_values(path: str | os.PathLike) -> dict[str, Any]:
+    """The values of the config.json at ``path`` as plain JSON (lists), in today's form (``_upgrade``).
+
+    Raises ValueError naming the file when it is not a JSON object.
+    """
+    path = epath.Path(path)
     try:
         values = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} holds {type(values).__name__}, expected a JSON object")
-    return ml_collections.ConfigDict(_tuples(_upgrade(values)))
+    return _upgrade(values)
 
 
 def _upgrade(values: dict[str, Any]) -> dict[str, Any]:

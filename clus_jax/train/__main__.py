@@ -1,9 +1,8 @@
-"""CLI: python -m clus_jax.train --config configs/NAME.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]"""
+"""CLI: python -m clus_jax.train --config configs/NAME.py[:ARG] --workdir DIR [--overwrite] [--config.KEY=VALUE ...]"""
 from __future__ import annotations
 
 import json
 import logging
-import sys
 from typing import Any, Sequence
 
 import ml_collections
@@ -12,11 +11,13 @@ from ml_collections import config_flags
 
 from clus_jax.common import cli
 from clus_jax.common import hostmem
-from clus_jax.common.errors import ConfigError
 from clus_jax.train.checkpoint import CheckpointError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (optionally :ARG).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Start over in a --workdir that holds a run: move everything it holds aside to "
+    "<workdir>/replaced-<time>/ (nothing is deleted). Without it a workdir holding another run's checkpoints is refused.")
 flags.mark_flags_as_required(["config", "workdir"])
 _HELP = ("-h", "--help", "-help", "--helpshort", "-helpshort", "-?", "--helpfull", "-helpfull")
 
@@ -111,14 +112,9 @@ def main(argv):
     maybe_initialize()
     from clus_jax.train.loop import NonFiniteError, train_and_evaluate
 
-    try:
-        final = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except ConfigError as e:
-        cli.fail(str(e))
-    except (CheckpointError, FileNotFoundError, PermissionError, NonFiniteError) as e:
-        # Problems a user can fix get one readable line, not a stack trace from inside a library.
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        sys.exit(1)
+    # Problems a user can fix get one readable line, not a stack trace from inside a library.
+    final = cli.run_command(lambda: train_and_evaluate(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value),
+                            input_errors=(CheckpointError, NonFiniteError))
     summary = {k: round(v, 4) for k, v in final.items() if k.startswith(("zeroshot/", "retrieval/", "probe/"))}
     if summary:
         print("final evaluation:")

@@ -1,4 +1,5 @@
-"""The training loop: config -> mesh -> shapes -> sharded init or restore -> steps, logs, evals, checkpoints."""
+"""The training loop: config -> mesh -> shapes -> workdir checks -> sharded init or restore -> config.json -> steps,
+logs, evals, checkpoints."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ from clus_jax.train.experiment import build
 from clus_jax.config.run_config import save_run_config
 from clus_jax.common import faults
 from clus_jax.train.checkpoint import Checkpointer
+from clus_jax.train import workdir as workdir_lib
 from clus_jax.evaluate.encoders import make_encoders
 from clus_jax.train.eval_hook import evaluate_and_save, state_params
 from clus_jax.train.metrics_writer import MetricWriter
@@ -57,29 +59,21 @@ class _Preemption:
         return self.flag
 
 
-def check_workdir(workdir: str) -> None:
-    """Fails early, with the path in the message, when the workdir (local or gs://) cannot be written."""
-    try:
-        path = epath.Path(workdir)
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{jax.process_index()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"workdir {workdir!r} is not writable ({e.strerror or e})") from None
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics.
 
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and returns the final metrics."""
-    checkpoints = epath.Path(workdir) / "checkpoints"
-    resuming = checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    A workdir that holds another run's checkpoints is refused before anything is written (``train.workdir``);
+    ``overwrite`` moves whatever the workdir holds aside to ``replaced-<time>/`` and starts over.
+    ``config.json`` is written once the restore succeeded or the run was found to be new.
+    """
+    resuming = workdir_lib.has_checkpoints(workdir) and not overwrite
     tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length), config.tokenizer.get("path") or None)
     # Every check runs in build (config.check.validate, the vocabulary included); a resumed run neither checks
     # nor reads config.init_from.
     exp = build(config, resuming=resuming, tokenizer=tokenizer)
-    check_workdir(workdir)
-    if jax.process_index() == 0:
-        save_run_config(workdir, config)  # the workdir describes itself (clus_jax.load reads it)
+    workdir_lib.check_writable(workdir)
+    if resuming:
+        workdir_lib.check_same_run(workdir, config, exp.abstract_state)
 
     pcount, pindex = jax.process_count(), jax.process_index()
     data_iter = create_train_iterator(
@@ -88,13 +82,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         fields=exp.fields,
     )
 
-    ckpt = Checkpointer(str(checkpoints), keep=int(config.keep_checkpoints))
-    if ckpt.latest_step() is not None:
+    if overwrite:
+        replaced = workdir_lib.replace_run(workdir)
+        if replaced:
+            log.warning("--overwrite: moved the workdir's earlier run to %s", replaced)
+    ckpt = Checkpointer(str(epath.Path(workdir) / workdir_lib.CHECKPOINTS), keep=int(config.keep_checkpoints))
+    if resuming:
         start_step, state = ckpt.restore(exp.abstract_state, data_iter)
         log.info("resumed from step %d", start_step)
     else:
         state = exp.init_state()
         start_step = 0
+    if pindex == 0:
+        save_run_config(workdir, config)  # the workdir describes itself (clus_jax.load reads it)
     step_fn = exp.step
     writer = MetricWriter(workdir)
     bind_encoders = make_encoders(exp.model, exp.mesh, exp.rules, exp.model_params(exp.shardings["params"]), tokenizer,

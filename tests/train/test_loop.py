@@ -206,3 +206,34 @@ def test_a_throwaway_objective_and_evaluator_reach_metrics_and_the_report(tmp_pa
     report.main([workdir, "--out", str(out)])
     page = (out / "report.html").read_text()
     assert "objectives/test_throwaway/rows" in page and "probe/mine/width" in page
+
+
+@pytest.mark.slow
+def test_a_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_before(tmp_path, monkeypatch,
+                                                                                            caplog):
+    workdir = str(tmp_path / "run")
+    monkeypatch.setattr(loop, "_Preemption", lambda: PreemptAfter(4))
+    loop.train_and_evaluate(loop_config(), workdir)
+    assert checkpoint_steps(workdir) == [3, 4]  # the periodic one and the preemption save
+    first = train_losses(workdir)
+    # Cut the newest checkpoint's array files, as a crash during a copy would.
+    arrays = [os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(workdir, "checkpoints", "4", "state"))
+              for name in names if os.path.basename(folder) == "d"]
+    assert arrays
+    for path in arrays:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+    logged_before = len(read_metrics(workdir))
+    monkeypatch.setattr(loop, "_Preemption", lambda: PreemptAfter(10**9))
+    caplog.set_level(logging.INFO, logger="clus_jax")
+    loop.train_and_evaluate(loop_config(), workdir)
+    # One line says which step, why, where it went and where the run resumed; the run began at step 3.
+    (line,) = [m for m in caplog.messages if "checkpoint step 4" in m]
+    assert "\n" not in line, line
+    assert "damaged-4" in line and line.endswith("resuming from step 3"), line
+    assert any("resumed from step 3" in m for m in caplog.messages), caplog.messages
+    restarted = [r["step"] for r in read_metrics(workdir)[logged_before:] if "train/loss" in r]
+    assert restarted == [4, 5, 6]
+    assert train_losses(workdir)[4] == first[4]  # step 4 again, from step 3's state: the same loss, bit for bit
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", "damaged-4"))
+    assert checkpoint_steps(workdir) == [3, 6]
