@@ -18,7 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from clus_jax import hostmem  # noqa: E402  (no jax import: safe before XLA flags are set)
+from clus_jax.common import hostmem  # noqa: E402  (no jax import: safe before XLA flags are set)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from host import cpu_model, family, matmul_peak_fn  # noqa: E402,F401  (re-exported for the benches)
