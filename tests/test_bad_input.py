@@ -9,7 +9,6 @@ checkpoint cut short. The rows that need a trained run's real checkpoint share o
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from typing import NamedTuple
 import host_limits  # registered by tests/conftest.py
 import numpy as np
 import pytest
+from snapshots import snapshot  # registered by tests/conftest.py
 
 from clus_jax.config.run_config import save_run_config
 from clus_jax.data.side_fields import write_side_file
@@ -30,23 +30,6 @@ ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "J
        "CLUS_JAX_DEBUG": "0"}
 POINTS, DIM = 200, 8
 PROCESS_BASE_S = 120  # one command that starts JAX and stops at its first check, on the reference host
-
-
-def snapshot(path: str) -> dict[str, str] | None:
-    """Every file under ``path`` (or the file itself) -> its SHA-256, folders -> 'dir'; None when absent."""
-    if not os.path.lexists(path):
-        return None
-    if not os.path.isdir(path):
-        with open(path, "rb") as f:
-            return {".": hashlib.sha256(f.read()).hexdigest()}
-    out = {}
-    for root, dirs, files in os.walk(path):
-        for name in dirs:
-            out[os.path.relpath(os.path.join(root, name), path)] = "dir"
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                out[os.path.relpath(os.path.join(root, name), path)] = hashlib.sha256(f.read()).hexdigest()
-    return out
 
 
 def cut_short(path: str) -> None:

@@ -1,7 +1,6 @@
 """A workdir belongs to its run: ``train`` started in a finished run's workdir with another config fails with
 one line before anything is written (the run's files stay byte-identical and it still loads), a restart of
 the same run with other settings resumes, and ``--overwrite`` moves the earlier run aside, whole."""
-import hashlib
 import os
 import shutil
 import sys
@@ -9,6 +8,7 @@ import sys
 import host_limits  # registered by tests/conftest.py
 import numpy as np
 import pytest
+from snapshots import snapshot  # registered by tests/conftest.py
 
 import clus_jax
 from clus_jax.common.errors import UsageError
@@ -36,18 +36,6 @@ def config_of(spec: str, **more):
     return config
 
 
-def files(root):
-    """Every file (its bytes' hash) and folder under ``root``, by relative path."""
-    out = {}
-    for folder, dirs, names in os.walk(root):
-        for d in dirs:
-            out[os.path.relpath(os.path.join(folder, d), root)] = "folder"
-        for n in names:
-            with open(os.path.join(folder, n), "rb") as f:
-                out[os.path.relpath(os.path.join(folder, n), root)] = hashlib.sha256(f.read()).hexdigest()
-    return out
-
-
 @pytest.fixture(scope="module")
 def finished_clip(tmp_path_factory):
     """A finished two-step CLIP run (checkpoint of step 2, config.json, metrics); tests use copies."""
@@ -71,7 +59,7 @@ def assert_loads(workdir):
 
 
 def test_another_config_leaves_a_finished_run_untouched(clip_run):
-    before = files(clip_run)
+    before = snapshot(clip_run)
     args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/siglip.py:steps=2,batch=16,synthetic", *args,
            "--workdir", clip_run]
@@ -84,7 +72,7 @@ def test_another_config_leaves_a_finished_run_untouched(clip_run):
     for named in ("objectives ([\"clip\"] -> [\"siglip\"])", "model.logit_bias_init (null -> -10.0)",
                   "params.logit_bias (not saved)", "--overwrite"):
         assert named in lines[0], lines[0]
-    assert files(clip_run) == before  # nothing written, nothing touched
+    assert snapshot(clip_run) == before  # nothing written, nothing touched
     assert load_run_config(clip_run).objectives.to_dict() == {"clip": 1.0}
     assert_loads(clip_run)
 
@@ -112,11 +100,11 @@ def test_a_model_change_is_named_from_the_config_and_from_the_checkpoint(clip_ru
 
 @pytest.mark.slow
 def test_overwrite_moves_the_earlier_run_aside_whole(clip_run):
-    before = files(clip_run)
+    before = snapshot(clip_run)
     siglip = config_of("configs/siglip.py:steps=2,batch=16,synthetic")
     loop.train_and_evaluate(siglip, clip_run, overwrite=True)
     (replaced,) = [n for n in os.listdir(clip_run) if n.startswith("replaced-")]
-    assert files(os.path.join(clip_run, replaced)) == before
+    assert snapshot(os.path.join(clip_run, replaced)) == before
     assert_loads(os.path.join(clip_run, replaced))  # the CLIP run, where it was moved
     assert load_run_config(clip_run).objectives.to_dict() == {"siglip": 1.0}
     assert "logit_bias" in clus_jax.load(clip_run).params
