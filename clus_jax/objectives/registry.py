@@ -128,6 +128,12 @@ class Objective:
         return {}
 
 
+def implements(objective: Objective, *hooks: str) -> bool:
+    """Whether ``objective`` overrides any of these optional hooks, so a caller skips work (a shape trace,
+    fetching parameters to the host) that no objective of the run reads."""
+    return any(getattr(type(objective), h) is not getattr(Objective, h) for h in hooks)
+
+
 _REGISTRY: dict[str, Objective] = {}
 
 

@@ -18,13 +18,6 @@ PyTree = Any
 ParamsOf = Callable[[str], PyTree]
 
 
-def _evaluates(objective: objectives.Objective) -> bool:
-    """Whether the objective implements an evaluation hook: only then are its parameters fetched to the host
-    (class centres of millions of rows stay where they are)."""
-    base = objectives.Objective
-    return any(getattr(type(objective), h) is not getattr(base, h) for h in ("eval_heads", "eval_metrics"))
-
-
 def state_params(params: PyTree) -> ParamsOf:
     """``params_of`` for a train state's parameters; works on sharded (multi-host) arrays and NumPy trees alike."""
 
@@ -42,7 +35,7 @@ def objective_outputs(config: ml_collections.ConfigDict,
     scalars: dict[str, float] = {}
     for name in dict(config.objectives):
         objective = objectives.get(name)
-        if not _evaluates(objective):
+        if not objectives.implements(objective, "eval_heads", "eval_metrics"):  # else its parameters stay put
             continue
         own = params_of(name)
         for head, array in objective.eval_heads(own, config).items():

@@ -182,11 +182,14 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None, *, res
     tx, schedule = optim.build_optimizer(config.optim, int(config.total_steps), groups)
 
     obj_only = {name: obj for name, (obj, _) in objectives.items()}
-    shapes = abstract_params(config, objectives, model)  # traced once, for every check that needs the shapes
-    for obj in obj_only.values():
-        obj.check_shapes(config, shapes)
+    loading = init_from.enabled(config) and not resuming
+    checking = [obj for obj in obj_only.values() if registry.implements(obj, "check_shapes")]
+    if checking or loading:  # traced once, and only for a check that reads the shapes
+        shapes = abstract_params(config, objectives, model)
+        for obj in checking:
+            obj.check_shapes(config, shapes)
     load = None
-    if init_from.enabled(config) and not resuming:
+    if loading:
         paths = init_from.check(config, shapes)
         load = init_from.loader(config, paths)
     init_fn = boxed_init(config, model, obj_only, load)
