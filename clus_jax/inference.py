@@ -56,6 +56,8 @@ class Model:
     checkpoint: str  # the directory the parameters were read from
     _encode_images: Callable[[np.ndarray], np.ndarray] = dataclasses.field(repr=False)
     _encode_texts: Callable[[list[str]], np.ndarray] = dataclasses.field(repr=False)
+    #: The evaluation's encoders (``evaluate.encoders.Encoders``), streamed evaluators included.
+    encoders: Any = dataclasses.field(default=None, repr=False)
 
     @property
     def image_size(self) -> int:
@@ -184,6 +186,7 @@ def model_from_params(config: ml_collections.ConfigDict, params: PyTree, *, chec
     tokenizer = create_tokenizer(config.tokenizer.name, int(config.model.text.context_length),
                                  config.tokenizer.get("path") or None)
     bind = make_encoders(module, mesh, rules, shardings, tokenizer, int(batch_size or config.evals.batch_size))
-    encode_images, encode_texts = bind(params)
+    encoders = bind(params)
     return Model(config=config, params=params, module=module, tokenizer=tokenizer, step=step,
-                 checkpoint=checkpoint, _encode_images=encode_images, _encode_texts=encode_texts)
+                 checkpoint=checkpoint, _encode_images=encoders.images, _encode_texts=encoders.texts,
+                 encoders=encoders)

@@ -172,8 +172,12 @@ def check_evals(config: ml_collections.ConfigDict) -> None:
         if kind not in known:
             raise ConfigError(f"config.evals.{entry}.type={kind!r} is not an evaluator; known: {known}")
         defaults = evaluators.get(kind).defaults
+        step_gap = own.get("every", 0)
+        if not isinstance(step_gap, numbers.Integral) or isinstance(step_gap, bool) or step_gap < 0:
+            raise ConfigError(f"config.evals.{entry}.every={step_gap!r} must be an integer >= 0 (steps between its "
+                              "runs; 0: config.eval_every)")
         for key in own:
-            if key != "type" and key not in defaults:
+            if key not in ("type", "every") and key not in defaults:
                 raise ConfigError(f"config.evals.{entry}.{key} is not a setting of evaluator {kind!r}; "
                                   f"its settings: {sorted(defaults)}")
     for entry in evaluators.run_names(config):

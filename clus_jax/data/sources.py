@@ -154,14 +154,18 @@ class TarShardSource:
     Each shard is indexed once with ``tarfile`` (data offset and size of every member, grouped by
     sample key) and members are read with ``os.pread``. ``image_key`` / ``caption_key`` name the
     member extensions to use; by default the first present of jpg/jpeg/png/webp and of
-    txt/caption/json (for json, its "caption" or "text" field). Shards must be uncompressed tars.
+    txt/caption/json (for json, its "caption" or "text" field). ``extra_keys`` names more member
+    extensions (e.g. ``cls``, a class index) whose raw bytes each record carries under that name (None where
+    a sample has none). Shards must be uncompressed tars.
     """
 
     def __init__(self, paths: str | Sequence[str], *, image_key: str | None = None,
-                 caption_key: str | None = None):
+                 caption_key: str | None = None, extra_keys: Sequence[str] = ()):
         self._files = records_lib.expand_paths(paths, what="tar shard")
         self._image_exts = (image_key.lower(),) if image_key else IMAGE_EXTENSIONS
         self._caption_exts = (caption_key.lower(),) if caption_key else CAPTION_EXTENSIONS
+        self._extra_keys = tuple(k.lower() for k in extra_keys)
+        extra: dict[str, list] = {k: [] for k in self._extra_keys}
         columns: dict[str, list] = {k: [] for k in ("shard", "img_off", "img_size", "cap_off", "cap_size",
                                                      "cap_json")}
         self._keys: list[str] = []
@@ -178,12 +182,15 @@ class TarShardSource:
                 columns["cap_off"].append(cap[0][0] if cap else -1)
                 columns["cap_size"].append(cap[0][1] if cap else 0)
                 columns["cap_json"].append(bool(cap and cap[1].endswith("json")))
+                for k in self._extra_keys:
+                    extra[k].append(members.get(k, (-1, 0)))
         self._shard = np.asarray(columns["shard"], np.int32)
         self._img = np.stack([np.asarray(columns["img_off"], np.int64),
                               np.asarray(columns["img_size"], np.int64)], axis=-1).reshape(-1, 2)
         self._cap = np.stack([np.asarray(columns["cap_off"], np.int64),
                               np.asarray(columns["cap_size"], np.int64)], axis=-1).reshape(-1, 2)
         self._cap_json = np.asarray(columns["cap_json"], bool)
+        self._extra = {k: np.asarray(v, np.int64).reshape(-1, 2) for k, v in extra.items()}
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -265,7 +272,10 @@ class TarShardSource:
                 caption = next((meta[f] for f in _JSON_CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
             elif isinstance(meta, str):
                 caption = meta
-        return {"image": image, "caption": caption, "__key__": self._keys[i]}
+        out = {"image": image, "caption": caption, "__key__": self._keys[i]}
+        for k, where in self._extra.items():
+            out[k] = self._read(shard, *where[i])
+        return out
 
 
 class SubsetSource:

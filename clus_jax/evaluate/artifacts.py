@@ -4,7 +4,9 @@
   prediction), ``per_class_accuracy`` float64 [C] (NaN for an absent class), ``classnames`` str [C];
 - ``pca_<set>.npz`` per zero-shot set: ``projection`` float32 [N, 2] (image embeddings on their first two
   principal axes), ``explained_variance`` [2], ``labels`` int64 [N], ``classnames`` str [C];
-- ``metrics.json``: the evaluation's scalars (the same names and values as its line in ``metrics.jsonl``).
+- ``metrics.json``: the evaluation's scalars (the same names and values as its line in ``metrics.jsonl``);
+- ``benchmarks/<entry>.json`` per entry that reports one (``benchmarks`` evaluators): CLIP_benchmark's result
+  keys ``dataset``, ``model``, ``pretrained``, ``task``, ``metrics``, ``language``, plus ``decode_errors``.
 
 All files load with ``np.load(path)`` (no pickle). Paths may be local or ``gs://``.
 """
@@ -22,6 +24,7 @@ from etils import epath
 from clus_jax.evaluate.runner import ClassArrays, Evaluation
 
 EVAL_DIR = "eval"
+REPORTS_DIR = "benchmarks"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -49,10 +52,17 @@ def _read_npz(path: epath.Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def write(evaluation: Evaluation, directory: str | epath.Path) -> None:
-    """Saves an evaluation's arrays and scalars under ``directory`` (created; existing files replaced)."""
+def write(evaluation: Evaluation, directory: str | epath.Path, *, model: str = "", pretrained: str = "") -> None:
+    """Saves an evaluation's arrays, scalars and reports under ``directory`` (created; existing files replaced).
+    ``model``/``pretrained``: what the reports name as CLIP_benchmark's ``model`` and ``pretrained``."""
     directory = epath.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if evaluation.reports:
+        (directory / REPORTS_DIR).mkdir(exist_ok=True)
+    for entry, report in evaluation.reports.items():
+        full = {"dataset": report["dataset"], "model": model, "pretrained": pretrained, "task": report["task"],
+                "metrics": report["metrics"], "language": "en", **report}
+        (directory / REPORTS_DIR / f"{entry}.json").write_text(json.dumps(full, indent=1) + "\n")
     for name, a in evaluation.arrays.items():
         names = np.asarray(a.classnames, dtype=str)
         _write_npz(directory / f"confusion_{name}.npz", confusion=a.confusion,

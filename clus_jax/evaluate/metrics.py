@@ -133,17 +133,25 @@ def zeroshot_accuracy(image_embs, labels, classifier, ks: Sequence[int] = (1, 5)
     k larger than the number of classes counts every finite prediction as correct. ``nonfinite``: see the
     module docstring (an image or class row with a NaN or inf).
     """
+    ks = [_check_k(k, "ks") for k in ks]
+    ranks = zeroshot_ranks(image_embs, labels, classifier, nonfinite=nonfinite)
+    _nonempty(len(ranks), "image embeddings")
+    return {f"top{k}": _hit_rate(ranks, k, np.shape(classifier)[0]) for k in ks}
+
+
+def zeroshot_ranks(image_embs, labels, classifier, *, nonfinite: str = "raise") -> np.ndarray:
+    """0-based rank of each image's true class among ``image @ classifier.T`` (ties: lower class first); an
+    image with a NaN or inf (``nonfinite='wrong'``) ranks behind every class (rank = number of classes).
+    The top-k hits of a streamed evaluation are sums of ``ranks < k`` over its batches."""
     x = l2_normalize(image_embs)
     w = np.asarray(classifier)
-    ks = [_check_k(k, "ks") for k in ks]
     y = np.asarray(labels).reshape(-1)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"{x.shape[0]} image embeddings but {y.shape[0]} labels")
     y = check_labels(y, w.shape[0])
-    _nonempty(len(y), "image embeddings")
     x, w = _checked(x, w, ("image embeddings", "classifier rows"), nonfinite)
-    ranks = np.concatenate([_ranks_of(x[i:i + _CHUNK] @ w.T, y[i:i + _CHUNK]) for i in range(0, len(y), _CHUNK)])
-    return {f"top{k}": _hit_rate(ranks, k, w.shape[0]) for k in ks}
+    ranks = [_ranks_of(x[i:i + _CHUNK] @ w.T, y[i:i + _CHUNK]) for i in range(0, len(y), _CHUNK)]
+    return np.concatenate(ranks) if ranks else np.zeros(0, np.int64)
 
 
 def zeroshot_predictions(image_embs, classifier, *, nonfinite: str = "raise") -> np.ndarray:

@@ -3,8 +3,9 @@
 Every dict-valued key of ``config.evals`` is an entry: ``config.evals.<entry> = {'type': <evaluator>, ...}``
 with the evaluator's settings (merged over its ``defaults``); scalar keys are shared by all entries
 (``batch_size``: the encoders' batch). ``config.evals.run`` names the entries that run, comma-separated
-(``''`` or ``'none'``: no evaluation), so one flag switches them. The trainer and the re-evaluation build one
-``EvalContext`` per evaluation and never ask which evaluator is running.
+(``''`` or ``'none'``: no evaluation), so one flag switches them. Every entry may set ``every`` (steps between its
+runs during training; 0 or absent: ``config.eval_every``); all of them run after the last step. The trainer and
+the re-evaluation build one ``EvalContext`` per evaluation and never ask which evaluator is running.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from clus_jax.evaluate.runner import Evaluation
 
 #: The keys of ``config.evals`` that are no entry.
 SHARED = ("run", "batch_size")
-#: Keys of an entry's settings that are no evaluator setting: the evaluator and the entry's own name.
-RESERVED = ("type", "entry")
+#: Keys of an entry's settings that are no evaluator setting: the evaluator, the entry's own name, its schedule.
+RESERVED = ("type", "entry", "every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,9 @@ class EvalContext:
     heads: the objectives' cluster heads, name -> [K, D] host arrays (``Objective.eval_heads``), scored as
         clusterings (each embedding's arg-max row).
     config: the run's config.
+    image_rows / batch_size: the streamed image encoder (``encoders.Encoders.image_rows``): this process's rows
+        of one global batch of ``batch_size`` in, the whole batch's embeddings out. None: built from
+        ``encode_images`` for one process (``row_encoder``).
     """
 
     encode_images: Callable[[np.ndarray], np.ndarray]
@@ -41,6 +45,15 @@ class EvalContext:
     modalities: tuple[str, ...]
     heads: Mapping[str, np.ndarray]
     config: ml_collections.ConfigDict
+    image_rows: Callable | None = None
+    batch_size: int = 256
+
+    def row_encoder(self) -> Callable:
+        """``image_rows``, or for one process the same contract over ``encode_images``."""
+        if self.image_rows is not None:
+            return self.image_rows
+        return lambda images, valid, labels: (np.asarray(self.encode_images(images)), np.asarray(valid, bool),
+                                              np.asarray(labels, np.int32))
 
 
 class Evaluator:
@@ -104,11 +117,29 @@ def settings(config: ml_collections.ConfigDict, entry: str) -> ml_collections.Co
     return ml_collections.ConfigDict({**get(own["type"]).defaults, **own, "entry": entry})
 
 
-def run(config: ml_collections.ConfigDict, ctx: EvalContext) -> Evaluation:
-    """Runs every entry of ``config.evals.run`` in order; their metrics and arrays together."""
+def every(config: ml_collections.ConfigDict, entry: str) -> int:
+    """Steps between the runs of ``entry`` during training: its ``every``, else ``config.eval_every`` (0: never
+    before the last step)."""
+    own = entries(config)[entry].get("every", 0)
+    return int(own or config.get("eval_every", 0) or 0)
+
+
+def due(config: ml_collections.ConfigDict, step: int, *, last: bool = False) -> list[str]:
+    """The entries of ``config.evals.run`` that run at ``step``: all of them after the last step (``last``),
+    else those whose ``every`` divides ``step``."""
+    names = run_names(config)
+    if last:
+        return names
+    return [n for n in names if every(config, n) and step % every(config, n) == 0]
+
+
+def run(config: ml_collections.ConfigDict, ctx: EvalContext, names: list[str] | None = None) -> Evaluation:
+    """Runs the entries ``names`` (default: every entry of ``config.evals.run``) in order; their metrics, arrays
+    and reports together."""
     metrics: dict[str, float] = {}
     arrays: dict = {}
-    for entry in run_names(config):
+    reports: dict = {}
+    for entry in run_names(config) if names is None else names:
         own = settings(config, entry)
         out = get(own.type).run(own, ctx)
         again = sorted((set(out.metrics) & set(metrics)) | (set(out.arrays) & set(arrays)))
@@ -117,7 +148,8 @@ def run(config: ml_collections.ConfigDict, ctx: EvalContext) -> Evaluation:
                               "which an earlier entry gave")
         metrics.update({k: float(v) for k, v in out.metrics.items()})
         arrays.update(out.arrays)
-    return Evaluation(metrics=metrics, arrays=arrays)
+        reports.update({entry: r for r in out.reports.values()} if len(out.reports) == 1 else out.reports)
+    return Evaluation(metrics=metrics, arrays=arrays, reports=reports)
 
 
 def _load_builtin() -> None:
@@ -128,4 +160,4 @@ def _load_builtin() -> None:
         importlib.import_module(module)
 
 
-BUILTIN_MODULES = ["clus_jax.evaluate.embedded"]
+BUILTIN_MODULES = ["clus_jax.evaluate.embedded", "clus_jax.evaluate.benchmarks"]

@@ -82,6 +82,8 @@ class Evaluation:
     metrics: dict[str, float]
     arrays: dict[str, ClassArrays] = dataclasses.field(default_factory=dict)  # by classification set name
     nonfinite_embeddings: int = 0  # encoder output rows with a NaN or inf, over every set (scored as wrong)
+    #: CLIP_benchmark-style results by entry: {'dataset', 'task', 'metrics'} (the command adds 'model').
+    reports: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
 def metric_names(sets: Sequence[EvalSet], head_names: Sequence[str] = ()) -> list[str]:

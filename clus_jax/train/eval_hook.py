@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from clus_jax.evaluate import artifacts
+from clus_jax.evaluate.encoders import Encoders
 from clus_jax.evaluate import registry as evaluators
 from clus_jax.objectives import registry as objectives
 from clus_jax.parallel import multihost
@@ -47,19 +48,22 @@ def objective_outputs(config: ml_collections.ConfigDict,
 
 
 def evaluate_and_save(config: ml_collections.ConfigDict, modalities: Sequence[str],
-                      encoders: tuple[Callable, Callable], params_of: ParamsOf, workdir: str,
-                      step: int) -> dict[str, float]:
-    """Runs the entries of ``config.evals.run`` with ``encoders`` and the objectives' heads, adds the
-    objectives' scalars, and has process 0 save the arrays under ``<workdir>/eval/step_<step>/``
-    (``evaluate.artifacts``). Returns the metrics; {} (nothing saved) when there is nothing to report."""
-    if not evaluators.run_names(config):
-        return {}
+                      encoders: Encoders, params_of: ParamsOf, workdir: str,
+                      step: int, names: Sequence[str] | None = None) -> evaluators.Evaluation:
+    """Runs the entries ``names`` (default: all of ``config.evals.run``) with ``encoders`` and the objectives'
+    heads, adds the objectives' scalars, and has process 0 save the arrays and the entries' CLIP_benchmark-style
+    results under ``<workdir>/eval/step_<step>/`` (``evaluate.artifacts``). Returns the evaluation; its metrics
+    are {} (nothing saved) when there is nothing to report."""
+    names = evaluators.run_names(config) if names is None else list(names)
+    if not names:
+        return evaluators.Evaluation(metrics={})
     heads, scalars = objective_outputs(config, params_of)
-    ctx = evaluators.EvalContext(*encoders, modalities=tuple(modalities), heads=heads, config=config)
-    evaluation = evaluators.run(config, ctx)
+    ctx = evaluators.EvalContext(encoders.images, encoders.texts, modalities=tuple(modalities), heads=heads,
+                                 config=config, image_rows=encoders.image_rows, batch_size=encoders.batch_size)
+    evaluation = evaluators.run(config, ctx, names)
     evaluation.metrics.update(scalars)
     if not evaluation.metrics:
-        return {}
+        return evaluators.Evaluation(metrics={})
     if jax.process_index() == 0:
-        artifacts.write(evaluation, artifacts.step_dir(workdir, step))
-    return evaluation.metrics
+        artifacts.write(evaluation, artifacts.step_dir(workdir, step), model=str(workdir), pretrained=f"step_{step}")
+    return evaluation

@@ -20,6 +20,7 @@ from clus_jax.config.run_config import save_run_config
 from clus_jax.common import faults
 from clus_jax.train.checkpoint import Checkpointer
 from clus_jax.train import workdir as workdir_lib
+from clus_jax.evaluate import registry as evaluators
 from clus_jax.evaluate.encoders import make_encoders
 from clus_jax.train.eval_hook import evaluate_and_save, state_params
 from clus_jax.train.metrics_writer import MetricWriter
@@ -100,11 +101,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
     bind_encoders = make_encoders(exp.model, exp.mesh, exp.rules, exp.model_params(exp.shardings["params"]), tokenizer,
                                   int(config.evals.batch_size))
 
-    def run_evals(step: int, state) -> dict[str, float]:
-        """The entries of ``config.evals.run`` on this state (``train.eval_hook``), logged; {} when none report."""
+    def run_evals(step: int, state, last: bool = False) -> dict[str, float]:
+        """The entries of ``config.evals.run`` due at ``step`` (all after the last step) on this state
+        (``train.eval_hook``), logged; {} when none is due or none reports."""
+        names = evaluators.due(config, step, last=last)
+        if not names:
+            return {}
         t0 = time.time()
         results = evaluate_and_save(config, exp.modalities, bind_encoders(exp.model_params(state["params"])),
-                                    state_params(state["params"]), workdir, step)
+                                    state_params(state["params"]), workdir, step, names).metrics
         if not results:
             return {}
         results["eval/seconds"] = time.time() - t0
@@ -173,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
             if config.checkpoint_every and step % int(config.checkpoint_every) == 0 and step < total:
                 ckpt.save(step, state, data_iter)
                 faults.maybe_inject("during_save", step)
-            if config.eval_every and step % int(config.eval_every) == 0 and step < total:
+            if step < total:
                 final_metrics.update(run_evals(step, state))
             if preemption.requested(step):
                 flush(*pending, force_log=True)
@@ -185,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         if pending is not None:
             flush(*pending, force_log=True)
         ckpt.save(step, state, data_iter, force=True)
-        final_metrics.update(run_evals(step, state))
+        final_metrics.update(run_evals(step, state, last=True))
     finally:
         ckpt.close()
         writer.close()

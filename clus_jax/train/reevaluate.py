@@ -38,8 +38,7 @@ def reevaluate(workdir: str, step: int | None = None, *, batch_size: int | None 
         return teachers.load_params(workdir, step, include=(name,))[name] if name in saved else {}
 
     t0 = time.time()
-    results = evaluate_and_save(config, modalities(config), (model.encode_image, model.encode_text), params_of,
-                                workdir, step)
+    results = evaluate_and_save(config, modalities(config), model.encoders, params_of, workdir, step).metrics
     if not results:
         raise ValueError(f"nothing to evaluate: config.evals.run={config.evals.run!r} gives no metric for this run's "
                          f"towers {modalities(config)}")

@@ -67,7 +67,7 @@ def test_encoders_equal_the_model_per_example_in_order(mesh_config):
     config, model, mesh, rules, shardings, params = setup(mesh_config)
     tokenize = tokenizer_for(config)
     bind = encoders.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)
-    encode_images, encode_texts = bind(params)
+    encode_images, encode_texts, *_ = bind(params)
     images, texts = examples(config, 2 * BATCH + 1)
     want_images = one_at_a_time(model, params, "encode_image", images)
     want_texts = one_at_a_time(model, params, "encode_text", tokenize(texts))
@@ -133,7 +133,7 @@ def test_each_process_feeds_its_rows_of_every_padded_batch(monkeypatch, count):
         fake = FakeProcess(count, index)
         monkeypatch.setattr(encoders, "jax", fake)
         monkeypatch.setattr(multihost, "jax", fake)
-        encode_images, _ = encoders.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)(params)
+        encode_images, *_ = encoders.make_encoders(model, mesh, rules, shardings, tokenize, BATCH)(params)
         assert len(encode_images(images)) == len(images)
         fed.append(fake.fed)
     padded = -(-len(images) // batch) * batch
