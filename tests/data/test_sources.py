@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clus_jax.data import records, sources, synthetic, transforms
+from clus_jax.data import eval_writers, records, sources, synthetic, transforms
 
 
 def _png(value: int, size: int = 8) -> bytes:
@@ -164,29 +164,14 @@ def test_tfds_missing_package_message(monkeypatch):
 def test_tfds_data_source(tmp_path):
     import tensorflow_datasets as tfds
 
-    image_paths = []
-    for i in range(6):  # encoded files: encoding arrays would need TensorFlow
-        image_paths.append(str(tmp_path / f"{i}.png"))
-        with open(image_paths[-1], "wb") as f:
-            f.write(_png(i * 20))
-
-    class TinyPairs(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self):
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(8, 8, 3)), "caption": tfds.features.Text(),
-                "labels": tfds.features.Tensor(shape=(2,), dtype=np.int32)}))
-
-        def _split_generators(self, dl_manager):
-            return {"train": self._generate_examples()}
-
-        def _generate_examples(self):
-            for i in range(6):
-                yield i, {"image": image_paths[i], "caption": f"pair {i}", "labels": np.asarray([i, -i], np.int32)}
-
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(8, 8, 3)), "caption": tfds.features.Text(),
+        "labels": tfds.features.Tensor(shape=(2,), dtype=np.int32)})
+    # Encoded images: encoding arrays would need TensorFlow.
+    examples = [{"image": _png(i * 20), "caption": f"pair {i}", "labels": np.asarray([i, -i], np.int32)}
+                for i in range(6)]
     data_dir = str(tmp_path / "tfds")
-    TinyPairs(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    eval_writers.write_tfds_examples(data_dir, "tiny_pairs", examples, features=features, split="train")
     src = sources.TfdsSource("tiny_pairs", split="train", data_dir=data_dir)
     assert len(src) == 6
     captions = sorted(transforms.clean_caption(src[i]["caption"]) for i in range(6))
