@@ -174,10 +174,11 @@ def _import_tfds():
 
 
 def registered_tfds_builder(name: str) -> type | None:
-    """The builder class TFDS registers under ``name`` (e.g. ``imagenet2012``), else None."""
+    """The builder class TFDS registers under ``name`` (e.g. ``imagenet2012``, or ``imagenet_v2/matched-frequency``:
+    a name with its configuration), else None."""
     tfds = _import_tfds()
     try:
-        return tfds.builder_cls(name)
+        return tfds.builder_cls(name.split("/")[0])
     except tfds.core.registered.DatasetNotFoundError:
         return None
 
@@ -214,7 +215,7 @@ def write_tfds_examples(data_dir: str | os.PathLike, name: str,
         info.as_proto.disable_shuffling = True  # records stay in the order given
         return info
 
-    attrs: dict[str, Any] = {"name": name, "_info": _info, "_split_generators": _split_generators,
+    attrs: dict[str, Any] = {"name": name.split("/")[0], "_info": _info, "_split_generators": _split_generators,
                              "_generate_examples": _generate_examples}
     if base is None:
         base = tfds.core.GeneratorBasedBuilder
@@ -223,7 +224,8 @@ def write_tfds_examples(data_dir: str | os.PathLike, name: str,
     else:
         base_info = base._info
     cls = type(f"Local_{name}", (base,), attrs, skip_registration=True)
-    builder = cls(data_dir=os.fspath(data_dir), file_format="array_record")
+    config = {"config": name.split("/", 1)[1]} if "/" in name else {}
+    builder = cls(data_dir=os.fspath(data_dir), file_format="array_record", **config)
     if os.path.exists(os.fspath(builder.data_dir)):  # TFDS would keep it, or mix its metadata with the new data
         raise FileExistsError(f"TFDS dataset {name!r} is already in {os.fspath(data_dir)!r} "
                               f"({os.fspath(builder.data_dir)}); write it into another data_dir")
