@@ -6,7 +6,9 @@ A metric's family is its first path component. ``train`` is split: ``loss.png`` 
 ``train/<metric>``), and ``objective_<objective>.png`` per objective that logged more than its loss (one panel
 per ``train/<objective>/<metric...>``, a row per sub-path such as a head or a bank). Every other family gets
 ``eval_<family>.png``: the known evaluation families in a layout of their own (retrieval R@k as lines of a
-panel, cluster scores per scoring head), any other family one panel per metric.
+panel, few-shot k-shot accuracies as lines of a panel per entry, cluster scores per scoring head, evaluation speed
+one line per entry, every family's ``<entry>/decode_errors`` one panel with a line per entry), any other family one
+panel per metric. Entries that run on their own schedules (``every``) are lines over their own steps.
 """
 from __future__ import annotations
 
@@ -19,23 +21,34 @@ Panel = tuple[str, list[tuple[str, str]]]
 
 #: The known evaluation families, in page order, with their titles.
 EVAL_FAMILIES = {"zeroshot": "Zero-shot classification", "retrieval": "Retrieval recall",
-                 "probe": "Frozen-feature probes", "cluster": "Cluster quality"}
+                 "fewshot": "Few-shot linear probes", "knn": "k-NN classification",
+                 "probe": "Frozen-feature probes", "cluster": "Cluster quality", "eval_speed": "Evaluation speed"}
 #: Step-level training metrics drawn alone, with their titles.
 SINGLE_FIGURES = {"learning_rate": "Learning rate", "logit_scale": "Logit scale (1 / temperature)"}
 
+_ZEROSHOT_ORDER = ["top1", "top5", "mean_per_class_top1", "mean_per_class_recall"]
 _EVAL_PANELS = {
     # family: (regex, panel title, line label, sort key of the lines)
     "zeroshot": (r"^zeroshot/(?P<set>[^/]+)/(?P<var>.+)$", "{set}", "{var}",
-                 lambda m: (["top1", "top5", "mean_per_class_top1"] + [m["var"]]).index(m["var"])),
+                 lambda m: (_ZEROSHOT_ORDER + [m["var"]]).index(m["var"])),
     "retrieval": (r"^retrieval/(?P<set>[^/]+)/(?P<dir>i2t|t2i)_r(?P<k>\d+)$", "{set} {dir}", "R@{k}",
                   lambda m: int(m["k"])),
+    # fewshot/<set>/<k>shot and <k>shot_std: a panel of the accuracies and one of their spread over the draws.
+    "fewshot": (r"^fewshot/(?P<set>[^/]+)/(?P<k>\d+)shot(?P<std>(_std)?)$", "{set}{std}", "{k}-shot",
+                lambda m: int(m["k"])),
+    "knn": (r"^knn/(?P<set>[^/]+)/(?P<var>.+)$", "{set}", "{var}",
+            lambda m: (["top1", "top5"] + [m["var"]]).index(m["var"])),
     "probe": (r"^probe/(?P<set>[^/]+)/(?P<var>.+)$", "{set}", "{var}",
               lambda m: (["linear_top1", "knn_top1"] + [m["var"]]).index(m["var"])),
     # cluster/<set>/<head>_<score>: k-means first, then the scoring heads by the number in their name.
     "cluster": (r"^cluster/(?P<set>[^/]+)/(?P<head>.+)_(?P<score>nmi|ari|purity)$", "{set} {score}", "{head}",
                 lambda m: (-1, 0) if m["head"] == "kmeans" else (0, int(re.sub(r"\D", "", m["head"]) or 0))),
+    # eval_speed/<set>/<metric>: one panel per metric, one line per entry (in name order).
+    "eval_speed": (r"^eval_speed/(?P<set>[^/]+)/(?P<var>.+)$", "{var}", "{set}", lambda m: 0),
 }
 _SCORE_ORDER = {"nmi": 0, "ari": 1, "purity": 2}
+#: The panel of a family's ``<set>/decode_errors`` (records left out), one line per set, after the scores.
+DECODE_ERRORS = "decode errors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,16 +75,20 @@ def _parts(key: str) -> list[str]:
 def eval_panels(keys: Iterable[str], family: str) -> list[Panel]:
     """The panels of one evaluation family: e.g. retrieval gets one panel per set and direction with its
     R@1, R@5, R@10 as lines; cluster one per set and score with k-means and each scoring head as lines. A key
-    of the family that the layout does not know gets a panel of its own."""
+    of the family that the layout does not know gets a panel of its own; every set's ``decode_errors`` share
+    the last panel."""
     pattern, title, label, order = _EVAL_PANELS[family]
     panels: dict[str, list[tuple[object, str, str]]] = {}
     for key in sorted(k for k in keys if _parts(k)[0] == family):
         m = re.match(pattern, key)
-        if m is None:
+        if len(_parts(key)) == 3 and _parts(key)[2] == "decode_errors":
+            panels.setdefault(DECODE_ERRORS, []).append((0, key, _parts(key)[1]))
+        elif m is None:
             panels.setdefault(key[len(family) + 1:] or key, []).append((0, key, ""))
         else:
             panels.setdefault(title.format(**m.groupdict()), []).append((order(m), key, label.format(**m.groupdict())))
-    titles = sorted(panels, key=lambda t: (t.split(" ")[0], _SCORE_ORDER.get(t.split(" ")[-1], 0), t))
+    titles = sorted(panels, key=lambda t: (t == DECODE_ERRORS, t.split(" ")[0],
+                                           _SCORE_ORDER.get(t.split(" ")[-1], 0), t))
     return [(t, [(key, lab) for _, key, lab in sorted(panels[t], key=lambda x: x[0])]) for t in titles]
 
 

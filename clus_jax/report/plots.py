@@ -68,11 +68,15 @@ def curves(runs: Sequence[Run], figure: Figure, path: str) -> str:
     for ax, (panel_title, lines) in zip(axes, panels):
         if single:  # the figure's title names it, with the panel's where that says more
             panel_title = title if panel_title == title else f"{title}: {panel_title}"
+        if len(lines) == 1 and lines[0][1]:  # a lone line has no legend: the title names it
+            panel_title = f"{panel_title}: {lines[0][1]}"
+        counts = True  # every value a whole number (errors, skipped records): whole-number ticks from 0 to >= 1
         for r in runs:
             for v, (key, label) in enumerate(lines):
                 if key not in r.series:
                     continue
                 steps, values = r.series[key]
+                counts = counts and bool(np.all(values == np.round(values)))
                 color = cmap(v % 10) if len(runs) == 1 and len(lines) > 1 else colors[r.name]
                 name = " ".join(x for x in (r.name if len(runs) > 1 else "", label) if x)
                 ax.plot(steps, values, _VARIANT_STYLES[v % len(_VARIANT_STYLES)], color=color, label=name or None,
@@ -83,6 +87,9 @@ def curves(runs: Sequence[Run], figure: Figure, path: str) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
+        if counts:
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylim(bottom=min(0.0, ax.get_ylim()[0]), top=max(1.0, ax.get_ylim()[1]))
         if figure.from_zero:
             ax.set_ylim(bottom=0)
         if ax.get_legend_handles_labels()[0] and (len(lines) > 1 or len(runs) > 1):

@@ -118,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         return results
 
     total = int(config.total_steps)
-    eta = Eta(total, start_step, int(config.eval_every or 0))
+    eta = Eta(total, start_step, [evaluators.every(config, name) for name in evaluators.run_names(config)])
     preemption = _Preemption()
     pending = None  # (step, metrics) of the previous step: read one step late, never blocking the current one
     window = {"t0": time.time(), "images": 0, "data_wait": 0.0, "steps": 0}

@@ -85,3 +85,33 @@ def test_an_unknown_family_gets_one_panel_per_metric():
 def test_names_that_slug_alike_get_two_files():
     names = [f.name for f in figures(["a b/x", "a_b/x"])]
     assert names == ["eval_a_b", "eval_a_b_2"]
+
+
+# What the benchmark evaluators log (evaluate/benchmarks.py), entries named by the config.
+BENCHMARKS = [
+    "zeroshot/in1k/top1", "zeroshot/in1k/mean_per_class_recall", "zeroshot/in1k/decode_errors",
+    *(f"fewshot/pets/{k}shot" for k in (10, 1, 5)), "fewshot/pets/1shot_std", "fewshot/pets/5shot_std",
+    "fewshot/pets/decode_errors", "knn/c/top1", "knn/a/top1", "knn/a/decode_errors",
+    "eval_speed/b/seconds", "eval_speed/a/seconds", "eval_speed/a/images_per_second",
+]
+
+
+def test_benchmark_families_layouts():
+    names = by_name(BENCHMARKS)
+    assert [f.name for f in figures(BENCHMARKS)] == ["eval_zeroshot", "eval_fewshot", "eval_knn", "eval_eval_speed"]
+    assert all(f.from_zero for f in names.values())
+    assert names["eval_zeroshot"].panels == (
+        ("in1k", [("zeroshot/in1k/top1", "top1"), ("zeroshot/in1k/mean_per_class_recall", "mean_per_class_recall")]),
+        ("decode errors", [("zeroshot/in1k/decode_errors", "in1k")]))
+    # The k-shot accuracies as lines of one panel per entry, their spread over the draws in the next.
+    assert names["eval_fewshot"].panels == (
+        ("pets", [("fewshot/pets/1shot", "1-shot"), ("fewshot/pets/5shot", "5-shot"),
+                  ("fewshot/pets/10shot", "10-shot")]),
+        ("pets_std", [("fewshot/pets/1shot_std", "1-shot"), ("fewshot/pets/5shot_std", "5-shot")]),
+        ("decode errors", [("fewshot/pets/decode_errors", "pets")]))
+    assert names["eval_knn"].panels == (("a", [("knn/a/top1", "top1")]), ("c", [("knn/c/top1", "top1")]),
+                                        ("decode errors", [("knn/a/decode_errors", "a")]))
+    # Speed: one panel per measure, one line per entry.
+    assert names["eval_eval_speed"].panels == (
+        ("images_per_second", [("eval_speed/a/images_per_second", "a")]),
+        ("seconds", [("eval_speed/a/seconds", "a"), ("eval_speed/b/seconds", "b")]))
