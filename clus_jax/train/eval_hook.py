@@ -49,11 +49,13 @@ def objective_outputs(config: ml_collections.ConfigDict,
 
 def evaluate_and_save(config: ml_collections.ConfigDict, modalities: Sequence[str],
                       encoders: Encoders, params_of: ParamsOf, workdir: str,
-                      step: int, names: Sequence[str] | None = None) -> evaluators.Evaluation:
+                      step: int, names: Sequence[str] | None = None, *, out: str | None = None,
+                      model: str | None = None, pretrained: str | None = None) -> evaluators.Evaluation:
     """Runs the entries ``names`` (default: all of ``config.evals.run``) with ``encoders`` and the objectives'
     heads, adds the objectives' scalars, and has process 0 save the arrays and the entries' CLIP_benchmark-style
-    results under ``<workdir>/eval/step_<step>/`` (``evaluate.artifacts``). Returns the evaluation; its metrics
-    are {} (nothing saved) when there is nothing to report."""
+    results under ``<workdir>/eval/step_<step>/`` (``evaluate.artifacts``), or under ``out``; the reports name
+    ``model`` (default: the workdir) and ``pretrained`` (default: ``step_<step>``). Returns the evaluation; its
+    metrics are {} (nothing saved) when there is nothing to report."""
     names = evaluators.run_names(config) if names is None else list(names)
     if not names:
         return evaluators.Evaluation(metrics={})
@@ -65,5 +67,6 @@ def evaluate_and_save(config: ml_collections.ConfigDict, modalities: Sequence[st
     if not evaluation.metrics:
         return evaluators.Evaluation(metrics={})
     if jax.process_index() == 0:
-        artifacts.write(evaluation, artifacts.step_dir(workdir, step), model=str(workdir), pretrained=f"step_{step}")
+        artifacts.write(evaluation, out or artifacts.step_dir(workdir, step), model=model or str(workdir),
+                        pretrained=f"step_{step}" if pretrained is None else pretrained)
     return evaluation

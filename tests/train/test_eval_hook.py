@@ -6,6 +6,7 @@ import pytest
 
 from clus_jax.evaluate import artifacts
 from clus_jax.evaluate import registry as evaluators
+from clus_jax.evaluate.encoders import Encoders
 from clus_jax.evaluate.runner import Evaluation
 from clus_jax.objectives import registry as objectives
 from clus_jax.train import eval_hook
@@ -56,6 +57,9 @@ def recording_config(objective_weights, run="rec"):
     return config
 
 
+NEVER = Encoders(never, never, never, 8)  # encoders that must not be called
+
+
 def test_heads_and_scalars_of_the_objectives_reach_the_evaluation(tmp_path):
     order = (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9)
     params = {"image": {}, "swap": {f"bank_{i}": np.full((2, 3), i, np.float32) for i in order},
@@ -67,7 +71,7 @@ def test_heads_and_scalars_of_the_objectives_reach_the_evaluation(tmp_path):
         return eval_hook.state_params(params)(name)
 
     config = recording_config({"clip": 1.0, "swap": 0.5, "test_norms": 0.0})
-    out = eval_hook.evaluate_and_save(config, ("image", "text"), (never, never), params_of, str(tmp_path), 7)
+    out = eval_hook.evaluate_and_save(config, ("image", "text"), NEVER, params_of, str(tmp_path), 7).metrics
     assert fetched == ["swap", "test_norms"]  # clip adds nothing: its parameters are not asked for
     (ctx,) = SEEN
     assert list(ctx.heads) == [f"bank_{i}" for i in range(11)]  # bank order, not the tree's
@@ -83,7 +87,7 @@ def test_none_runs_no_evaluation_and_writes_nothing(tmp_path):
 
     for run in ("none", ""):
         config = recording_config({"clip": 1.0, "test_norms": 0.0}, run=run)
-        assert eval_hook.evaluate_and_save(config, ("image",), (never, never), params_of, str(tmp_path), 1) == {}
+        assert eval_hook.evaluate_and_save(config, ("image",), NEVER, params_of, str(tmp_path), 1).metrics == {}
     assert SEEN == [] and artifacts.steps(str(tmp_path)) == []
 
 
