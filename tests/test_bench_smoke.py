@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
 SCRIPTS = ["host.py", "step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
-           "microbatch_memory.py", "supervised_ceiling.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+           "microbatch_memory.py", "supervised_ceiling.py", "eval_stream.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 # Seconds one script may take on the reference host, run alone beside one other test worker.
 BASE_S = 300
 
@@ -144,3 +144,13 @@ def test_supervised_ceiling_quick(quick_runs):
     assert [r["variant"] for r in rows] == ["patch8", "default"]
     assert all(0.0 <= r["top1"] <= r["shape_top1"] <= 1.0 for r in rows)
     assert rows[1]["image_gflops"] > rows[0]["image_gflops"]  # the default's stem and 64 tokens against 16
+
+
+@pytest.mark.slow
+def test_eval_stream_quick(quick_runs):
+    rows = records(quick_runs, "eval_stream.py")
+    sizes = [r for r in rows if "size" in r]
+    assert [r["size"] for r in sizes] == [500, 5000]
+    assert all(r["decode_errors"] == 0 and r["images_per_second"] > 0 and r["peak_rss_mib"] > 0 for r in sizes)
+    (summary,) = [r for r in rows if "peak_rss_ratio" in r]
+    assert summary["peak_rss_ratio"] > 0 and summary["matmul_gflops"] > 0
