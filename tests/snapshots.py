@@ -1,4 +1,5 @@
-"""What a test compares to show that a failed command changed none of the user's files."""
+"""What a test compares to show that a failed command changed none of the user's files, and that one that moves
+something aside by design changed nothing else."""
 from __future__ import annotations
 
 import hashlib
@@ -20,3 +21,11 @@ def snapshot(path: str) -> dict[str, str] | None:
             with open(os.path.join(root, name), "rb") as f:
                 out[os.path.relpath(os.path.join(root, name), path)] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def moved(before: dict[str, str], folder: str, to: str) -> dict[str, str]:
+    """A snapshot ``before`` as it reads once ``folder`` (a path relative to its root) was renamed ``to``."""
+    def where(path: str) -> str:
+        return to + path[len(folder):] if path == folder or path.startswith(folder + os.sep) else path
+
+    return {where(path): digest for path, digest in before.items()}

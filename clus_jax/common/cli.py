@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import logging
 import os
 import sys
 import traceback
@@ -76,6 +77,7 @@ def run_command(run: Callable[[], T], *, input_errors: tuple[type[BaseException]
     ``FileNotFoundError: ...``). Any other exception is a bug and propagates with its traceback;
     ``CLUS_JAX_DEBUG=1`` prints the traceback of a mistake too.
     """
+    quiet_failed_restores()
     try:
         result = run()
     except Exception as e:
@@ -90,6 +92,29 @@ def run_command(run: Callable[[], T], *, input_errors: tuple[type[BaseException]
     if print_json:
         print(json.dumps(result), flush=True)
     return result
+
+
+def _not_unawaited_future(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Future exception was never retrieved")
+
+
+def quiet_failed_restores() -> None:
+    """Keeps a failed orbax restore (a damaged checkpoint) to its own error. The reads of its other arrays fail
+    too, after orbax closed its event loop: tensorstore reports each as an unraisable ``RuntimeError: Event loop
+    is closed`` (a traceback per array) and asyncio logs each as 'Future exception was never retrieved'. Both are
+    dropped, the restore's own error says what failed; any other exception goes where it went."""
+    logging.getLogger("asyncio").addFilter(_not_unawaited_future)  # once: a filter is not added twice
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_failed_restores", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiets_failed_restores = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def error_text(e: BaseException) -> str:

@@ -1,5 +1,6 @@
 """A workdir belongs to its run: ``train`` started in a finished run's workdir with another config fails with
-one line before anything is written (the run's files stay byte-identical and it still loads), a restart of
+one line before anything is written (the run's files stay byte-identical, it still loads and re-evaluates to the
+same figures), a restart of
 the same run with other settings resumes, and ``--overwrite`` moves the earlier run aside, whole."""
 import os
 import shutil
@@ -17,6 +18,7 @@ from clus_jax.config.run_config import load_run_config
 from clus_jax.train import loop
 from clus_jax.train import workdir as workdir_lib
 from clus_jax.train.experiment import build
+from clus_jax.train.reevaluate import reevaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The smallest run of the fault-tolerance tests, as command-line overrides and as the same config in process.
@@ -58,7 +60,16 @@ def assert_loads(workdir):
     assert emb.shape == (1, 128) and np.all(np.isfinite(emb))
 
 
+def figures(workdir) -> tuple[int, dict[str, float]]:
+    """The run's checkpoint re-evaluated by the default evaluator (it trained with none), metrics.jsonl left
+    alone: (step, every figure but the time it took)."""
+    step, metrics = reevaluate(workdir, append=False, evals="embedded")
+    del metrics["eval/seconds"]
+    return step, metrics
+
+
 def test_another_config_leaves_a_finished_run_untouched(clip_run):
+    evaluated = figures(clip_run)  # before the snapshot: it writes the evaluation's arrays into the workdir
     before = snapshot(clip_run)
     args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
     cmd = [sys.executable, "-m", "clus_jax.train", "--config", "configs/siglip.py:steps=2,batch=16,synthetic", *args,
@@ -75,6 +86,7 @@ def test_another_config_leaves_a_finished_run_untouched(clip_run):
     assert snapshot(clip_run) == before  # nothing written, nothing touched
     assert load_run_config(clip_run).objectives.to_dict() == {"clip": 1.0}
     assert_loads(clip_run)
+    assert figures(clip_run) == evaluated
 
 
 def test_the_same_run_with_other_settings_resumes(clip_run):
