@@ -66,6 +66,7 @@ _register("train_helpers", "train", "helpers.py")
 _register("host_limits", "host_limits.py")
 _register("tolerances", "tolerances.py")
 _register("snapshots", "snapshots.py")
+_register("local_processes", "local_processes.py")
 # Float64 NumPy transcriptions of the reference losses, the oracles of tests/objectives.
 _register("open_clip_reference", "objectives", "open_clip_reference.py")
 _register("swav_reference", "objectives", "swav_reference.py")

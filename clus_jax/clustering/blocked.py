@@ -35,8 +35,9 @@ def check_metric(metric: str) -> str:
 
 
 def single_device_mesh() -> Mesh:
-    """A ('data', 'fsdp', 'tensor') mesh of the first device: the unsharded case of the same code path."""
-    return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), MESH_AXES)
+    """A ('data', 'fsdp', 'tensor') mesh of this process's first device: the unsharded case of the same code path
+    (each process of a multi-process job computes on its own device, not on process 0's)."""
+    return Mesh(np.asarray(jax.local_devices()[:1]).reshape(1, 1, 1), MESH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,14 +21,16 @@ import train_helpers as helpers  # registered by tests/conftest.py
 BATCH = 16
 
 
-def setup(mesh_config):
+def setup(mesh_config, devices=None):
+    """The tiny CLIP config, its model, a mesh of ``devices`` (default: all), the rules, the parameters'
+    shardings and parameters (fixed: key 0) placed by them."""
     config = helpers.tiny_config("clip")
     model = build_model(config.model)
-    mesh = mesh_lib.create_mesh(mesh_config, jax.devices())
+    mesh = mesh_lib.create_mesh(mesh_config, jax.devices() if devices is None else devices)
     rules = [tuple(r) for r in config.logical_axis_rules]
     size, length = int(config.model.image.image_size), int(config.model.text.context_length)
     images, tokens = jnp.zeros((1, size, size, 3), jnp.uint8), jnp.ones((1, length), jnp.int32)
-    boxed = model.init(jax.random.key(0), images, tokens)["params"]
+    boxed = jax.jit(model.init)(jax.random.key(0), images, tokens)["params"]  # one compilation, not one per op
     shardings = partitioning.shardings_for(boxed, mesh, rules)
     params = jax.device_put(partitioning.unbox(boxed), shardings)
     return config, model, mesh, rules, shardings, params

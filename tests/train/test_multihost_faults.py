@@ -3,31 +3,23 @@ clear error, and restarting all of them resumes from the last completed checkpoi
 restart logs only the steps after it) with the same losses."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import host_limits  # registered by tests/conftest.py
+import local_processes  # registered by tests/conftest.py
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(workdir, steps, logs):
-    port = free_port()
+    port = local_processes.free_port()
     procs = []
     for i in range(2):
-        env = {**os.environ, "CLUS_JAX_COORDINATOR": f"127.0.0.1:{port}", "CLUS_JAX_NUM_PROCESSES": "2",
-               "CLUS_JAX_PROCESS_ID": str(i), "CLUS_JAX_HEARTBEAT_TIMEOUT": "10", "JAX_PLATFORMS": "cpu",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONUNBUFFERED": "1"}
+        env = local_processes.process_env(port, 2, i, 2, CLUS_JAX_HEARTBEAT_TIMEOUT="10")
         cmd = [sys.executable, "-m", "clus_jax.train", "--config", f"configs/clip.py:steps={steps},batch=16,synthetic",
                "--config.model.image.size=mu", "--config.model.text.size=mu", "--config.model.image.image_size=16",
                "--config.model.text.context_length=8", "--config.log_every=1", "--config.checkpoint_every=4",
