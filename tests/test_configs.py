@@ -63,6 +63,23 @@ def test_default_run_towers_batch_and_crop_reach_the_model_and_the_pipeline():
     assert (tower.size, tower.width, tower.mlp_dim, tower.patch_size) == ("S/8", 0, 0, 0)
 
 
+def test_clip_reg_sweeps_lambda_over_five_values():
+    """configs/clip_reg.py's get_sweep: lambda = 0.01, 0.03, 0.1, 0.3, 1.0, each reaching config.clip_reg.reg_weight
+    through the sweep's own expansion (the budget of its docstring's command), and the docstring gives the command."""
+    from clus_jax import sweep
+
+    spec = os.path.join(REPO, "configs", "clip_reg.py") + ":steps=400,batch=128"
+    runs = sweep.expand(spec, "/sweep")
+    assert [r.overrides for r in runs] == [{"clip_reg.reg_weight": w} for w in (0.01, 0.03, 0.1, 0.3, 1.0)]
+    for run in runs:
+        config = config_base.load_config(spec)
+        config_base.set_dotted(config, "clip_reg.reg_weight", run.overrides["clip_reg.reg_weight"])
+        config_check.validate(config, num_devices=8)
+        assert (config.total_steps, config.batch_size) == (400, 128) and run.total_steps == 400
+    doc = open(spec.partition(":")[0]).read().split('"""')[1]
+    assert "python -m clus_jax.sweep --config configs/clip_reg.py:steps=400,batch=128 --workdir" in doc
+
+
 TINY = {"model.image.size": "mu", "model.text.size": "mu", "model.image.image_size": 16,
         "model.text.context_length": 8, "evals.run": "none", "log_every": 1, "checkpoint_every": 0,
         "data.synthetic_size": 256}

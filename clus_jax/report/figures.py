@@ -4,7 +4,9 @@ or evaluator is named here, so whatever a run logged is drawn.
 A metric's family is its first path component. ``train`` is split: ``loss.png`` (``train/loss`` and each
 ``train/<objective>/loss``), ``learning_rate.png``, ``logit_scale.png``, ``train.png`` (every other
 ``train/<metric>``), and ``objective_<objective>.png`` per objective that logged more than its loss (one panel
-per ``train/<objective>/<metric...>``, a row per sub-path such as a head or a bank). Every other family gets
+per ``train/<objective>/<metric...>``, a row per sub-path such as a head or a bank; a distribution logged as its
+quantiles, ``<name>/min``, ``/pNN``, ``/max``, one panel of lines, and ``histograms`` one histogram figure per
+run and path, drawn by ``plots.histogram``). Every other family gets
 ``eval_<family>.png``: the known evaluation families in a layout of their own (retrieval R@k as lines of a
 panel, few-shot k-shot accuracies as lines of a panel per entry, cluster scores per scoring head, evaluation speed
 one line per entry, every family's ``<entry>/decode_errors`` one panel with a line per entry), any other family one
@@ -96,20 +98,64 @@ def _one_per_key(keys: Sequence[str], prefix: str) -> list[Panel]:
     return [(k[len(prefix):] or k, [(k, "")]) for k in keys]
 
 
+def quantile_of(leaf: str) -> float | None:
+    """The fraction a metric's last name component stands for as a quantile: 'min' 0, 'p10' 0.1, 'max' 1; else
+    None."""
+    m = re.fullmatch(r"p(\d{1,2})", leaf)
+    return {"min": 0.0, "max": 1.0}.get(leaf, int(m[1]) / 100 if m else None)
+
+
+def _quantile_lines(leaves: Sequence[str]) -> list[str] | None:
+    """The leaves in line order (quantiles ascending, then the rest) when they hold a distribution logged as its
+    quantiles (``min``, ``max`` and at least one ``pNN``); None otherwise."""
+    q = {leaf: quantile_of(leaf) for leaf in leaves}
+    if not {"min", "max"} <= set(q) or sum(v is not None for v in q.values()) < 3:
+        return None
+    return sorted(leaves, key=lambda leaf: (q[leaf] is None, q[leaf] or 0.0, leaf))
+
+
 def _rows_by_subpath(metrics: Sequence[str], prefix: str) -> tuple[list[Panel | None], int]:
     """One panel per metric, ``loss`` first in each row; metrics sharing a sub-path (``<head>/<metric>``) fill
-    rows of their own. Returns the panels with row breaks and the number of columns."""
+    rows of their own. A sub-path that holds a distribution's quantiles (``<name>/min``, ``/p10``, ...,
+    ``/max``) is one panel, a line per quantile, in the row of its parent path. Returns the panels with row
+    breaks and the number of columns."""
     groups: dict[str, list[str]] = {}
     for m in metrics:
         groups.setdefault(m.rpartition("/")[0], []).append(m)
-    ncols = min(3, max(len(g) for g in groups.values()))
+    rows: dict[str, list[Panel]] = {}
+    for group, members in groups.items():
+        lines = _quantile_lines([m.rpartition("/")[2] for m in members])
+        if lines is None:
+            ordered = sorted(members, key=lambda m: (m.rpartition("/")[2] != "loss", m))
+            rows.setdefault(group, []).extend(_one_per_key([prefix + m for m in ordered], prefix))
+        else:
+            base = prefix + (group + "/" if group else "")
+            rows.setdefault(group.rpartition("/")[0], []).append((group or prefix.strip("/"),
+                                                                  [(base + leaf, leaf) for leaf in lines]))
+    ncols = min(3, max(len(r) for r in rows.values()))
     panels: list[Panel | None] = []
-    for group in sorted(groups, key=lambda g: (g != "", [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])):
+    for row in sorted(rows, key=lambda g: (g != "", [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])):
         if panels and len(panels) % ncols:
             panels += [None] * (ncols - len(panels) % ncols)
-        ordered = sorted(groups[group], key=lambda m: (m.rpartition("/")[2] != "loss", m))
-        panels += _one_per_key([prefix + m for m in ordered], prefix)
+        panels += sorted(rows[row], key=lambda p: (p[0].rpartition("/")[2] != "loss", p[0]))
     return panels, ncols
+
+
+def histograms(keys: Iterable[str]) -> dict[str, list[Panel]]:
+    """The distributions logged as quantiles (``<path>/<name>/min``, ``/pNN``, ``/max``), grouped by ``<path>``:
+    one histogram figure per path, one panel per ``<name>`` with its quantile keys as lines (label: the leaf)."""
+    by_prefix: dict[str, list[str]] = {}
+    for k in keys:
+        prefix, _, leaf = k.rpartition("/")
+        if prefix and quantile_of(leaf) is not None:
+            by_prefix.setdefault(prefix, []).append(leaf)
+    out: dict[str, list[Panel]] = {}
+    for prefix in sorted(by_prefix):
+        lines = _quantile_lines(by_prefix[prefix])
+        if lines is not None:
+            path, _, name = prefix.rpartition("/")
+            out.setdefault(path or prefix, []).append((name, [(f"{prefix}/{leaf}", leaf) for leaf in lines]))
+    return out
 
 
 def _family_order(family: str) -> tuple[int, str]:

@@ -1,7 +1,7 @@
 """The report's figures as PNG files: curves of metrics over steps (a ``figures.Figure``, several runs
-overlaid), and from a run's newest evaluation arrays the zero-shot confusion matrix and a 2-D PCA of the
-held-out image embeddings. matplotlib (the ``report`` extra) is imported here only, lazily and with the Agg
-backend, so training never needs it."""
+overlaid), a histogram of a run's distributions logged as quantiles, and from a run's newest evaluation arrays
+the zero-shot confusion matrix and a 2-D PCA of the held-out image embeddings. matplotlib (the ``report``
+extra) is imported here only, lazily and with the Agg backend, so training never needs it."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -185,3 +185,42 @@ def pca_figure(run: Run, set_name: str, path: str) -> str:
     fig.tight_layout()
     return _save(plt, fig, path)
 
+
+def _quantiles_at(run: Run, lines: Sequence[tuple[str, str]]) -> dict[int, np.ndarray]:
+    """Step -> the values of a panel's quantile keys, at every step where all of them were logged."""
+    by_step = [dict(zip(*run.series[key])) if key in run.series else {} for key, _ in lines]
+    steps = sorted(set.intersection(*(set(d) for d in by_step)))
+    return {int(s): np.array([d[s] for d in by_step]) for s in steps}
+
+
+def histogram(run: Run, title: str, panels: Sequence[tuple[str, list[tuple[str, str]]]], path: str) -> str:
+    """Each panel's distribution, logged as quantiles (``figures.histograms``), as an equal-mass histogram at the
+    last step with all of them: the bar between two quantiles holds their share of the samples, so its height
+    is that share over its width (a tie is a spike). The panel's ``<name>/mean`` (when logged) is dashed, 0
+    dotted."""
+    plt = _pyplot()
+    from clus_jax.report.figures import quantile_of
+
+    fig, axes = _grid(plt, panels, len(panels), panel=(5.6, 3.8))
+    for ax, (name, lines) in zip(axes, panels):
+        at = _quantiles_at(run, lines)
+        if at:
+            step = max(at)
+            edges = np.maximum.accumulate(at[step])  # quantiles never decrease; guards a rounding inversion
+            floor = 2e-3 * max(float(edges[-1] - edges[0]), 1e-12)
+            shares = np.diff([quantile_of(label) for _, label in lines])
+            ax.stairs(shares / np.maximum(np.diff(edges), floor), edges, fill=True, alpha=0.6, color="tab:blue")
+            mean = dict(zip(*run.series.get(lines[0][0].rpartition("/")[0] + "/mean", ([], []))))
+            if step in mean:
+                ax.axvline(mean[step], color="tab:red", linestyle="--", linewidth=1.2, label=f"mean {mean[step]:.3g}")
+                ax.legend(fontsize=8, frameon=False)
+            name = f"{name} at step {step}"
+        ax.axvline(0.0, color="black", linewidth=0.8, linestyle=":")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("value", fontsize=9)
+        ax.set_ylabel("share of samples per unit", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{run.name}: {title}, histogram of the last logged quantiles", fontsize=12)
+    fig.tight_layout()
+    return _save(plt, fig, path)

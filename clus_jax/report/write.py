@@ -1,5 +1,6 @@
-"""The whole report of some runs into one directory: every curve figure (``figures``), each run's confusion
-matrices and PCA from its newest evaluation arrays, and ``report.html`` showing them."""
+"""The whole report of some runs into one directory: every curve figure (``figures``), each run's histograms of
+the distributions it logged as quantiles, its confusion matrices and PCA from its newest evaluation arrays, and
+``report.html`` showing them."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ from etils import epath
 
 from clus_jax.common import files
 from clus_jax.report import html, plots
-from clus_jax.report.figures import figures, slug
+from clus_jax.report.figures import figures, histograms, slug
 from clus_jax.report.runs import BOOKKEEPING, Run, load_runs
 
 
@@ -26,6 +27,15 @@ def _arrays_section(run: Run, out_dir: epath.Path) -> html.Section:
     return html.Section(f"{run.name}: confusion matrices and PCA{at}", images, note + "".join(extra))
 
 
+def _histograms_section(run: Run, out_dir: epath.Path) -> list[html.Section]:
+    """One run's distributions logged as quantiles, a histogram figure per path (``figures.histograms``)."""
+    images = []
+    for path, panels in histograms(run.series).items():
+        png = plots.histogram(run, path, panels, os.fspath(out_dir / f"hist_{slug(path)}_{slug(run.name)}.png"))
+        images.append((os.path.basename(png), [key for _, lines in panels for key, _ in lines]))
+    return [html.Section(f"{run.name}: distributions logged as quantiles", images)] if images else []
+
+
 def write_report(workdirs: Sequence[str], out: str) -> dict[str, list[str]]:
     """Draws every plot for ``workdirs`` into ``out`` and writes ``out/report.html``; returns the files."""
     runs = load_runs(workdirs)
@@ -34,6 +44,7 @@ def write_report(workdirs: Sequence[str], out: str) -> dict[str, list[str]]:
     curve_figures = figures({k for r in runs for k in r.series})
     sections = [html.Section(f.title, [(os.path.basename(plots.curves(runs, f, os.fspath(out_dir / f"{f.name}.png"))),
                                         f.keys)]) for f in curve_figures]
+    sections += [section for r in runs for section in _histograms_section(r, out_dir)]
     sections += [_arrays_section(r, out_dir) for r in runs]
     drawn = {k for f in curve_figures for k in f.keys}
     logged = {k for r in runs for k in r.logged}

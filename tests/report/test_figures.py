@@ -1,6 +1,6 @@
 """Which figure draws which metric, from the names alone: every key in exactly one figure, objectives and
 evaluation families the report has never heard of included, and the known families' layouts."""
-from clus_jax.report.figures import Figure, eval_panels, figures
+from clus_jax.report.figures import Figure, eval_panels, figures, histograms
 
 # What a clip + two-head run logs at a training step and at an evaluation, and names the report cannot know.
 LOGGED = [
@@ -115,3 +115,26 @@ def test_benchmark_families_layouts():
     assert names["eval_eval_speed"].panels == (
         ("images_per_second", [("eval_speed/a/images_per_second", "a")]),
         ("seconds", [("eval_speed/a/seconds", "a"), ("eval_speed/b/seconds", "b")]))
+
+
+# A distribution logged as its quantiles (CLIP+Reg's margins: train/clip_reg/margin/<i2t|t2i>/<min|p10..|max|mean>).
+QUANTILES = ["min", "p10", "p50", "p90", "max"]
+GAPS = ["train/obj/loss", "train/obj/spread", "train/obj/range/min", "train/obj/range/max",
+        *(f"train/obj/gap/{d}/{q}" for d in ("b", "a") for q in (*QUANTILES, "mean"))]
+
+
+def test_a_distribution_logged_as_quantiles_is_one_panel_of_lines():
+    fig = by_name(GAPS)["objective_obj"]
+    lines = {d: [(f"train/obj/gap/{d}/{q}", q) for q in (*QUANTILES, "mean")] for d in ("a", "b")}
+    # min and max alone are no distribution: a panel each; the two quantile sets share the row of "gap".
+    assert fig.ncols == 2 and fig.panels == (
+        ("spread", [("train/obj/spread", "")]), None,
+        ("gap/a", lines["a"]), ("gap/b", lines["b"]),
+        ("range/max", [("train/obj/range/max", "")]), ("range/min", [("train/obj/range/min", "")]))
+    assert sorted(k for f in figures(GAPS) for k in f.keys) == sorted(GAPS)
+
+
+def test_each_path_of_distributions_is_one_histogram():
+    assert histograms(GAPS) == {"train/obj/gap": [
+        (d, [(f"train/obj/gap/{d}/{q}", q) for q in QUANTILES]) for d in ("a", "b")]}
+    assert histograms(["x/min", "x/max", "x/mean", "y/p50"]) == {}  # no pNN between min and max; no min, max

@@ -52,3 +52,25 @@ def test_confusion_and_pca_figures_of_the_arrays(tmp_path):
     assert w >= 500 and h >= 500
     w, h = size(plots.pca_figure(run, "s", str(tmp_path / "pca.png")))
     assert w >= 800 and h >= 600
+
+
+def test_a_histogram_from_logged_quantiles_gives_each_bar_its_share(tmp_path, monkeypatch):
+    """Quantiles min, p10, p50, p90, max at the last step: four bars holding 10%, 40%, 40% and 10% of the samples,
+    each as tall as its share over its width; the earlier step is not drawn."""
+    steps = np.array([1, 2])
+    edges = np.array([-1.0, -0.5, 0.0, 0.5, 3.0])
+    series = {f"m/d/{q}": (steps, np.array([9.0, e])) for q, e in zip(("min", "p10", "p50", "p90", "max"), edges)}
+    series["m/d/mean"] = (steps, np.array([9.0, 0.1]))
+    run = Run(name="r", workdir="runs/r", logged=set(series), eval_step=None, arrays={}, series=series)
+    drawn, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda plt, fig, path: (drawn.append(fig), save(plt, fig, path))[1])
+    panel = ("d", [(f"m/d/{q}", q) for q in ("min", "p10", "p50", "p90", "max")])
+    w, h = size(plots.histogram(run, "m", [panel], str(tmp_path / "hist.png")))
+    assert w >= 500 and h >= 350
+    (ax,) = [a for a in drawn[0].axes if a.get_visible()]
+    (bars,) = ax.patches
+    values, got_edges, _ = bars.get_data()
+    np.testing.assert_array_equal(got_edges, edges)
+    np.testing.assert_allclose(values, np.array([0.1, 0.4, 0.4, 0.1]) / np.diff(edges), rtol=1e-12)
+    assert sorted(line.get_xdata()[0] for line in ax.lines) == [0.0, 0.1]  # zero and the mean
+    assert ax.get_title() == "d at step 2"

@@ -76,3 +76,24 @@ def test_a_hand_written_metrics_file_gives_its_curves(tmp_path):
     for path in files["png"]:
         with Image.open(path) as image:
             assert image.size[0] > 100 and image.size[1] > 100
+
+
+def test_a_distribution_logged_as_quantiles_gets_a_histogram_per_run(tmp_path):
+    """A run that logged CLIP+Reg's margin quantiles (both directions) gets one histogram image with both, named on
+    the page with the keys it draws; a run without them gets none."""
+    quantiles = ["min", *(f"p{q}" for q in range(10, 100, 10)), "max", "mean"]
+    lines = [{"step": s, "train/loss": 1.0 / s, **{f"train/clip_reg/margin/{d}/{q}": (i - 5) / 10 + s / 100
+                                                  for d in ("i2t", "t2i") for i, q in enumerate(quantiles)}}
+             for s in (5, 10)]
+    with_margins = write_metrics(tmp_path / "reg", lines)
+    without = write_metrics(tmp_path / "plain", [{"step": 5, "train/loss": 1.0}])
+    files = write_report([with_margins, without], str(tmp_path / "out"))
+    hists = [os.path.basename(p) for p in files["png"] if os.path.basename(p).startswith("hist_")]
+    assert hists == ["hist_train_clip_reg_margin_reg.png"]
+    drawn = figure_keys(open(files["report"][0]).read())[hists[0]]
+    assert drawn == [f"train/clip_reg/margin/{d}/{q}" for d in ("i2t", "t2i") for q in quantiles[:-1]]
+    with Image.open(tmp_path / "out" / hists[0]) as im:
+        assert im.size[0] >= 800 and im.size[1] >= 350
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    blue = (pixels[..., 2] - pixels[..., 0] > 60)  # the filled bars
+    assert blue[:, : im.size[0] // 2].mean() > 0.02 and blue[:, im.size[0] // 2:].mean() > 0.02
