@@ -18,13 +18,17 @@ Methods that are recipes (``RECIPES``: MLCD, MoDE) run ``python -m clus_jax.reci
 with the same budget split over their train stages, so that the steps of all stages add up to the steps of
 one CLIP run (the offline embed and cluster stages are extra, and in the wall time):
 
-- MLCD: a CLIP pretrain stage of steps/4, the MLCD stage on its k-means labels for steps/2, the LiT stage
-  (frozen image tower, new text tower) for steps/4; figures from the LiT stage's evaluation;
+- MLCD: the MLCD stage (the image tower from random init, on k-means labels) for 3/4 of the steps, the LiT
+  stage (that tower frozen, a new text tower) for 1/4; figures from the LiT stage's evaluation. The labels
+  come from a teacher that is not part of the budget (``TEACHERS``): the default CLIP run (``configs/clip.py``
+  at its own 600 steps of batch 64), trained once in ``DIR/mlcd_teacher``; every seed embeds with it
+  (``teacher=DIR/mlcd_teacher``) and clusters in its own folder, in its wall time. The teacher's figures and
+  wall time are a row of their own, ``mlcd_teacher``;
 - MoDE: a seed run of 3/8 of the steps and two data experts of 5/16 each from it; figures from the MoDE
   (metadata) ensemble of ``clus_jax.ensemble`` (zero-shot and retrieval only: an ensemble has no
   single image embedding for a probe, k-NN or k-means). The dense baseline is the ``clip`` row.
 
-The seed of a recipe goes to each of its train stages and to its clustering.
+The seed of a recipe goes to each of its train stages and to its clustering, not to a shared teacher.
 """
 from __future__ import annotations
 
@@ -53,23 +57,24 @@ METHODS: dict[str, str] = {
 }
 
 
-def mlcd_split(steps: int) -> tuple[int, int, int]:
-    """(pretrain, mlcd, lit) steps: steps/4 + steps/2 + steps/4 = steps."""
-    quarter = steps // 4
-    return quarter, steps - 2 * quarter, quarter
+def mlcd_split(steps: int) -> tuple[int, int]:
+    """(mlcd, lit) steps: 3 steps/4 + steps/4 = steps (the teacher is outside the budget)."""
+    return steps - steps // 4, steps // 4
 
 
 def mlcd_args(steps: int, batch: int, seed: int) -> str:
-    pretrain, mlcd, lit = mlcd_split(steps)
-    return f"pretrain_steps={pretrain},steps={mlcd},lit_steps={lit},batch={batch},seed={seed}"
+    mlcd, lit = mlcd_split(steps)
+    return f"steps={mlcd},lit_steps={lit},batch={batch},seed={seed}"
 
 
 MODE_EXPERTS = 2  # configs/mode.py's coarse clusters, each with an expert
 
 
 def mode_args(steps: int, batch: int, seed: int) -> str:
-    """seed run 3/8 + two experts of 5/16 each = steps; no dense baseline (the clip row is one)."""
-    expert = steps * 5 // 16
+    """The paper's split (MoDE: the seed is epoch 27 of 32, 84% of the schedule): each expert resumes the seed for
+    the schedule's last 5/32, so seed + two experts = steps (292 + 2 x 54 at 400); no dense baseline (the clip
+    row is one)."""
+    expert = steps * 5 // 37
     return (f"seed_steps={steps - MODE_EXPERTS * expert},expert_steps={expert},batch={batch},dense=0,"
             f"seed={seed}")
 
@@ -83,8 +88,10 @@ def finished_metrics(workdir: str, steps: int) -> dict[str, float] | None:
 
 
 def lit_stage_metrics(workdir: str, steps: int) -> dict[str, float] | None:
-    """The final metrics of the recipe's ``lit`` stage, or None before it finished."""
-    return finished_metrics(os.path.join(workdir, "lit"), mlcd_split(steps)[2])
+    """The final metrics of the recipe's ``lit_s<seed>`` stage (``workdir`` is ``DIR/mlcd_s<seed>``), or None
+    before it finished."""
+    seed = os.path.basename(os.path.normpath(workdir)).rsplit("_s", 1)[1]
+    return finished_metrics(os.path.join(workdir, f"lit_s{seed}"), mlcd_split(steps)[1])
 
 
 def ensemble_metrics(workdir: str, steps: int) -> dict[str, float] | None:
@@ -102,6 +109,9 @@ RECIPES: dict[str, tuple[str, Callable[[int, int, int], str], Callable[[str, int
     "mlcd": ("configs/mlcd.py", mlcd_args, lit_stage_metrics),
     "mode": ("configs/mode.py", mode_args, ensemble_metrics),
 }
+# recipe method -> (run name, config) of the teacher its seeds share: trained once in DIR/<name> before them,
+# passed to each as teacher=DIR/<name>, its cost outside the method's budget and row (a row of its own).
+TEACHERS: dict[str, tuple[str, str]] = {"mlcd": ("mlcd_teacher", "configs/clip.py")}
 # The table's leading columns, in this order, when present; other result keys follow sorted.
 KEY_METRICS = (
     "zeroshot/easyvqa/top1",
@@ -149,12 +159,28 @@ def plan(workdir: str, methods: Sequence[str], seeds: Sequence[int], steps: int,
                 path, args, _ = RECIPES[method]
                 run = sweep.Run(index=len(out), name=name, overrides={}, workdir=os.path.join(workdir, name),
                                 total_steps=steps)
-                out.append((method, f"{path}:{args(steps, batch, seed)}", run, []))
+                teacher = f",teacher={teacher_run(method, workdir).workdir}" if method in TEACHERS else ""
+                out.append((method, f"{path}:{args(steps, batch, seed)}{teacher}", run, []))
                 continue
             run = sweep.Run(index=len(out), name=name, overrides={"seed": seed},
                             workdir=os.path.join(workdir, name), total_steps=steps)
             out.append((method, config_spec(method, steps, batch), run, method_overrides(method, batch)))
     return out
+
+
+def teacher_run(method: str, workdir: str) -> sweep.Run:
+    """The shared teacher of recipe method ``method`` in ``workdir``, at its config's own length."""
+    from clus_jax.config.base import load_config
+
+    name, config = TEACHERS[method]
+    return sweep.Run(index=0, name=name, overrides={}, workdir=os.path.join(workdir, name),
+                     total_steps=int(load_config(config).total_steps))
+
+
+def _teachers(planned) -> list[tuple[str, str, sweep.Run]]:
+    """(method, config, run) of every shared teacher the planned runs embed with, once each."""
+    seen = {m: os.path.dirname(run.workdir) for m, _, run, _ in planned if m in TEACHERS}
+    return [(m, TEACHERS[m][1], teacher_run(m, root)) for m, root in seen.items()]
 
 
 def recipe_command(spec: str, run: sweep.Run) -> list[str]:
@@ -175,6 +201,11 @@ def train_all(planned, extra_overrides: Sequence[str]) -> list[str]:
 
     embedded.build_embedded_dataset()  # once, outside every run's wall time
     failed = []
+    for _, config, teacher in _teachers(planned):  # before the runs that embed with it; timed on its own
+        start = time.perf_counter()
+        if sweep.run_local(config, [teacher], []):
+            return [teacher.name]  # nothing can embed with it
+        _write_timing(teacher.workdir, time.perf_counter() - start)
     for method, spec, run, overrides in planned:
         start = time.perf_counter()
         if method in RECIPES:
@@ -185,10 +216,15 @@ def train_all(planned, extra_overrides: Sequence[str]) -> list[str]:
         seconds = time.perf_counter() - start
         if bad:
             failed.append(run.name)
-        elif seconds > 5:  # a finished run skipped by run_local keeps its recorded time
-            with open(os.path.join(run.workdir, TIMING_FILE), "w") as f:
-                json.dump({"wall_seconds": round(seconds, 1)}, f)
+        else:
+            _write_timing(run.workdir, seconds)
     return failed
+
+
+def _write_timing(workdir: str, seconds: float) -> None:
+    if seconds > 5:  # a finished run skipped by run_local keeps its recorded time
+        with open(os.path.join(workdir, TIMING_FILE), "w") as f:
+            json.dump({"wall_seconds": round(seconds, 1)}, f)
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -198,10 +234,12 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarise(planned) -> tuple[list[str], dict[str, dict[str, tuple[float, float, int]]]]:
-    """(columns, {method: {column: (mean, std, n)}}) over the finished runs of each method."""
+    """(columns, {method: {column: (mean, std, n)}}) over the finished runs of each method; a shared teacher
+    (``TEACHERS``) is a row of its own under its run's name."""
     per_method: dict[str, dict[str, list[float]]] = {}
-    for method, _, run, _ in planned:
-        metrics = run_metrics(method, run)
+    results = [(method, run, run_metrics(method, run)) for method, _, run, _ in planned]
+    results += [(t.name, t, finished_metrics(t.workdir, t.total_steps)) for _, _, t in _teachers(planned)]
+    for method, run, metrics in results:
         if metrics is None:
             continue
         values = {k: float(v) for k, v in metrics.items() if sweep.is_result_key(k)}
@@ -276,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"{' '.join(rest)}: --config overrides apply to single-config methods only, not to "
                 f"{', '.join(sorted({m for m, *_ in planned if m in RECIPES}))}")
     if args.dry_run:
+        for _, config, teacher in _teachers(planned):
+            print(" ".join(sweep.train_command(config, teacher, [])))
         for method, spec, run, overrides in planned:
             command = (recipe_command(spec, run) if method in RECIPES
                        else sweep.train_command(spec, run, [*overrides, *rest]))

@@ -2,6 +2,7 @@
 
     python -m clus_jax.embed --workdir RUN --out DIR [--data.KEY=VALUE ...] [--modality image,text]
         [--batch-size N] [--step S] [--shard-size N] [--process-index P --process-count N] [--workers N]
+    python -m clus_jax.embed --workdir OPEN_CLIP [--model-config CFG] --out DIR [...]
     python -m clus_jax.embed --encoder minilm --out DIR [--workdir RUN] [--data.KEY=VALUE ...] [...]
 
 The data source is the run's own training data (``data`` of ``RUN/config.json``) unless ``--data.*``
@@ -9,6 +10,12 @@ overrides change it (``--data.source=array_record --data.path='shards-*.array_re
 by random access (``data.sources.make_source``); images get the evaluation's preparation
 (``inference.eval_image``), captions the evaluation's cleaning and the run's tokenizer, both encoders are
 ``clus_jax.load``'s, so a row equals ``model.encode_image`` / ``encode_text`` of the same input.
+
+``--workdir`` may instead name an open_clip checkpoint (``interop.open_clip.is_source``: a folder with
+``open_clip_config.json``, or a weights file with ``--model-config``), loaded by ``interop.load_open_clip``
+into the same encoders: an off-the-shelf CLIP as the embedder, as MLCD clusters with one. It has no training
+data of its own, so the data starts from ``config.base``'s default (the embedded dataset), as ``--data.*``
+changes it.
 
 ``--encoder minilm`` embeds the captions with all-MiniLM-L6-v2 (``models.minilm``, sentence-transformers'
 values, 384 wide) instead of a run's text tower: MoDE's caption encoder, which needs no trained run. Only
@@ -81,7 +88,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p = cli.ArgumentParser(prog="python -m clus_jax.embed", allow_abbrev=False,
                            description="Embeds every record of a data source with a trained clus_jax model.")
     p.add_argument("--workdir", default=None,
-                   help="the run: a workdir, its checkpoints folder or one step's folder (optional with --encoder minilm)")
+                   help="the run: a workdir, its checkpoints folder or one step's folder, or an open_clip checkpoint "
+                        "(optional with --encoder minilm)")
+    p.add_argument("--model-config", default=None, help="the open_clip model config (JSON) of an open_clip weights file")
     p.add_argument("--encoder", choices=ENCODERS, default="run",
                    help="run: the run's own towers (default); minilm: all-MiniLM-L6-v2 captions (text only)")
     p.add_argument("--out", required=True, help="output directory (side-file format)")
@@ -225,6 +234,22 @@ def embed_range(model: Any, source: Any, start: int, end: int, modalities: tuple
     return out
 
 
+def _open_clip_source(args: argparse.Namespace) -> bool:
+    """Whether ``--workdir`` is an open_clip checkpoint; a flag that does not go with what it is is refused."""
+    from clus_jax.interop.open_clip import is_source
+
+    foreign = args.encoder == "run" and is_source(args.workdir)
+    if args.model_config is not None and not foreign:
+        raise cli.UsageError(f"--model-config {args.model_config}: only for an open_clip checkpoint in --workdir, "
+                             f"and {args.workdir} is not one")
+    if foreign and args.step is not None:
+        raise cli.UsageError(f"--step {args.step}: {args.workdir} is an open_clip checkpoint, which has no steps")
+    if foreign and args.model_config is None and not os.path.isdir(args.workdir):
+        raise cli.UsageError(f"--model-config: {args.workdir} is an open_clip weights file; pass its model config "
+                             "(e.g. open_clip's model_configs/ViT-B-32.json)")
+    return foreign
+
+
 def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Embeds this process's shards of the records into ``args.out``; returns the summary."""
     from clus_jax.data.sources import make_source
@@ -232,10 +257,11 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     from clus_jax.config.run_config import load_run_config
 
     cli.check_out_dir("--out", args.out)
-    if args.encoder == "minilm":
+    foreign = _open_clip_source(args)
+    if foreign or not args.workdir:
         from clus_jax.config.base import base_config
 
-        data = data_config_with(load_run_config(args.workdir).data if args.workdir else base_config().data, overrides)
+        data = data_config_with(base_config().data, overrides)
     else:
         data = data_config_with(load_run_config(args.workdir).data, overrides)
     try:
@@ -247,12 +273,21 @@ def run(args: argparse.Namespace, overrides: Sequence[tuple[str, str]]) -> dict[
     workdir = args.workdir and (os.path.abspath(args.workdir) if "://" not in args.workdir else args.workdir)
     spec = {"workdir": workdir, "data": data.to_dict(), "modality": list(args.modality),
             "shard_size": int(args.shard_size), "num_records": num_records}
-    if args.encoder != "run":  # an embedding made before --encoder existed still matches its embed.json
-        spec["encoder"] = args.encoder
+    if args.encoder != "run" or foreign:  # an embedding made before --encoder existed still matches its embed.json
+        spec["encoder"] = "open_clip" if foreign else args.encoder
+    if args.model_config:
+        spec["model_config"] = os.path.abspath(args.model_config)
     # What is known before the weights are read: another embedding in --out is refused before the model loads.
     claim_directory(out, SPEC_FILE, spec, "embeddings of something else", partial=True)
     if args.encoder == "minilm":
         model = CaptionEncoder(args.batch_size)
+    elif foreign:
+        from clus_jax.interop.open_clip import load_open_clip
+
+        try:
+            model = load_open_clip(args.workdir, args.model_config, batch_size=args.batch_size)
+        except (OSError, ValueError) as e:  # a missing, cut or mismatched weights file
+            raise cli.InputError(f"--workdir {args.workdir}: {cli.exception_text(e)}") from None
     else:
         try:
             model = load(args.workdir, args.step, batch_size=args.batch_size)

@@ -9,14 +9,29 @@ afterwards: the image tower is frozen and a text tower is trained from scratch w
 The whole method, one command (stages in DIR/<name>, a re-run skips finished ones):
   python -m clus_jax.recipe --config configs/mlcd.py --workdir /tmp/clus_jax/mlcd
 
-  pretrain  python -m clus_jax.train --config configs/clip.py    the feature extractor (skipped with features=DIR)
-  embed     python -m clus_jax.embed --workdir {pretrain} --modality image      image embeddings of the training set
-  cluster   python -m clus_jax.cluster --k 256 --metric cosine --topk 8 ...     centres + top-8 labels side file
-  mlcd      python -m clus_jax.train --config configs/mlcd.py                   image tower (+ centres) with MLCD
-  lit       python -m clus_jax.train --config configs/lit.py:init={mlcd}        frozen image tower, new text tower
-Every train stage ends with the evaluation (zero-shot, retrieval, linear probe, k-NN). By default every train
-stage runs the configs' total_steps (600) of batch 128 on the same towers; pretrain_steps= and lit_steps= give
-the pretrain and lit stages their own, as the equal-compute benchmark does.
+Which tower trains from what. As in the paper (k-means of the features of an off-the-shelf CLIP ViT-L/14,
+then a ViT trained from scratch on the labels, then a text tower from scratch against it), the teacher only
+labels the data; no weight of it reaches the student:
+  teacher  python -m clus_jax.train --config configs/clip.py      a CLIP at its own full length (600 steps of
+           batch 64), both towers from random init; skipped with teacher=DIR: any finished run or an
+           open_clip checkpoint folder (open_clip_config.json + weights), of any size
+  embed    python -m clus_jax.embed --workdir {teacher} --modality image   the teacher's image embeddings of
+           the student's training records (--data.source: the student's)
+  cluster  python -m clus_jax.cluster --k 256 --metric cosine --topk 8 ...   centres + top-8 labels side file
+  mlcd     python -m clus_jax.train --config configs/mlcd.py   the student's image tower from random
+           initialisation (no init_from), with the K centres; batches hold no text
+  lit      python -m clus_jax.train --config configs/lit.py:init={mlcd}   the mlcd tower frozen, a text tower
+           from random initialisation
+Every train stage ends with the evaluation (zero-shot, retrieval, linear probe, k-NN). The teacher and embed
+stages take no seed= and none of the student's sizes, so they run once per DIR; with seed=S the other stages
+are cluster_sS, mlcd_sS and lit_sS, so the seeds run side by side beside one teacher and one embedding:
+  for s in 0 1 2; do python -m clus_jax.recipe --config configs/mlcd.py:seed=$s --workdir /tmp/clus_jax/mlcd; done
+
+Cost. The student's: the mlcd and lit stages, by default 600 steps of batch 128 each (steps= and lit_steps=),
+and one k-means per seed. The teacher's is counted apart, once: 600 CLIP steps of batch 64 and one pass of
+its image tower over the 7,370 training images, shared by every seed (and by every K: bench/mlcd_ablation.py).
+The paper does not count the training of the CLIP it clusters with either. bench/methods.py gives the mlcd
+and lit stages together the steps of one CLIP run and reports the teacher in a row of its own.
 
 The MLCD stage alone, on labels made elsewhere (a side file of cluster_labels int32 [8] keyed by record index,
 as python -m clus_jax.cluster --topk 8 --assign-to DIR writes it):
@@ -27,51 +42,41 @@ K = 256 for 7,370 training images: about 29 images per centre (the paper has abo
 for 400M images, but at K = 1,024 here a centre would hold 7 images, fewer than the 8 labels an image
 takes), so the 8 positives of an image are its neighbourhood, not near-duplicates. With K = 256 the
 negative sampling of Partial-FC is off (sample_rate 1.0): a batch of 128 images already holds about a
-thousand positive labels, more than r K = 26 sampled centres; r = 0.1 is for K in the hundreds of
-thousands. The centres start from the k-means centres (init=0: unicom's random init).
+thousand positive labels, more than r K = 26 sampled centres; r = 0.1 is for K far above the positives of a
+batch (bench/mlcd_ablation.py compares r = 1.0 and 0.1 at K = 2,048 with one label per image). The
+centres start from the k-means centres (init=0: unicom's random init). They lie in the teacher's embedding
+space, which the random student does not share: to it they are K spread-out unit vectors, and they need
+the teacher's embedding width to equal the student's (else init=0; the recipe says so before it runs).
 
-Expected result at equal compute (bench/methods.py, the 2026-12-01 towers and crops: image MLP 512,
-4 text blocks, min crop area 0.5; seeds 0-2): the
-stages split one CLIP run's 400 steps of batch 128 as pretrain 100 + mlcd 200 + lit 100
-(configs/mlcd.py:pretrain_steps=100,steps=200,lit_steps=100,batch=128,seed=S), against configs/clip.py at
-400 steps. Chance: easy-VQA 0.042, R@10 0.047.
-
-  run (mean over 3 seeds)                easyVQA zs  i2t R@10  t2i R@10  linear probe  k-NN
-  clip, 400 steps (the methods table)      0.821      0.147     0.179       0.820      0.819
-  pretrain stage (clip, 100 steps)         0.278      0.060     0.058       0.562      0.391
-  mlcd stage (image tower, 200 steps)        -          -         -         0.597      0.437
-  lit stage (new text tower, 100 steps)    0.402      0.207     0.224       0.597      0.437
-
-MLCD + LiT beats CLIP on held-out-concept retrieval (i2t R@10 0.207 +- 0.018 vs 0.147 +- 0.021, t2i 0.224 vs
-0.179) and falls far behind it on easy-VQA zero-shot and the probe. The 200 MLCD steps lift the probe of the
-100-step CLIP tower they start from (0.56 -> 0.60) but not to where 300 more CLIP steps take it (0.82): the labels
-are k-means clusters of a weak 100-step tower, which sees colour and barely shape (the paper clusters the
-features of a far stronger CLIP ViT-L/14). The LiT stage trains its text tower at the full rate against a frozen
-image tower, which is what lifts retrieval on the held-out concepts. The mlcd stage's loss ends at 14.1;
-every stage's figures are its own final evaluation; the whole recipe took 5-7 minutes per seed on shared
-cores (embed and k-means included).
-
-With the earlier towers (patch 8, no stem, one learning rate) and 400 steps in every stage, MLCD's k-NN was
-level with CLIP's and its linear probe at 150 steps above it (0.387 vs 0.353, the paper's claim), and LiT on
-the MLCD tower beat CLIP on easy-VQA (0.439 vs 0.376) and retrieval (R@10 0.25/0.34 vs 0.14/0.18).
+Expected result: to re-measure with this teacher (python bench/methods.py --methods clip,mlcd). The figures
+measured so far (BENCHMARKS.md: easy-VQA zero-shot 0.402 +- 0.006, held-out i2t R@10 0.207 +- 0.018, probe
+0.597, k-NN 0.437; seeds 0-2) come from an earlier form of this recipe, whose feature extractor was a CLIP of
+the student's own size trained for 100 steps per seed inside the student's 400 (pretrain 100 + mlcd 200 +
+lit 100). Its mlcd stage trained from random initialisation too, not from that 100-step tower: its probe
+(0.597) is 200 MLCD steps from scratch on labels of a tower whose own probe was 0.562 and which sees colour
+and barely shape, against 0.820 for one 400-step CLIP run.
 
 Arguments (``--config configs/mlcd.py:ARGS``, for both get_config and get_recipe):
   k=N            number of centres (256)          labels=L     positives per image (8)
-  features=DIR   a finished clip run to embed with (default: the recipe's pretrain stage)
+  teacher=DIR    the run or open_clip checkpoint folder to embed with (default: the recipe's teacher stage);
+                 features=DIR is its earlier name
+  teacher_steps=N   steps of the recipe's teacher stage (default: configs/clip.py's own, 600)
   init=0         random centres instead of the k-means centres
-  pretrain_steps=N, lit_steps=N   steps of the pretrain and lit stages (default: steps=, as the mlcd stage)
-  seed=S         seed of every train stage and of k-means (default: the configs' own)
-  size=, text_size=, steps=, batch=, synthetic, image_size=   as in configs/clip.py
+  lit_steps=N    steps of the lit stage (default: steps=, as the mlcd stage)
+  seed=S         seed of the mlcd and lit stages and of k-means (default: the configs' own); not the teacher's
+  size=, text_size=, steps=, batch=, synthetic, image_size=   the student's, as in configs/clip.py
+                 (synthetic also trains the default teacher on, and embeds, the synthetic records)
 Any key can also be overridden: --config.mlcd.scale=64 --config.mlcd.margin=0.5 --config.mlcd.sample_rate=0.1
 """
 from clus_jax.config import base as common
 
-ARGS = dict(k=256, labels=8, features="", init=True, size="", text_size="", steps=0, batch=0, synthetic=False,
-            image_size=0, pretrain_steps=0, lit_steps=0, seed=-1)
+ARGS = dict(k=256, labels=8, teacher="", features="", teacher_steps=0, init=True, size="", text_size="", steps=0,
+            batch=0, synthetic=False, image_size=0, lit_steps=0, seed=-1)
+TEACHER = "configs/clip.py"  # the default teacher, at its own length
 
 
 def get_config(arg: str | None = None):
-    """The MLCD training stage: image batches with cluster_labels from a side file."""
+    """The MLCD training stage: image batches with cluster_labels from a side file; the towers from random init."""
     a = common.parse_arg(arg, **ARGS)
     config = common.base_config()
     config.objectives = {"mlcd": 1.0}
@@ -82,33 +87,75 @@ def get_config(arg: str | None = None):
     return config
 
 
+def teacher_width(path: str) -> int:
+    """The embedding width of a teacher: a finished run (its config.json) or an open_clip checkpoint folder.
+
+    Raises ValueError naming ``teacher=`` for a path that is neither (an open_clip weights file needs its
+    model config, which the recipe has no argument for: the folder holds both).
+    """
+    import os
+
+    from clus_jax.config.run_config import CONFIG_FILE, load_run_config
+    from clus_jax.interop import open_clip
+
+    if open_clip.is_source(path) and os.path.isdir(path):
+        return int(open_clip.resolve(path)[1]["embed_dim"])
+    if open_clip.is_source(path):
+        raise ValueError(f"teacher={path}: an open_clip weights file; give the folder that holds it and its "
+                         "open_clip_config.json")
+    try:
+        return int(load_run_config(path).model.embed_dim)
+    except FileNotFoundError:
+        raise ValueError(f"teacher={path}: neither a clus_jax run (no {CONFIG_FILE} there) nor an open_clip "
+                         "checkpoint folder (no open_clip_config.json)") from None
+
+
 def get_recipe(arg: str | None = None):
-    """pretrain (clip) -> embed -> cluster (k-means, top-l labels) -> mlcd -> lit."""
+    """teacher (clip at its own length, or teacher=DIR) -> embed -> cluster (k-means, top-l labels) -> mlcd
+    (the student's image tower from random init) -> lit."""
     from clus_jax.data.side_fields import CENTERS_FILE
     from clus_jax.recipe import Stage
 
     a = common.parse_arg(arg, **ARGS)
+    if a.teacher and a.features and a.teacher != a.features:
+        raise ValueError(f"teacher={a.teacher} and features={a.features}: features= is teacher='s earlier name; "
+                         "give one")
+    teacher = a.teacher or a.features
+    if teacher and a.teacher_steps:
+        raise ValueError(f"teacher_steps={a.teacher_steps} is for the recipe's own teacher stage; "
+                         f"teacher={teacher} is already trained")
     shared = ",".join(f"{k}={a[k]}" for k in ("size", "text_size", "batch", "image_size") if a[k])
     shared += ",synthetic" if a.synthetic else ""
 
-    def spec(path: str, steps: int, extra: str = "") -> str:
-        args = ",".join(filter(None, [extra, f"steps={steps}" if steps else "", shared]))
+    def spec(path: str, steps: int, extra: str = "", args: str = shared) -> str:
+        args = ",".join(filter(None, [extra, f"steps={steps}" if steps else "", args]))
         return f"{path}:{args}" if args else path
 
+    # The teacher knows nothing of the student: no seed, no sizes, its own length (synthetic: the same records).
+    teacher_spec = spec(TEACHER, a.teacher_steps, args="synthetic" if a.synthetic else "")
+    student = get_config(arg)
+    width = teacher_width(teacher) if teacher else common.load_config(teacher_spec).model.embed_dim
+    if a.init and width != student.model.embed_dim:
+        raise ValueError(f"init=1 starts the student's centres from the teacher's k-means centres, {width} wide, "
+                         f"but the student embeds in {student.model.embed_dim}; pass init=0 (random centres)")
+    data = [f"--data.source={student.data.source}"]  # the records the labels are keyed by: the student's
+    if student.data.source == "synthetic":
+        data.append(f"--data.synthetic_size={student.data.synthetic_size}")
     seeded = {"seed": a.seed} if a.seed >= 0 else {}
-    stages = [] if a.features else [Stage("pretrain", train=spec("configs/clip.py", a.pretrain_steps or a.steps),
-                                          overrides=seeded)]
-    source = a.features or "{pretrain}"
+    suffix = f"_s{a.seed}" if a.seed >= 0 else ""
+    cluster, mlcd = "cluster" + suffix, "mlcd" + suffix
+    stages = [] if teacher else [Stage("teacher", train=teacher_spec)]
     stages += [
         Stage("embed", module="clus_jax.embed",
-              args=["--workdir", source, "--out", "{workdir}", "--modality", "image"]),
-        Stage("cluster", module="clus_jax.cluster", outputs={"labels": "labels", "centers": CENTERS_FILE},
+              args=["--workdir", teacher or "{teacher}", "--out", "{workdir}", "--modality", "image", *data]),
+        Stage(cluster, module="clus_jax.cluster", outputs={"labels": "labels", "centers": CENTERS_FILE},
               args=["--features", "{embed}", "--field", "image_emb", "--k", str(a.k), "--metric", "cosine",
                     "--topk", str(a.labels), "--assign-to", "{workdir}/labels", "--out", "{workdir}",
                     *(["--seed", str(a.seed)] if a.seed >= 0 else [])]),
-        Stage("mlcd", train=spec("configs/mlcd.py", a.steps, f"k={a.k},labels={a.labels}"),
-              overrides={"data.side_fields.cluster_labels": "{cluster.labels}",
-                         **({"mlcd.init_centers": "{cluster.centers}"} if a.init else {}), **seeded}),
-        Stage("lit", train=spec("configs/lit.py", a.lit_steps or a.steps, "init={mlcd}"), overrides=seeded),
+        Stage(mlcd, train=spec("configs/mlcd.py", a.steps, f"k={a.k},labels={a.labels}"),
+              overrides={"data.side_fields.cluster_labels": f"{{{cluster}.labels}}",
+                         **({"mlcd.init_centers": f"{{{cluster}.centers}}"} if a.init else {}), **seeded}),
+        Stage("lit" + suffix, train=spec("configs/lit.py", a.lit_steps or a.steps, f"init={{{mlcd}}}"),
+              overrides=seeded),
     ]
     return stages

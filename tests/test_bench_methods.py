@@ -61,40 +61,58 @@ def test_table_is_mean_and_sample_std_of_finished_runs(tmp_path):
 @pytest.mark.parametrize("method", sorted(methods.RECIPES))
 def test_recipe_methods_split_the_same_budget_over_their_train_stages(method, steps, monkeypatch, tmp_path):
     """MLCD's and MoDE's train stages add up to one CLIP run's steps at the same batch, and the seed reaches
-    every train stage and the clustering."""
+    every train stage and the clustering. MLCD's teacher is outside the budget: the shared default CLIP run
+    in DIR/mlcd_teacher at its own length, which every seed embeds with."""
     from clus_jax import recipe
     from clus_jax.config import base as config_base
+    from clus_jax.config.run_config import save_run_config
 
     monkeypatch.chdir(methods.REPO_ROOT)
     planned = methods.plan(str(tmp_path), [method], [2], steps=steps, batch=48)
     (_, spec, run, overrides), = planned
     assert run.name == f"{method}_s2" and overrides == []
+    if method in methods.TEACHERS:  # the recipe reads the teacher's config.json when it plans
+        teacher = methods.teacher_run(method, str(tmp_path))
+        assert (teacher.workdir, teacher.total_steps) == (str(tmp_path / "mlcd_teacher"), 600)
+        save_run_config(teacher.workdir, config_base.load_config(methods.TEACHERS[method][1]))
+        assert spec.endswith(f",teacher={teacher.workdir}")
     stages = recipe.resolve(recipe.recipe_stages(spec), run.workdir)
     trains = [s for s in stages if s.train is not None]
     configs = [config_base.load_config(s.train) for s in trains]
-    assert sum(c.total_steps for c in configs) == steps
+    # A stage that resumes another (MoDE's experts) trains from that stage's last step to its own total_steps.
+    ends = {s.name: c.total_steps for s, c in zip(trains, configs)}
+    start = [ends[os.path.basename(s.overrides["init_from.path"])] if s.overrides.get("init_from.mode") == "resume" else 0
+             for s in trains]
+    assert sum(c.total_steps - b for c, b in zip(configs, start)) == steps
     assert {c.batch_size for c in configs} == {48}
     assert all(s.overrides["seed"] == "2" for s in trains)
     cluster = next(s for s in stages if s.stage.module == "clus_jax.cluster")
     assert cluster.argv[cluster.argv.index("--seed") + 1] == "2"
     assert not any(s.name.startswith("dense") for s in stages)  # the clip row is MoDE's dense baseline
+    if method in methods.TEACHERS:
+        embed = next(s for s in stages if s.stage.module == "clus_jax.embed").argv
+        assert embed[embed.index("--workdir") + 1] == teacher.workdir and stages[0].name == "embed"
 
 
 def test_recipe_methods_are_read_from_their_result_stage(tmp_path):
-    """MLCD's figures are its LiT stage's final metrics, MoDE's the ensemble row; unfinished runs are left out."""
+    """MLCD's figures are its LiT stage's final metrics, MoDE's the ensemble row; unfinished runs are left out.
+    MLCD's shared teacher is a row of its own, its wall time apart from MLCD's."""
     wd = str(tmp_path)
     planned = methods.plan(wd, ["mlcd", "mode"], range(2), steps=8, batch=8)
     key = "retrieval/emoji_heldout/i2t_r10"
-    _write_run(wd, "mlcd_s0/pretrain", 2, {key: 0.9})  # another stage's figures are not MLCD's
-    _write_run(wd, "mlcd_s0/lit", 2, {key: 0.2})
-    _write_run(wd, "mlcd_s1/lit", 1, {key: 0.9})  # unfinished
+    _write_run(wd, "mlcd_s0/mlcd_s0", 6, {key: 0.9})  # another stage's figures are not MLCD's
+    _write_run(wd, "mlcd_s0/lit_s0", 2, {key: 0.2})
+    _write_run(wd, "mlcd_s1/lit_s1", 1, {key: 0.9})  # unfinished
+    _write_run(wd, "mlcd_teacher", 600, {key: 0.7}, wall=500.0)
     for seed, value in ((0, 0.2), (1, 0.4)):  # two seeds: a std over results without train/loss
         os.makedirs(os.path.join(wd, f"mode_s{seed}", "ensemble_2"))
         with open(os.path.join(wd, f"mode_s{seed}", "ensemble_2", "ensemble.json"), "w") as f:
             json.dump({"rows": {"expert_0": {key: 0.9}, "ensemble": {key: value}}}, f)
     columns, table = methods.summarise(planned)
-    assert columns == [key]
-    assert table["mlcd"][key] == (pytest.approx(0.2), 0.0, 1)
+    assert columns == [key, "wall_seconds"]
+    assert table["mlcd"][key] == (pytest.approx(0.2), 0.0, 1) and "wall_seconds" not in table["mlcd"]
+    assert table["mlcd_teacher"][key] == (pytest.approx(0.7), 0.0, 1)
+    assert table["mlcd_teacher"]["wall_seconds"] == (pytest.approx(500.0), 0.0, 1)
     assert table["mode"][key] == (pytest.approx(0.3), pytest.approx(0.14142136, rel=1e-6), 2)
     assert "train/loss" not in table["mode"]
 

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
 SCRIPTS = ["host.py", "step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
-           "microbatch_memory.py", "supervised_ceiling.py", "eval_stream.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+           "microbatch_memory.py", "supervised_ceiling.py", "eval_stream.py", "mlcd_ablation.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 # Seconds one script may take on the reference host, run alone beside one other test worker.
 BASE_S = 300
 
@@ -154,3 +154,23 @@ def test_eval_stream_quick(quick_runs):
     assert all(r["decode_errors"] == 0 and r["images_per_second"] > 0 and r["peak_rss_mib"] > 0 for r in sizes)
     (summary,) = [r for r in rows if "peak_rss_ratio" in r]
     assert summary["peak_rss_ratio"] > 0 and summary["matmul_gflops"] > 0
+
+
+@pytest.mark.slow
+def test_mlcd_ablation_quick(quick_runs):
+    """bench/mlcd_ablation.py --quick: a tiny teacher trained, embedded and clustered at two Ks, three MLCD rows
+    at one student budget with their probe, k-NN and what Partial-FC sampling kept, next to the host."""
+    rows = records(quick_runs, "mlcd_ablation.py")
+    (teacher,) = [r for r in rows if r["bench"] == "mlcd_ablation/teacher"]
+    assert teacher["seconds"] > 0 and teacher["xla_matmul_gflops"] > 0 and {"host", "ids", "cores"} <= set(teacher)
+    ablation = [r for r in rows if r["bench"] == "mlcd_ablation"]
+    assert [(r["row"], r["k"], r["labels"], r["rate"]) for r in ablation] == [
+        ("base", 16, 4, 1.0), ("l1", 16, 1, 1.0), ("k256_r01", 256, 1, 0.1)]
+    for r in ablation:
+        assert r["seeds"] == [0] and (r["steps"], r["batch"]) == (2, 16) and r["teacher"] == teacher["teacher"]
+        assert 0.0 <= r["linear"] <= 1.0 and 0.0 <= r["knn"] <= 1.0 and r["xla_matmul_gflops"] > 0
+        assert 0 < r["distinct_positives"] <= 16 * r["labels"]
+    base, l1, sampled = ablation
+    assert l1["distinct_positives"] < base["distinct_positives"]  # the nearest of the same clustering's 4 labels
+    assert base["centres_scored"] == l1["centres_scored"] == 16  # r = 1.0: every centre
+    assert sampled["centres_scored"] == 25 and 0 < sampled["negatives_kept"] < sampled["negatives_all"]

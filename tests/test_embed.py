@@ -162,6 +162,30 @@ def test_bad_arguments_print_one_line(run, args, named, tmp_path):
     assert named in lines[0]
 
 
+def test_an_open_clip_checkpoint_embeds_as_its_loaded_encoders(tmp_path):
+    """--workdir OPEN_CLIP (a random open_clip model folder, 24 wide): one row per record equal to
+    interop.load_open_clip's image encoder on the same records, which start from config.base's default data
+    (here made synthetic); its embed.json says which encoder. --step, which it has none of, is one line."""
+    from clus_jax.data.sources import make_source
+    from clus_jax.interop import load_open_clip
+
+    teacher, out = os.path.join(REPO, "tests", "interop", "vectors", "options"), tmp_path / "oc"
+    data = ["--data.source=synthetic", "--data.synthetic_size=20"]
+    cmd = [sys.executable, "-m", "clus_jax.embed", "--workdir", teacher, "--out", str(out), "--modality", "image",
+           "--shard-size", str(SHARD), "--batch-size", str(BATCH), *data]
+    proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest, fields = _read(out)
+    assert manifest["fields"]["image_emb"] == {"shape": [24], "dtype": "float32"} and fields["valid"].all()
+    spec = json.loads((out / embed.SPEC_FILE).read_text())
+    assert spec["encoder"] == "open_clip" and spec["workdir"] == teacher and spec["step"] is None
+    source = make_source(resolve_data_config({"source": "synthetic", "synthetic_size": 20}))
+    model = load_open_clip(teacher, batch_size=BATCH)
+    np.testing.assert_array_equal(fields["image_emb"], model.encode_image([source[i]["image"] for i in range(20)]))
+    proc = host_limits.run([*cmd[:-2], "--step", "3"], cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--step 3" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_missing_run_prints_one_line(tmp_path):
     cmd = [sys.executable, "-m", "clus_jax.embed", "--workdir", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]
     proc = host_limits.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, base_s=600)

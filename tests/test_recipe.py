@@ -229,3 +229,101 @@ def test_printed_launcher_commands_run_the_stage_module(config, tmp_path, capsys
         ran = next(c for c in reversed(proc.stdout.splitlines()) if "-m json.tool" in c)
         assert ran.rstrip("'").endswith("-m json.tool --indent 2 /s/rec/make/numbers.json /s/rec/pretty/pretty.json")
         assert "clus_jax.plan" not in proc.stdout  # no memory plan for a module that does not train
+
+
+# --- configs/mlcd.py: the teacher labels the data, the student trains from random init -------------------------
+OPEN_CLIP_TEACHER = str(ROOT / "tests" / "interop" / "vectors" / "options")  # a random open_clip model, 24 wide
+
+
+def _mlcd(arg: str, workdir: pathlib.Path) -> dict[str, recipe.ResolvedStage]:
+    return {s.name: s for s in recipe.resolve(recipe.recipe_stages(f"configs/mlcd.py:{arg}"), str(workdir))}
+
+
+def _teacher_run(path: pathlib.Path, embed_dim: int) -> str:
+    """A run's workdir as the recipe plans with it: its config.json (another size than the student's)."""
+    from clus_jax.config.base import load_config
+    from clus_jax.config.run_config import save_run_config
+
+    config = load_config("configs/clip.py:size=mu,text_size=mu,image_size=16")
+    config.model.embed_dim = embed_dim
+    save_run_config(str(path), config)
+    return str(path)
+
+
+def _assert_student_from_random_init(stages: dict, cluster: str, mlcd: str, centres: bool) -> None:
+    from clus_jax.config.base import load_config
+
+    train = stages[mlcd]
+    assert not load_config(train.train).init_from.path and not any("init_from" in k for k in train.overrides)
+    assert train.overrides["data.side_fields.cluster_labels"] == stages[cluster].outputs["labels"]
+    assert ("mlcd.init_centers" in train.overrides) == centres
+
+
+def test_mlcd_default_teacher_is_clip_at_its_own_length_shared_by_the_seeds(tmp_path):
+    """The default teacher stage is configs/clip.py at its own 600 steps of 64, with nothing of the student's
+    (seed, steps, batch, sizes): seeds 1 and 2 in one DIR plan the same teacher and embed stages (one marker
+    serves both) and their own cluster_sS, mlcd_sS and lit_sS. The mlcd stage has no init_from."""
+    from clus_jax.config.base import load_config
+
+    student = "steps=50,lit_steps=20,batch=32,image_size=48,k=64,labels=4"
+    one, two = _mlcd(f"{student},seed=1", tmp_path), _mlcd(f"{student},seed=2", tmp_path)
+    assert list(one) == ["teacher", "embed", "cluster_s1", "mlcd_s1", "lit_s1"]
+    assert list(two) == ["teacher", "embed", "cluster_s2", "mlcd_s2", "lit_s2"]
+    teacher = load_config(one["teacher"].train)
+    assert one["teacher"].train == "configs/clip.py" and one["teacher"].overrides == {}
+    assert (teacher.total_steps, teacher.batch_size, teacher.model.image.image_size) == (600, 64, 32)
+    for name in ("teacher", "embed"):
+        assert one[name].spec() == two[name].spec()
+        os.makedirs(one[name].workdir)  # marked done as run_stage marks it
+        recipe.atomic_write_json(os.path.join(one[name].workdir, recipe.DONE_FILE), {"spec": one[name].spec()})
+        assert recipe.stage_status(two[name]) == "done"
+    assert recipe.stage_status(two["cluster_s2"]) == "todo"
+    embed = one["embed"].argv
+    assert embed[embed.index("--workdir") + 1] == str(tmp_path / "teacher") and "--data.source=embedded" in embed
+    cluster = one["cluster_s1"].argv
+    assert [cluster[cluster.index(f) + 1] for f in ("--k", "--topk", "--seed")] == ["64", "4", "1"]
+    _assert_student_from_random_init(one, "cluster_s1", "mlcd_s1", centres=True)
+    student = load_config(one["mlcd_s1"].train)
+    assert (student.total_steps, student.batch_size, student.model.image.image_size) == (50, 32, 48)
+    assert one["mlcd_s1"].overrides["seed"] == "1" and one["lit_s1"].overrides == {"seed": "1"}
+    assert one["lit_s1"].train.startswith(f"configs/lit.py:init={tmp_path / 'mlcd_s1'},steps=20")
+    unseeded = _mlcd("", tmp_path)
+    assert list(unseeded) == ["teacher", "embed", "cluster", "mlcd", "lit"]
+    assert load_config(unseeded["mlcd"].train).total_steps == load_config("configs/clip.py").total_steps
+    synthetic = _mlcd("synthetic,teacher_steps=30", tmp_path)
+    assert synthetic["teacher"].train == "configs/clip.py:steps=30,synthetic"
+    assert {"--data.source=synthetic", "--data.synthetic_size=10000"} <= set(synthetic["embed"].argv)
+
+
+@pytest.mark.parametrize("kind", ["run", "open_clip"])
+def test_mlcd_with_a_teacher_of_other_towers_embeds_with_it(kind, tmp_path):
+    """teacher=DIR (a run of other towers, or an open_clip checkpoint folder) replaces the teacher stage: the
+    embed stage reads it, the student's stages are planned as without it, from random init. Its k-means
+    centres start the student's classifier only when the widths agree (init=0 otherwise)."""
+    teacher = _teacher_run(tmp_path / "teacher_run", 32) if kind == "run" else OPEN_CLIP_TEACHER
+    stages = _mlcd(f"teacher={teacher},init=0", tmp_path / "r")
+    assert list(stages) == ["embed", "cluster", "mlcd", "lit"]
+    embed = stages["embed"].argv
+    assert embed[embed.index("--workdir") + 1] == teacher
+    _assert_student_from_random_init(stages, "cluster", "mlcd", centres=False)
+    assert stages["lit"].train == f"configs/lit.py:init={tmp_path / 'r' / 'mlcd'}"
+    assert _mlcd(f"features={teacher},init=0", tmp_path / "r")["embed"].argv == embed  # the earlier name
+    with pytest.raises(recipe.RecipeError, match=r"init=1 starts the student's centres .* (32|24) wide"):
+        recipe.recipe_stages(f"configs/mlcd.py:teacher={teacher}")
+    if kind == "run":  # the same width: the k-means centres start the classifier
+        same = _mlcd(f"teacher={_teacher_run(tmp_path / 'wide', 128)}", tmp_path / "r")
+        _assert_student_from_random_init(same, "cluster", "mlcd", centres=True)
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("teacher={tmp}/nope", "neither a clus_jax run (no config.json there) nor an open_clip checkpoint folder"),
+    ("teacher=" + OPEN_CLIP_TEACHER + "/open_clip_model.safetensors", "an open_clip weights file; give the folder"),
+    ("teacher=" + OPEN_CLIP_TEACHER + ",init=0,teacher_steps=5", "teacher_steps=5 is for the recipe's own teacher"),
+    ("teacher=" + OPEN_CLIP_TEACHER + ",features={tmp},init=0", "features= is teacher='s earlier name; give one"),
+], ids=["missing", "weights-file", "teacher-steps", "both-names"])
+def test_mlcd_teacher_mistakes_are_one_line_before_any_stage(arg, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        recipe.main(["--config", f"configs/mlcd.py:{arg.format(tmp=tmp_path)}", "--workdir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: --config configs/mlcd.py")
+    assert message in err and not (tmp_path / "r").exists()

@@ -6,7 +6,6 @@ shapes, config errors, and a real train step (image tower only, the centres' lea
 k-means initialisation)."""
 import functools
 import math
-import os
 import re
 
 import jax
@@ -32,7 +31,6 @@ import unicom_reference as ref  # registered by tests/conftest.py
 # the bounds below, derived per case (cosine_loss_bounds).
 RTOL64 = 1e-9
 U = tolerances.U32
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRECISIONS = [np.float64, np.float32]
 MLCD = registry.get("mlcd")
 
@@ -588,25 +586,3 @@ def test_train_step_image_only_sharded_centres_and_lr_multiplier(tmp_path, recor
     # Float32 AdamW: the update within ~8u of its size 5 lr (1 + wd |w|) (moments, bias corrections, sqrt,
     # division; the clip cancels in g / |g|) and the subtraction within u of the result: 8u 5 lr < 1e-8 <= atol.
     np.testing.assert_allclose(after["params"]["mlcd"]["centers"], want, rtol=1e-4, atol=1e-7)
-
-
-def test_recipe_stages_and_their_overrides(monkeypatch, tmp_path):
-    """configs/mlcd.py's recipe: clip -> embed -> cluster (K, top-l, cosine) -> mlcd on its labels and centres
-    -> LiT on the mlcd run; every override key exists; features=DIR skips the clip stage."""
-    from clus_jax import recipe
-    from clus_jax.config import base as config_base
-
-    monkeypatch.chdir(REPO)
-    stages = recipe.resolve(recipe.recipe_stages("configs/mlcd.py"), str(tmp_path))
-    assert [s.name for s in stages] == ["pretrain", "embed", "cluster", "mlcd", "lit"]
-    cluster, train, lit = stages[2], stages[3], stages[4]
-    assert cluster.argv[cluster.argv.index("--k") + 1] == "256" and cluster.argv[cluster.argv.index("--topk") + 1] == "8"
-    assert train.overrides == {"data.side_fields.cluster_labels": str(tmp_path / "cluster" / "labels"),
-                               "mlcd.init_centers": str(tmp_path / "cluster" / "centers.npy")}
-    assert lit.train == f"configs/lit.py:init={tmp_path / 'mlcd'}"
-    config = config_base.load_config(train.train)
-    assert dict(config.objectives) == {"mlcd": 1.0} and config.mlcd.num_classes == 256
-    assert config.total_steps == config_base.load_config("configs/clip.py").total_steps  # same image-tower budget
-    own = recipe.resolve(recipe.recipe_stages("configs/mlcd.py:features=/runs/clip,init=0,k=64"), str(tmp_path))
-    assert [s.name for s in own] == ["embed", "cluster", "mlcd", "lit"] and own[0].argv[1] == "/runs/clip"
-    assert "mlcd.init_centers" not in own[2].overrides
