@@ -1,13 +1,15 @@
 """python -m clus_jax.cluster: k-means of an embedding directory on the device mesh, with labels for training.
 
     python -m clus_jax.cluster --features DIR --k K --out OUT [--field image_emb] [--metric euclidean|cosine]
-        [--iters N] [--tol T] [--init random|kmeans++] [--seed S] [--balanced] [--levels M,N]
+        [--iters N] [--tol T] [--init random|kmeans++] [--seed S] [--balanced] [--levels M,N [--balanced-coarse]]
         [--topk L --assign-to SIDE_DIR] [--labels PATH] [--mesh data=-1,tensor=1] [--checkpoint-every SECONDS]
 
 ``--features`` is the output of ``python -m clus_jax.embed`` (``--field`` picks ``image_emb`` or
 ``text_emb`` when it holds both); records that could not be embedded (``valid`` False) are left out of
 the clustering. ``--levels M,N`` is MoDE's hierarchy: M fine centres, then the fine centres clustered into
-N coarse ones (``--k``, if given, must be M). ``--topk L --assign-to SIDE_DIR`` labels every record with
+N coarse ones (``--k``, if given, must be M); ``--balanced-coarse`` makes that second level balanced k-means
+(MoDE's: M / N fine centres per coarse one, so with ``--balanced`` every coarse cluster holds the same number
+of points). ``--topk L --assign-to SIDE_DIR`` labels every record with
 its L nearest (fine) centres, nearest first, written as a side file keyed by record index
 (``clus_jax/data/side_fields.py``) with the fields ``cluster_labels`` int32 [L] and ``cluster_sims``
 float32 [L] (similarity: dot product with unit centres for cosine, minus the squared distance for
@@ -76,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init", choices=INITS, default="random")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="equal-size clusters (exactly N/K points each)")
+    p.add_argument("--balanced-coarse", action="store_true",
+                   help="with --levels M,N: balanced coarse level (M/N fine centres per coarse centre)")
     p.add_argument("--topk", type=int, default=None, help="label every record with its L nearest centres")
     p.add_argument("--assign-to", default=None, help="side-file directory for the --topk labels")
     p.add_argument("--labels", default=None, help="class of every record (.npy or side file) for NMI/ARI/purity")
@@ -90,6 +94,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.k = args.levels[0]
         if args.levels[1] > args.levels[0]:
             cli.fail(f"--levels={args.levels[0]},{args.levels[1]}: the coarse count must not exceed the fine count")
+        if args.balanced_coarse and args.levels[0] % args.levels[1]:
+            cli.fail(f"--balanced-coarse needs the {args.levels[0]} fine centres of --levels to divide into "
+                     f"{args.levels[1]} equal groups")
+    elif args.balanced_coarse:
+        cli.fail("--balanced-coarse goes with --levels M,N")
     if args.k is None:
         cli.fail("give --k K (or --levels M,N)")
     if args.levels is not None:
@@ -122,6 +131,8 @@ def _spec(args: argparse.Namespace) -> dict[str, Any]:
             "assign_to", "labels")
     spec = {k: getattr(args, k) for k in keys}
     spec["features"] = os.path.abspath(args.features) if "://" not in args.features else args.features
+    if args.balanced_coarse:  # only when set: an output written before the flag existed keeps its spec
+        spec["balanced_coarse"] = True
     return spec
 
 
@@ -221,7 +232,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         m, n = args.levels
         tree = clustering.two_level(shards, m, n, balanced=args.balanced, metric=args.metric, num_iters=args.iters,
                                     init=args.init, seed=args.seed, mesh=mesh, checkpoint_dir=os.fspath(checkpoint),
-                                    progress=progress)
+                                    progress=progress, balanced_coarse=args.balanced_coarse)
         centers, assignments, iterations = tree.fine_centers, tree.fine_assignments, args.iters
     else:
         options = {k: v for k, v in (("chunk_rows", args.chunk_rows), ("checkpoint_every_s", args.checkpoint_every))
@@ -253,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         arrays[FINE_TO_COARSE_FILE] = (fine_to_coarse, "coarse centre of each fine centre")
         arrays[outputs.COARSE_ASSIGNMENTS_FILE] = (outputs.by_record(coarse_of_point, records, num_records),
                                                    "coarse centre of each record, -1 where the record has no embedding")
-        summary["levels"] = {"fine": m, "coarse": n, "coarse_sizes": coarse_figures}
+        summary["levels"] = {"fine": m, "coarse": n, "balanced_coarse": args.balanced_coarse,
+                             "coarse_sizes": coarse_figures}
     if truth is not None:
         summary["labels"] = figures.label_figures(truth, assignments)
     if args.topk:

@@ -1,10 +1,12 @@
 """Clus (CLIP + cross-modal clustering swap prediction) on the embedded emoji + shapes dataset.
 
-loss = CLIP + 0.5 * swap, where swap is the cross-modal SwAV loss over two prototype banks (64 and
-256 clusters, losses averaged): the text's Sinkhorn codes supervise the image's prototype predictions
-and the other way round, with the codes coming from an EMA teacher of both towers and banks (momentum
-0.99, cosine to 1.0). Prototypes are frozen for the first tenth of the run (at most 50 steps). Which
-parts follow the Clus paper and which are a reconstruction is written in clus_jax/objectives/swap.py.
+loss = CLIP + 0.5 * swap. The CLIP term is the reconstruction's, not the paper's, and so is the weight 0.5 (the
+paper's full text is not public; its abstract names only the swap prediction). swap is the cross-modal SwAV loss
+over two prototype banks (64 and 256 clusters, losses averaged): the text's Sinkhorn codes supervise the image's
+prototype predictions and the other way round, with the codes coming from an EMA teacher of both towers and banks
+(momentum 0.99, cosine to 1.0), or from a frozen teacher (teacher= below). Prototypes are frozen for the first
+tenth of the run (at most 50 steps). Which parts follow the Clus paper and which are a reconstruction is written
+in clus_jax/objectives/swap.py.
 
 Command (CPU; 600 steps of batch 128 by default). A step costs more than configs/clip.py's: the swap loss
 itself adds 1-6% (measured, BENCHMARKS train-step table), and the EMA teacher adds a forward pass of both towers,
@@ -36,27 +38,52 @@ Arguments (``--config configs/clus.py:ARGS``):
   synthetic      random data instead of the embedded dataset
   weight=W       weight of the swap loss next to CLIP (0.5)
   protos=A+B     prototype bank sizes, '+'-separated (64+256)
-  teacher=T      'ema' (default), 'none' (SwAV: the student's own codes) or 'checkpoint' (with
-                 --config.swap.teacher_checkpoint=WORKDIR)
+  clip=W         weight of the CLIP term (1.0; 0 = the swap term alone, CLIP's loss still logged)
+  teacher=T      'ema' (default), 'none' (SwAV: the student's own codes), 'checkpoint' (with
+                 --config.swap.teacher_checkpoint=WORKDIR, a run of the student's shape), or the PATH of a
+                 frozen teacher with towers of its own: a finished run (workdir) or an open_clip checkpoint
+                 (a .safetensors/.pt file with teacher_config=, or a folder holding open_clip_config.json).
+                 Its config.model becomes config.swap.teacher_model and its tokenizer the student's; it
+                 scores with its own banks when it saved some (a Clus run), else with banks initialised and
+                 kept frozen (config.swap.teacher_prototypes='random'). The student's towers, steps and batch
+                 stay this config's, so the student costs what configs/clip.py costs, plus the teacher's
+                 forward (counted in the step's FLOPs) and, separately, the teacher's own training.
+  teacher_config=PATH  the open_clip model config of a teacher weights file (e.g. ViT-B-32.json)
+  teacher_step=N the teacher run's saved step (-1 = newest)
   queue=N        SwAV feature queue length, a multiple of the batch (0 = off); starts at step 100
 Any key can also be overridden: --config.swap.epsilon=0.03 --config.swap.within_modality_weight=0.5
+
+Measurements (3 seeds each, 400 steps of batch 128, the default towers; each run ends with the evaluation):
+  swap alone:     configs/clus.py:steps=400,batch=128,clip=0
+  CLIP + swap:    configs/clus.py:steps=400,batch=128
+  CLIP:           configs/clip.py:steps=400,batch=128
+  larger teacher: python -m clus_jax.train --config configs/clus.py:steps=400,batch=128,size=tiny,text_size=tiny \
+                      --workdir /tmp/clus_jax/clus_teacher_tiny          (once; its cost counts separately)
+  distilled:      configs/clus.py:steps=400,batch=128,teacher=/tmp/clus_jax/clus_teacher_tiny
+each as: python -m clus_jax.train --config CONFIG --config.seed=S --workdir /tmp/clus_jax/NAME_sS   (S = 0, 1, 2)
 """
 from clus_jax.config import base as common
+from clus_jax.objectives.swap import TEACHERS
 
 
 def get_config(arg: str | None = None):
     a = common.parse_arg(arg, size="", text_size="", steps=0, batch=0, synthetic=False, image_size=0,
-                         weight=0.5, protos="64+256", teacher="ema", queue=0)
+                         weight=0.5, clip=1.0, protos="64+256", teacher="ema", teacher_config="", teacher_step=-1,
+                         queue=0)
     config = common.base_config()
-    config.objectives = {"clip": 1.0, "swap": a.weight}
+    config.objectives = {"clip": a.clip, "swap": a.weight}
     config.swap.num_prototypes = [int(k) for k in a.protos.split("+")]
     config.swap.update(dict(
         temperature=0.1, epsilon=0.05, sinkhorn_iters=3,
         freeze_prototypes_steps=50,
-        teacher=a.teacher, teacher_momentum=0.99, teacher_momentum_final=1.0,
+        teacher=a.teacher if a.teacher in TEACHERS else "checkpoint", teacher_momentum=0.99, teacher_momentum_final=1.0,
         queue_length=a.queue, queue_start_step=100,
     ))
     common.apply_args(config, a)
+    if a.teacher not in TEACHERS:  # a path: a frozen teacher with towers of its own
+        from clus_jax.train import teacher_sources
+
+        teacher_sources.use_frozen_teacher(config, a.teacher, a.teacher_config, a.teacher_step)
     config.swap.freeze_prototypes_steps = min(config.swap.freeze_prototypes_steps, config.total_steps // 10)
     return config
 

@@ -249,8 +249,10 @@ def test_an_interrupted_clustering_resumes_to_the_same_centres(embedded, tmp_pat
     (["--k", "4", "--field", "text_emb"], 1, "has no field 'text_emb'"),
     (["--k", "4", "--features", "/nonexistent/emb"], 1, "has no manifest.json"),
     (["--k", "4", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["--k", "4", "--balanced-coarse"], 2, "--balanced-coarse goes with --levels M,N"),
+    (["--levels", "6,4", "--balanced-coarse"], 2, "--balanced-coarse needs the 6 fine centres of --levels to divide"),
 ], ids=["topk-alone", "topk-range", "levels-form", "levels-order", "k-levels", "levels-tol", "metric", "mesh",
-        "k-too-large", "field", "features", "unknown-flag"])
+        "k-too-large", "field", "features", "unknown-flag", "coarse-alone", "coarse-divides"])
 def test_bad_arguments_print_one_line(embedded, tmp_path, capsys, args, code, named):
     argv = ["--features", embedded[0], "--out", str(tmp_path / "o"), *args]
     with pytest.raises(SystemExit) as exit_info:

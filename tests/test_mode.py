@@ -293,6 +293,33 @@ def _tiny_overrides():
     return {**flat, "data.synthetic_size": 48}
 
 
+def test_the_recipe_seed_covers_the_papers_share_and_the_experts_resume_it():
+    """Defaults: the seed stops at 292 of a 346-step schedule (84%, MoDE's 27 of 32 epochs), each expert
+    resumes it (init_from.mode='resume') to 346 with checkpoints of its own, the coarse level is balanced, and
+    the dense baseline has the same 400 steps; a stage's config has the seed's schedule."""
+    mode = config_base.load_config_module(str(ROOT / "configs" / "mode.py"))
+    stages = {s.name: s for s in mode.get_recipe()}
+    assert stages["seed"].train.endswith(":steps=292,batch=128,schedule=346")
+    assert 292 / 346 == pytest.approx(27 / 32, abs=0.001)
+    for c in (0, 1):
+        expert = stages[f"expert_{c}"]
+        assert expert.train.endswith(":steps=346,batch=128")
+        assert expert.overrides["init_from.mode"] == "resume" and expert.overrides["init_from.path"] == "{seed}"
+        assert expert.overrides["checkpoint_every"] == 27  # within 292 -> 346
+    assert "--balanced-coarse" in stages["clusters"].args and "dense_400" in stages
+    seed = config_base.load_config(stages["seed"].train)
+    expert = config_base.load_config(stages["expert_0"].train)
+    assert (seed.total_steps, seed.optim.schedule_steps) == (292, 346)
+    assert (expert.total_steps, expert.optim.schedule_steps) == (346, 0)
+    assert seed.optim.to_dict() == {**expert.optim.to_dict(), "schedule_steps": 346}  # one schedule
+    earlier = {s.name: s for s in mode.get_recipe("resume=0,balanced_coarse=0,seed_steps=150,expert_steps=125")}
+    assert earlier["seed"].train.endswith(":steps=150,batch=128")
+    assert earlier["expert_0"].train.endswith(":steps=125,batch=128")
+    assert "init_from.mode" not in earlier["expert_0"].overrides and "--balanced-coarse" not in earlier["clusters"].args
+    with pytest.raises(ValueError, match="balanced_coarse needs coarse=4 to divide fine=110"):
+        mode.get_recipe("coarse=4")
+
+
 RECIPE = '''
 from clus_jax.config.base import load_config_module
 
@@ -335,3 +362,7 @@ def test_an_expert_added_to_a_finished_mode_run_trains_only_the_new_one(tmp_path
     config = json.loads((work / "expert_1" / "config.json").read_text())
     assert config["init_from"]["path"] == str(work / "seed")
     assert config["data"]["subset"] == str(work / "subsets" / subset_file(1))
+    # ... resuming its step, optimizer and schedule: its own steps are 4 and 5 of the seed's 5-step schedule
+    assert config["init_from"]["mode"] == "resume" and config["total_steps"] == 5
+    steps = [json.loads(line)["step"] for line in open(work / "expert_1" / "metrics.jsonl")]
+    assert min(steps) == 4 and max(steps) == 5, steps

@@ -140,7 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
              weight_decay=0.1, grad_clip_norm=1.0,
              # Adam's first moment in 'bfloat16' halves its memory (big_vision); the second moment and the
              # master parameters always stay float32.
-             mu_dtype="float32")
+             mu_dtype="float32",
+             # The schedule's length in steps (0 = total_steps): a run that stops before its schedule ends,
+             # such as MoDE's seed (27 of 32 epochs), sets the full length.
+             schedule_steps=0)
     )
 
     # Parameter groups, big_vision style: (regex over parameter paths, options), first match wins; each
@@ -154,11 +157,12 @@ def base_config() -> ml_collections.ConfigDict:
     # the colour (0.40 at 1x, 0.53 at 0.3x, 0.80 at 0.1x, 0.89 at 0.03x after 400 steps). Configs that
     # start from trained towers (lit.py, open_clip.py) set their own groups.
     c.param_groups = [(TOWER_PATTERNS[fields_lib.TEXT], {"lr_mult": 0.03})]
-    # Start from another run's parameters (clus_jax/train/init_from.py): path = workdir or checkpoint,
-    # step (-1 = newest), include / exclude = regexes over parameter paths ('' = all / none).
     # Start from another run's parameters (train/init_from.py): a workdir, checkpoint directory or open_clip
     # checkpoint; step -1 = newest; include/exclude: regexes over parameter paths ('' = all / none).
-    c.init_from = ml_collections.ConfigDict(dict(path="", step=-1, include="", exclude="", open_clip_config=""))
+    # mode: 'params' (the parameters; a fresh optimizer and schedule) or 'resume' (a clus_jax run's parameters,
+    # optimizer state and step: the schedule goes on from the source's step to total_steps; MetaCLIP's quick_init).
+    c.init_from = ml_collections.ConfigDict(dict(path="", step=-1, include="", exclude="", open_clip_config="",
+                                                 mode="params"))
 
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.logical_axis_rules = [list(r) for r in DEFAULT_RULES]

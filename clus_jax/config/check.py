@@ -136,6 +136,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"config.optim.warmup_steps={o.warmup_steps!r} must be >= 0")
     if o.get("schedule", "cosine") not in ("cosine", "constant"):
         raise ConfigError(f"config.optim.schedule={o.schedule!r} must be 'cosine' or 'constant'")
+    length = o.get("schedule_steps", 0)
+    if (not isinstance(length, numbers.Integral) or isinstance(length, bool)
+            or not (length == 0 or length >= config.total_steps)):
+        raise ConfigError(f"config.optim.schedule_steps={length!r} must be 0 (= total_steps) or at least "
+                          f"config.total_steps={config.total_steps}")
+    check_init_from(config)
     from clus_jax.data.data_config import resolve_data_config
 
     try:
@@ -146,6 +152,26 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if tokenizer is not None:
         check_vocabulary(config, tokenizer)
     return mesh_shape
+
+
+#: config.init_from.mode: what is taken from the source (clus_jax/train/init_from.py).
+INIT_FROM_MODES = ("params", "resume")
+
+
+def check_init_from(config: ml_collections.ConfigDict) -> None:
+    """config.init_from's own keys (the source itself is read in train/init_from.py): a known mode, and in
+    'resume' mode every parameter (the optimizer state restored is the whole run's)."""
+    cfg = config.get("init_from")
+    if not cfg or not cfg.get("path"):
+        return
+    mode = cfg.get("mode", "params")
+    if mode not in INIT_FROM_MODES:
+        raise ConfigError(f"config.init_from.mode={mode!r} must be one of {list(INIT_FROM_MODES)}")
+    if mode == "resume":
+        for key in ("include", "exclude"):
+            if cfg.get(key):
+                raise ConfigError(f"config.init_from.{key}={cfg[key]!r}: mode 'resume' restores every parameter with "
+                                  "its optimizer state; select parameters with mode 'params'")
 
 
 def check_evals(config: ml_collections.ConfigDict) -> None:

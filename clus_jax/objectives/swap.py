@@ -1,5 +1,11 @@
 """Clus cross-modal clustering swap prediction (``config.objectives = {'clip': 1.0, 'swap': 0.5}``).
 
+Clus = CLIP (the reconstruction term) + λ·swap. Only the swap term comes from the paper's abstract; the CLIP term
+beside it (objective ``clip``, weight 1) is this reconstruction's, as is λ = 0.5 (the best of configs/clus.py's
+knob sweep, not a published value): the abstract names no contrastive loss, and methods.md lists ITC among the
+losses not confirmed for Clus. It keeps the two towers aligned for zero-shot use; ``configs/clus.py:clip=0``
+trains the swap term alone.
+
 What the Clus paper (Sun, Ngo, Sek, Meng; Sci Rep 14, 2024) confirms, from its abstract only (the full
 text and code are not public):
   * an image-text clustering embedding space learned by *clustering swap prediction* between image and
@@ -16,13 +22,23 @@ What is inferred here (a reconstruction, not the paper's published method):
     the second (within-modality) term off by default (w = ``within_modality_weight`` = 0).
   * "Open number of clusters": K is a free size, several banks of different sizes train together and
     their losses are averaged; an optional SwAV feature queue lets K exceed the batch.
-  * Distillation reads as CODIS (Duan et al. 2022): a momentum (EMA) teacher computes the codes and the
-    teacher of one modality guides the student of the other (``teacher='ema'``); the alternative reading,
-    a frozen pretrained teacher, is ``teacher='checkpoint'``. With ``teacher='none'`` the student's own
-    codes are used, as in SwAV.
+  * Distillation has two readings. CODIS (Duan et al. 2022): a momentum (EMA) teacher of the student's shape
+    computes the codes and the teacher of one modality guides the student of the other (``teacher='ema'``).
+    Or a frozen pretrained teacher distilled into the student (``teacher='checkpoint'``): a finished clus_jax
+    run or an open_clip checkpoint (``teacher_checkpoint``), whose towers may differ from the student's
+    (``teacher_model``: its config.model; empty = the student's). It runs forward without gradient in the
+    student's step, on the student's batch (images resized to its image size, the student's tokens), and
+    produces codes with its own banks of the student's sizes K at its own embedding width: a Clus run's
+    learned banks (``teacher_prototypes='teacher'``) or, for a source without banks (a CLIP run, open_clip),
+    banks initialised from the run's seed and kept frozen (``'random'``). No source says how a frozen
+    teacher's prototypes are made. Frozen keeps the targets fixed, as a frozen teacher's are meant to be
+    (learning them would need a loss of their own that no source describes); Sinkhorn's equipartition still
+    spreads the codes over all K cells of the teacher's space, as DeepCluster-v2's fixed prototypes do.
+    ``'student'`` scores the teacher with the student's banks (same embedding width). With
+    ``teacher='none'`` the student's own codes are used, as in SwAV.
 The banks are the objective's own parameters (``params['swap']['bank_<i>']``, sizes from
-``config.swap.num_prototypes``); a teacher holds its own copy of the towers and the banks in the
-objective's state.
+``config.swap.num_prototypes``); they learn to predict the codes. A teacher holds its own copy of the towers
+and the banks in the objective's state, never in the parameters, so it gets no gradient or update.
 SwAV practice kept: prototype rows re-normalised at the start of every step by rewriting the parameters,
 prototypes frozen through optimizer masking for the first ``freeze_prototypes_steps``, queue rows
 re-scored with the current prototypes and used only once full, codes kept for the current batch only.
@@ -51,6 +67,7 @@ from clus_jax.objectives.swap_math import cross_entropy_with_codes, swapped_pred
 
 PyTree = Any
 TEACHERS = ("none", "ema", "checkpoint")
+TEACHER_PROTOTYPES = ("teacher", "student", "random")
 
 
 def used_clusters(codes: jax.Array, *, batch_axis_name: AxisName = None, proto_axis_name: AxisName = None) -> jax.Array:
@@ -157,19 +174,75 @@ def _bank_on_mesh(args: dict[str, jax.Array], ctx: registry.LossContext, proto_a
 def _teacher_outputs(ctx: registry.LossContext) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
     """Teacher embeddings and teacher prototype banks (None: score with the student's banks)."""
     teacher = lax.stop_gradient(ctx.state["teacher"])
-    outputs = ctx.apply_model(teacher["towers"], ctx.batch)
+    if _own_towers(ctx.config):
+        outputs = teachers.apply_towers(ctx.config.swap.teacher_model, teacher["towers"], ctx.batch)
+    else:
+        outputs = ctx.apply_model(teacher["towers"], ctx.batch)
     embeddings = {m: lax.stop_gradient(outputs[f"{m}_emb"]) for m in ("image", "text")}
-    own_banks = "banks" in teacher and ctx.config.swap.teacher_prototypes == "teacher"
+    own_banks = "banks" in teacher and ctx.config.swap.teacher_prototypes != "student"
     banks = {n: prototypes.normalize_rows(b) for n, b in teacher["banks"].items()} if own_banks else None
     return embeddings, banks
 
 
-def _teacher_source(params: PyTree, config: ml_collections.ConfigDict) -> dict[str, PyTree]:
-    """What a teacher copies of the student: the towers and, unless scored by the student's, the banks."""
-    source = {"towers": registry.model_params(params)}
-    if config.swap.teacher == "ema" or config.swap.teacher_prototypes == "teacher":
-        source["banks"] = params[prototypes.PARAMS_KEY]
-    return source
+def _teacher_source(params: PyTree) -> dict[str, PyTree]:
+    """What the EMA teacher copies of the student and tracks: the towers and the banks."""
+    return {"towers": registry.model_params(params), "banks": params[prototypes.PARAMS_KEY]}
+
+
+def _own_towers(config: ml_collections.ConfigDict) -> bool:
+    """Whether the teacher has towers of its own (``config.swap.teacher_model``) rather than the student's."""
+    return bool(config.swap.get("teacher_model"))
+
+
+def _teacher_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    return config.swap.teacher_model if _own_towers(config) else config.model
+
+
+def _checkpoint_teacher(params: PyTree, config: ml_collections.ConfigDict) -> dict[str, PyTree]:
+    """The boxed teacher a checkpoint is loaded into: its towers (the student's shapes or ``teacher_model``'s) and,
+    unless the student's banks score it, banks of the student's sizes at the teacher's embedding width,
+    initialised from the run's seed (kept when ``teacher_prototypes='random'``, else replaced by the saved ones)."""
+    cfg = config.swap
+    towers = (teachers.init_towers(cfg.teacher_model, jax.random.PRNGKey(0)) if _own_towers(config)
+              else registry.model_params(params))  # placeholders: the loaded values replace them
+    teacher = {"towers": towers}
+    if cfg.teacher_prototypes != "student":
+        key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 0x7EAC)
+        teacher["banks"] = prototypes.init_banks(key, prototypes.bank_sizes(cfg), int(_teacher_model(config).embed_dim))
+    return teacher
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys, lists as tuples (to compare a saved model config with a given one)."""
+    if hasattr(tree, "items"):
+        return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tuple(tree) if isinstance(tree, list) else tree}
+
+
+def _check_teacher_model(config: ml_collections.ConfigDict) -> None:
+    """``config.swap.teacher_model`` is a config.model that can read the student's batch."""
+    cfg, where = config.swap, "config.swap.teacher_model"
+    if cfg.teacher != "checkpoint":
+        raise registry.ConfigError(f"{where} is set but config.swap.teacher={cfg.teacher!r}: only a frozen "
+                                   "teacher (teacher='checkpoint') may have other towers than the student")
+    teacher = cfg.teacher_model
+    for key in ("image", "text", "embed_dim"):
+        if key not in teacher:
+            raise registry.ConfigError(f"{where} has no {key!r}: it is the teacher's config.model "
+                                       "(configs/clus.py:teacher=PATH sets it from the teacher)")
+    text, student = teacher.text, config.model.text
+    if int(text.get("vocab_size", 0)) != int(student.vocab_size):
+        raise registry.ConfigError(
+            f"{where}.text.vocab_size={text.get('vocab_size')!r} differs from config.model.text.vocab_size="
+            f"{student.vocab_size!r}: the teacher reads the student's tokens, so the student needs its tokenizer")
+    if int(text.get("context_length", 0)) < int(student.context_length):
+        raise registry.ConfigError(
+            f"{where}.text.context_length={text.get('context_length')!r} is shorter than "
+            f"config.model.text.context_length={student.context_length!r}: the teacher reads the student's tokens")
+    if cfg.teacher_prototypes == "student" and int(teacher.embed_dim) != int(config.model.embed_dim):
+        raise registry.ConfigError(
+            f"config.swap.teacher_prototypes='student' needs {where}.embed_dim={teacher.embed_dim!r} equal to "
+            f"config.model.embed_dim={config.model.embed_dim!r} (the student's banks score the teacher)")
 
 
 def _as_saved(source: dict[str, PyTree]) -> PyTree:
@@ -205,9 +278,12 @@ class Swap(registry.Objective):
         "teacher": "none",  # 'none' (own codes), 'ema' or 'checkpoint'
         "teacher_momentum": 0.996,  # EMA momentum at step 0 ...
         "teacher_momentum_final": 1.0,  # ... cosine-scheduled to this at total_steps
-        "teacher_checkpoint": "",  # workdir or checkpoint directory of a saved run (teacher='checkpoint')
+        "teacher_checkpoint": "",  # a finished run (workdir or checkpoint) or an open_clip checkpoint (teacher='checkpoint')
         "teacher_checkpoint_step": -1,  # -1 = newest
-        "teacher_prototypes": "teacher",  # banks that score the teacher: its own, or the student's
+        "teacher_open_clip_config": "",  # the open_clip model config of a teacher_checkpoint weights file
+        "teacher_model": {},  # the checkpoint teacher's config.model when its towers differ; {} = the student's
+        # Banks that score the teacher: its own ('teacher': saved with it; 'random': initialised, frozen) or the student's
+        "teacher_prototypes": "teacher",
     }
 
     def validate(self, config: ml_collections.ConfigDict) -> None:
@@ -235,33 +311,72 @@ class Swap(registry.Objective):
             )
         if config.swap.teacher not in TEACHERS:
             raise registry.ConfigError(f"config.swap.teacher={config.swap.teacher!r} must be one of {list(TEACHERS)}")
-        if config.swap.teacher_prototypes not in ("teacher", "student"):
-            raise registry.ConfigError(
-                f"config.swap.teacher_prototypes={config.swap.teacher_prototypes!r} must be 'teacher' or 'student'"
-            )
+        if config.swap.teacher_prototypes not in TEACHER_PROTOTYPES:
+            raise registry.ConfigError(f"config.swap.teacher_prototypes={config.swap.teacher_prototypes!r} must be "
+                                       f"one of {list(TEACHER_PROTOTYPES)}")
         if config.swap.teacher == "checkpoint" and not config.swap.teacher_checkpoint:
-            raise registry.ConfigError("config.swap.teacher_checkpoint must name a workdir or checkpoint directory "
-                                       "when config.swap.teacher='checkpoint'")
+            raise registry.ConfigError("config.swap.teacher_checkpoint must name a workdir, checkpoint directory or "
+                                       "open_clip checkpoint when config.swap.teacher='checkpoint'")
+        if config.swap.teacher_prototypes == "random" and config.swap.teacher != "checkpoint":
+            raise registry.ConfigError("config.swap.teacher_prototypes='random' (frozen banks of their own) is for a "
+                                       f"frozen teacher, not config.swap.teacher={config.swap.teacher!r}")
+        if _own_towers(config):
+            _check_teacher_model(config)
 
     def check_shapes(self, config: ml_collections.ConfigDict, param_shapes: PyTree) -> None:
-        """A checkpoint teacher must hold the student's shapes (its towers, and its banks unless the student's
-        score it)."""
-        if config.swap.teacher != "checkpoint":
+        """A checkpoint teacher must hold the towers it is given (the student's, or ``teacher_model``'s) and, when
+        its own saved banks score it, banks of the student's sizes at its embedding width."""
+        cfg = config.swap
+        if cfg.teacher != "checkpoint":
             return
-        path, step = config.swap.teacher_checkpoint, _checkpoint_step(config)
+        path, model = cfg.teacher_checkpoint, "config.swap.teacher_model" if _own_towers(config) else "config.model"
+        reader = teachers.reader_for(path)
+        if reader is not None:
+            self._check_read_source(config, reader)
+            return
         try:
-            saved = teachers.saved_param_shapes(path, step)
+            saved = teachers.saved_param_shapes(path, _checkpoint_step(config))
         except (FileNotFoundError, ValueError) as e:
             raise registry.ConfigError(f"config.swap.teacher_checkpoint={path!r}: {e}") from None
-        expected = _as_saved(teachers.unboxed(_teacher_source(param_shapes, config)))
-        saved = {k: v for k, v in dict(saved).items() if k in expected}
-        problems = teachers.shape_mismatches(expected, saved)
+        towers = (teachers.tower_shapes(cfg.teacher_model) if _own_towers(config)
+                  else teachers.unboxed(registry.model_params(param_shapes)))
+        expected = {**towers}
+        if cfg.teacher_prototypes == "teacher":
+            dim = int(_teacher_model(config).embed_dim)
+            expected[prototypes.PARAMS_KEY] = {name: jax.ShapeDtypeStruct((k, dim), jnp.float32) for name, k in
+                                               zip(prototypes.bank_names(len(prototypes.bank_sizes(cfg))),
+                                                   prototypes.bank_sizes(cfg))}
+        problems = teachers.shape_mismatches(expected, {k: v for k, v in dict(saved).items() if k in expected})
         if problems:
             raise registry.ConfigError(
-                f"config.swap.teacher_checkpoint={path!r} does not match config.model: " + "; ".join(problems[:5])
-                + ("" if config.swap.teacher_prototypes == "student" else
-                   " (set config.swap.teacher_prototypes='student' to use a teacher saved without these banks)")
+                f"config.swap.teacher_checkpoint={path!r} does not match {model}: " + "; ".join(problems[:5])
+                + ("" if not any(p.startswith(f"['{prototypes.PARAMS_KEY}']") for p in problems) else
+                   " (set config.swap.teacher_prototypes='student' to use a teacher saved without these banks, or "
+                   "'random' to give it banks of its own, initialised and frozen)")
             )
+
+    @staticmethod
+    def _check_read_source(config: ml_collections.ConfigDict, reader: teachers.Reader) -> None:
+        """A source read by a reader (open_clip) has no banks, and its towers are ``teacher_model``: every value its
+        own model config gives."""
+        cfg, path = config.swap, config.swap.teacher_checkpoint
+        if cfg.teacher_prototypes == "teacher":
+            raise registry.ConfigError(
+                f"config.swap.teacher_checkpoint={path!r} holds no prototype banks: set config.swap.teacher_prototypes="
+                "'random' (banks of its own, initialised and frozen) or 'student'")
+        if not _own_towers(config):
+            raise registry.ConfigError(f"config.swap.teacher_model must be the model of config.swap.teacher_checkpoint="
+                                       f"{path!r} (configs/clus.py:teacher=PATH sets it)")
+        try:
+            source = _flat(reader.model_config(path, cfg.teacher_open_clip_config))
+        except (FileNotFoundError, ValueError) as e:
+            raise registry.ConfigError(f"config.swap.teacher_checkpoint={path!r}: {e}") from None
+        given = _flat(cfg.teacher_model)
+        differ = [f"config.swap.teacher_model.{k}={given.get(k)!r}, the checkpoint's {v!r}" for k, v in source.items()
+                  if given.get(k) != v]
+        if differ:
+            raise registry.ConfigError(f"config.swap.teacher_checkpoint={path!r} is not config.swap.teacher_model: "
+                                       + "; ".join(differ[:5]))
 
     def init_params(self, rng: jax.Array, config: ml_collections.ConfigDict) -> PyTree:
         return prototypes.init_banks(rng, prototypes.bank_sizes(config.swap), int(config.model.embed_dim))
@@ -269,14 +384,19 @@ class Swap(registry.Objective):
     def init_state(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         cfg, state = config.swap, {}
         if int(cfg.queue_length):
-            state["queue"] = feature_queue.init(int(cfg.queue_length), int(config.batch_size), int(config.model.embed_dim))
+            # The queue keeps the rows the codes come from: the teacher's embeddings when it has one.
+            dim = int(_teacher_model(config).embed_dim)
+            state["queue"] = feature_queue.init(int(cfg.queue_length), int(config.batch_size), dim)
         if cfg.teacher == "ema":
-            state["teacher"] = _teacher_source(params, config)  # boxed student leaves: sharded like the student
+            state["teacher"] = _teacher_source(params)  # boxed student leaves: sharded like the student
         elif cfg.teacher == "checkpoint":
-            source = _teacher_source(params, config)
-            saved = teachers.restore_in_init(cfg.teacher_checkpoint, _checkpoint_step(config), _as_saved(source))
-            state["teacher"] = {"towers": {k: saved[k] for k in source["towers"]}}
-            if "banks" in source:
+            teacher = _checkpoint_teacher(params, config)
+            loads_banks = cfg.teacher_prototypes == "teacher"
+            like = _as_saved(teacher if loads_banks else {"towers": teacher["towers"]})
+            saved = teachers.restore_in_init(cfg.teacher_checkpoint, _checkpoint_step(config), like,
+                                             model_file=cfg.teacher_open_clip_config)
+            state["teacher"] = {**teacher, "towers": {k: saved[k] for k in teacher["towers"]}}
+            if loads_banks:
                 state["teacher"]["banks"] = saved[prototypes.PARAMS_KEY]
         return state
 
@@ -290,10 +410,17 @@ class Swap(registry.Objective):
         return 2.0 * 2.0 * batch_size * d * sum(prototypes.bank_sizes(config.swap))
 
     def no_grad_flops(self, config: ml_collections.ConfigDict, batch_size: int) -> float:
-        """A teacher's forward of both towers (the EMA or checkpoint teacher computes the codes)."""
+        """A teacher's forward of both towers (the EMA or checkpoint teacher computes the codes); a teacher with
+        towers of its own runs at its image size on the student's tokens."""
         from clus_jax.models.flops import towers_forward_flops
 
-        return towers_forward_flops(config, batch_size) if config.swap.teacher != "none" else 0.0
+        if config.swap.teacher == "none":
+            return 0.0
+        if not _own_towers(config):
+            return towers_forward_flops(config, batch_size)
+        model = config.swap.teacher_model.copy_and_resolve_references()
+        model.text.context_length = int(config.model.text.context_length)
+        return towers_forward_flops({"model": model}, batch_size)
 
     def prepare_params(self, params: PyTree, config: ml_collections.ConfigDict) -> PyTree:
         return prototypes.normalize_banks(params)
@@ -337,7 +464,7 @@ class Swap(registry.Objective):
         if cfg.teacher != "ema":
             return state  # a checkpoint teacher stays frozen
         m = teachers.momentum(step, float(cfg.teacher_momentum), float(cfg.teacher_momentum_final), int(config.total_steps))
-        return {**state, "teacher": teachers.ema_update(state["teacher"], _teacher_source(params, config), m)}
+        return {**state, "teacher": teachers.ema_update(state["teacher"], _teacher_source(params), m)}
 
     def eval_heads(self, params: PyTree, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
         """The banks ``{'bank_<i>': [K_i, D]}`` in bank order: the clusterings the run learned."""

@@ -8,20 +8,29 @@ read with Orbax straight to host NumPy arrays (optimizer moments and objective s
 It enters the train state inside the jitted init through ``jax.pure_callback``: tracing (``eval_shape``
 for the abstract state, or before a restore) never touches the files; they are read once, on the host,
 when the initial state is actually built. After that the teacher is ordinary state, saved and restored
-with the run's own checkpoints.
+with the run's own checkpoints. A checkpoint teacher may have towers of its own (``build_model`` of another
+``config.model``): ``init_towers`` gives their boxed parameters to load into, ``apply_towers`` runs them on the
+student's batch.
+
+Sources other than a clus_jax checkpoint (an open_clip checkpoint) are read through a ``Reader`` that a layer
+above the objectives adds (``add_reader``; ``clus_jax.train.teacher_sources`` adds open_clip's, through
+``clus_jax.interop``, which the objectives may not import); ``reader_for(path)`` finds it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from clus_jax.models.towers import build_model, init_inputs
 from clus_jax.parallel.partitioning import is_box
 
 PyTree = Any
@@ -105,16 +114,48 @@ def unboxed(tree: PyTree) -> PyTree:
     return jax.tree.map(lambda b: b.value if is_box(b) else b, tree, is_leaf=is_box)
 
 
-def restore_in_init(path: str, step: int | None, like: PyTree) -> PyTree:
+@dataclasses.dataclass(frozen=True)
+class Reader:
+    """A kind of teacher source that is not a clus_jax checkpoint, read by a layer above the objectives.
+
+    is_source(path): whether ``path`` is of this kind. model_config(path, model_file): its ``config.model``.
+    read_params(path, model_file): its parameters as host arrays, nested like the towers' parameters.
+    ``model_file`` is the source's own model description when the path alone lacks it ('' otherwise).
+    """
+
+    is_source: Callable[[str], bool]
+    model_config: Callable[[str, str], ml_collections.ConfigDict]
+    read_params: Callable[[str, str], PyTree]
+
+
+_READERS: dict[str, Reader] = {}
+
+
+def add_reader(name: str, reader: Reader) -> None:
+    """Lets teachers be read from another kind of source (the same ``name`` again replaces it)."""
+    _READERS[name] = reader
+
+
+def reader_for(path: str) -> Reader | None:
+    """The added reader that claims ``path``; None for a clus_jax workdir or checkpoint."""
+    return next((r for r in _READERS.values() if r.is_source(path)), None)
+
+
+def restore_in_init(path: str, step: int | None, like: PyTree, *, model_file: str = "") -> PyTree:
     """Saved params shaped like the boxed tree ``like``, as traced values inside an init function.
 
-    Only ``like``'s top-level entries are read. The result keeps the logical-axis boxes of ``like`` so
-    the loaded parameters are placed like the ones they stand for.
+    Only ``like``'s top-level entries are read, from a clus_jax checkpoint or through the reader that claims
+    ``path`` (with ``model_file``). The result keeps the logical-axis boxes of ``like`` so the loaded
+    parameters are placed like the ones they stand for.
     """
     shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), unboxed(like))
+    reader = reader_for(path)
 
     def load() -> PyTree:
-        loaded = load_params(path, step, include=tuple(shapes))
+        if reader is None:
+            loaded = load_params(path, step, include=tuple(shapes))
+        else:
+            loaded = {k: v for k, v in dict(reader.read_params(path, model_file)).items() if k in shapes}
         problems = shape_mismatches(shapes, loaded)
         if problems:
             raise ValueError(f"checkpoint {path!r} does not match the model: " + "; ".join(problems[:10]))
@@ -122,3 +163,33 @@ def restore_in_init(path: str, step: int | None, like: PyTree) -> PyTree:
 
     loaded = jax.pure_callback(load, shapes)
     return jax.tree.map(lambda b, x: b.replace_boxed(x) if is_box(b) else x, like, loaded, is_leaf=is_box)
+
+
+def init_towers(model_config: ml_collections.ConfigDict, rng: jax.Array) -> PyTree:
+    """Boxed parameters of the towers ``model_config`` (config.model's keys) describes, freshly initialised."""
+    inputs = init_inputs(model_config)
+    return dict(build_model(model_config).init(rng, inputs["image"], inputs["text"])["params"])
+
+
+def tower_shapes(model_config: ml_collections.ConfigDict) -> PyTree:
+    """Shapes and dtypes of those towers' parameters (nothing allocated)."""
+    return unboxed(jax.eval_shape(lambda: init_towers(model_config, jax.random.PRNGKey(0))))
+
+
+def resize_images(images: jax.Array, size: int) -> jax.Array:
+    """NHWC images at ``size`` x ``size`` (antialiased bilinear), uint8 kept uint8 so that a tower normalises them
+    with its own mean and std; unchanged when already that size."""
+    if images.shape[1:3] == (size, size):
+        return images
+    x = jax.image.resize(images.astype(jnp.float32), (images.shape[0], size, size, images.shape[3]), "linear")
+    return jnp.clip(jnp.round(x), 0, 255).astype(jnp.uint8) if images.dtype == jnp.uint8 else x.astype(images.dtype)
+
+
+def apply_towers(model_config: ml_collections.ConfigDict, params: PyTree,
+                 batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The towers of ``model_config`` on the student's batch: images resized to its image size, the student's
+    tokens as they are (its vocabulary, a context at least as long: ``Swap.validate`` checks both)."""
+    images = batch.get("image")
+    if images is not None:
+        images = resize_images(images, int(model_config.image.image_size))
+    return build_model(model_config).apply({"params": params}, images, batch.get("text"))

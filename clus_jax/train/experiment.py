@@ -8,7 +8,8 @@ The trainer, the memory plan, the benchmarks and the tests all start here, so th
   optimizer *shapes* -> shardings from the logical rules -> the jitted, donated train step.
 
 Nothing is allocated by ``build``; ``Experiment.init_state()`` materialises the sharded initial state
-(loading ``config.init_from`` inside the sharded init).
+(loading ``config.init_from`` inside the sharded init; with its mode 'resume' also the source's step and
+optimizer state).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from clus_jax.objectives import registry
 from clus_jax.objectives.registry import Objective
 from clus_jax.parallel import mesh as mesh_lib
 from clus_jax.parallel import multihost, partitioning
-from clus_jax.train import init_from, optim
+from clus_jax.train import init_from, optim, teacher_sources
 from clus_jax.train.state import boxed_init, create_train_state
 from clus_jax.train.step import build_train_step
 
@@ -118,6 +119,8 @@ class Experiment:
     batch_shardings: dict[str, NamedSharding]
     step: Callable
     init_fn: Callable
+    # state -> state with config.init_from's step and optimizer state (mode 'resume'), else None
+    resume: Callable | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -126,7 +129,7 @@ class Experiment:
     def init_state(self) -> PyTree:
         """The initial train state, materialised directly in its shardings (``init_from`` applied)."""
         state, _ = create_train_state(self.config, self.init_fn, self.tx, self.mesh, self.rules)
-        return state
+        return state if self.resume is None else self.resume(state)
 
     def abstract_batch(self, batch_size: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes, dtypes and shardings of a global batch (for lowering without data)."""
@@ -182,6 +185,7 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None, *, res
     tx, schedule = optim.build_optimizer(config.optim, int(config.total_steps), groups)
 
     obj_only = {name: obj for name, (obj, _) in objectives.items()}
+    teacher_sources.install()  # a frozen teacher may be an open_clip checkpoint, read through interop
     loading = init_from.enabled(config) and not resuming
     checking = [obj for obj in obj_only.values() if registry.implements(obj, "check_shapes")]
     if checking or loading:  # traced once, and only for a check that reads the shapes
@@ -194,11 +198,14 @@ def build(config: ml_collections.ConfigDict, devices: list | None = None, *, res
         load = init_from.loader(config, paths)
     init_fn = boxed_init(config, model, obj_only, load)
     abstract_state, shardings = create_train_state(config, init_fn, tx, mesh, rules, materialize=False)
+    resume = None
+    if loading and init_from.resuming(config):  # checked now: the saved optimizer state against this run's
+        resume = init_from.resume_restorer(config, abstract_state, schedule)
     batch_shardings = {name: partitioning.batch_sharding(mesh, rules, 1 + len(spec.shape)) for name, spec in fields.items()}
     frozen = optim.frozen_mask(abstract_state["params"], groups) if groups else None
     step = build_train_step(config, model, tx, schedule, objectives, mesh, rules, shardings, batch_shardings, frozen)
     return Experiment(
         config=config, mesh=mesh, rules=rules, model=model, objectives=objectives, fields=fields, param_groups=groups,
         tx=tx, schedule=schedule, abstract_state=abstract_state, shardings=shardings, batch_shardings=batch_shardings,
-        step=step, init_fn=init_fn,
+        step=step, init_fn=init_fn, resume=resume,
     )

@@ -9,15 +9,30 @@
                             ``.bin`` / ``.pth`` with torch installed): its open_clip model config (a
                             ``model_configs/*.json`` or ``open_clip_config.json``); '' for a folder in the hub /
                             ``local-dir:`` layout, which holds its own (``clus_jax.interop``)
+  config.init_from.mode     'params' (the default): parameters only, a fresh optimizer and schedule;
+                            'resume': a clus_jax run's parameters, optimizer state and step (below)
 
 Selected parameters that the checkpoint holds are loaded; everything else (a parameter the source run
-did not have, e.g. a new objective's prototype banks) is initialised fresh. Only parameters are taken,
-never the optimizer state, step, objective state or data position. A selected parameter whose saved
+did not have, e.g. a new objective's prototype banks) is initialised fresh. In mode 'params' only
+parameters are taken, never the optimizer state, step, objective state or data position.
+
+Mode 'resume' (MetaCLIP's ``quick_init``, how MoDE's experts continue their seed) also restores the
+source's optimizer state (Adam moments and counts, every parameter group's) and its step, so the
+learning-rate schedule goes on from the source's position: the run trains from the source's step S to
+its own ``total_steps``, and its schedule is its own config's evaluated from S on. To continue the
+source's schedule, give the run the source's optimizer settings and schedule length: a seed that stops at
+S of a T-step schedule runs ``total_steps=S, optim.schedule_steps=T``, its continuation ``total_steps=T``.
+A schedule that differs from the source's over S..total_steps is reported in one warning line. Every
+parameter is selected (include / exclude are refused), the optimizer state must have the source's arrays
+(the same optimizer and parameter groups, else one error line), ``total_steps`` must exceed S, and the
+objective states, random key and data position start fresh. One log line names the checkpoint, its step
+and what was restored. A selected parameter whose saved
 shape or dtype differs fails in ``check`` — before anything compiles — naming the parameter; so does, for
 an open_clip source, an architecture value of a selected tower that differs from the checkpoint's
 (``config.model.image.act`` and the like: same shapes, another function). Loading
 happens inside the sharded init (``loader``), so each parameter lands directly in the new run's
-sharding, whatever mesh the source run used. A run resuming from its own checkpoints never reads this.
+sharding, whatever mesh the source run used; mode 'resume' then restores the step and optimizer state the
+same way (orbax, into the run's shardings). A run resuming from its own checkpoints never reads this.
 """
 from __future__ import annotations
 
@@ -28,11 +43,15 @@ from typing import Any, Callable
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
 
 from clus_jax.objectives import teachers
 from clus_jax.common.errors import ConfigError
+from clus_jax.config.run_config import load_run_config
 from clus_jax.parallel.partitioning import is_box
 from clus_jax.common.trees import path_str
+from clus_jax.train import optim
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -40,6 +59,11 @@ log = logging.getLogger(__name__)
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
     return bool(config.get("init_from") and config.init_from.get("path"))
+
+
+def resuming(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run starts from the source's parameters, optimizer state and step (mode 'resume')."""
+    return enabled(config) and config.init_from.get("mode", "params") == "resume"
 
 
 def _step(config: ml_collections.ConfigDict) -> int | None:
@@ -144,3 +168,77 @@ def loader(config: ml_collections.ConfigDict, paths: list[str]) -> Callable[[PyT
         return jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_box)
 
     return load
+
+
+#: The train-state entries mode 'resume' restores besides the parameters (``loader`` loads those).
+RESUMED = ("step", "opt_state")
+
+
+def _arrays(tree: PyTree) -> dict[str, tuple[tuple[int, ...], str]]:
+    """A train state's arrays, abstract arrays or saved metadata by their orbax names: name -> (shape, dtype)."""
+    flat = ocp.tree.to_flat_dict(ocp.tree.serialize_tree(tree, keep_empty_nodes=True))
+    return {".".join(map(str, k)): (tuple(v.shape), np.dtype(v.dtype).name)
+            for k, v in flat.items() if hasattr(v, "shape")}
+
+
+def _optimizer_differences(saved: PyTree, abstract_state: PyTree) -> list[str]:
+    """The step and optimizer arrays whose name, shape or dtype differ between a saved state and this run's."""
+    old, new = _arrays({k: saved[k] for k in RESUMED if k in saved}), _arrays({k: abstract_state[k] for k in RESUMED})
+    out = [f"{k} (not saved)" for k in sorted(set(new) - set(old))]
+    out += [f"{k} (saved, not in this run)" for k in sorted(set(old) - set(new))]
+    return out + [f"{k} saved {old[k]}, this run {new[k]}" for k in sorted(set(old) & set(new)) if old[k] != new[k]]
+
+
+def _schedule_warning(config: ml_collections.ConfigDict, step: int, schedule: Callable) -> str | None:
+    """One line when this run's learning rate over ``step..total_steps`` is not the source run's schedule
+    (from its config.json; None without one)."""
+    try:
+        source = load_run_config(config.init_from.path)
+    except (FileNotFoundError, ValueError):
+        return None
+    theirs = optim.learning_rate_schedule(source.optim, int(source.total_steps))
+    steps = np.arange(step, int(config.total_steps) + 1)
+    ours, seed = np.asarray(jax.vmap(schedule)(steps)), np.asarray(jax.vmap(theirs)(steps))
+    if np.array_equal(ours, seed):
+        return None
+    at = int(steps[np.argmax(ours != seed)])
+    return (f"init_from: this run's learning-rate schedule is not the one of {config.init_from.path} (config.optim "
+            f"or total_steps differ): at step {at} it is {ours[at - step]:.4g}, the source's {seed[at - step]:.4g}")
+
+
+def resume_restorer(config: ml_collections.ConfigDict, abstract_state: PyTree,
+                    schedule: Callable) -> Callable[[PyTree], PyTree]:
+    """``restore(fresh state) -> state`` with the source checkpoint's step and optimizer state (mode 'resume';
+    its parameters come through ``loader``). Checks now, before anything compiles: ConfigError for an
+    open_clip source, an optimizer state that is not this run's, or a ``total_steps`` not past the source's step."""
+    cfg = config.init_from
+    if _open_clip(config):
+        raise ConfigError(f"config.init_from.path={cfg.path!r} is an open_clip checkpoint, which holds no "
+                          "optimizer state: config.init_from.mode='resume' needs a clus_jax run (mode 'params' "
+                          "loads the weights)")
+    directory = epath.Path(teachers.resolve_checkpoint(cfg.path, _step(config)))
+    step = int(directory.parent.name)  # <run>/checkpoints/<step>/state
+    differ = _optimizer_differences(ocp.PyTreeCheckpointHandler().metadata(directory).tree, abstract_state)
+    if differ:
+        raise ConfigError(f"config.init_from.path={cfg.path!r}: the optimizer state of step {step} is not this run's "
+                          f"({len(differ)} arrays differ, e.g. {differ[0]}): another optimizer or other parameter "
+                          "groups; config.init_from.mode='params' loads the parameters alone")
+    if int(config.total_steps) <= step:
+        raise ConfigError(f"config.total_steps={config.total_steps} must exceed the step {step} of "
+                          f"config.init_from.path={cfg.path!r}: mode 'resume' trains from that step to total_steps")
+    warning = _schedule_warning(config, step, schedule)
+    if warning:
+        log.warning("%s", warning)
+    target = {k: abstract_state[k] for k in RESUMED}
+
+    def restore(state: PyTree) -> PyTree:
+        args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                      partial_restore=True)
+        with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+            restored = checkpointer.restore(directory, args=args)
+        log.info("init_from: resumed %s at step %d: parameters, optimizer state (Adam moments and counts) and step "
+                 "restored; learning rate %.4g at step %d, training to total_steps %d", directory.parent, step,
+                 float(schedule(step)), step, int(config.total_steps))
+        return {**state, **restored}
+
+    return restore

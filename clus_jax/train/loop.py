@@ -93,7 +93,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, overw
         log.info("resumed from step %d", start_step)
     else:
         state = exp.init_state()
-        start_step = 0
+        start_step = int(state["step"].addressable_data(0))  # 0, or the source's step (init_from mode 'resume')
     if pindex == 0:
         save_run_config(workdir, config)  # the workdir describes itself (clus_jax.load reads it)
     step_fn = exp.step

@@ -27,7 +27,9 @@ PyTree = Any
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr`` then cosine decay to ``lr * final_lr_fraction``."""
+    """Linear warmup from 0 to ``lr`` then cosine decay to ``lr * final_lr_fraction`` over
+    ``cfg.schedule_steps`` steps (0: ``total_steps``; longer for a run that stops before its schedule ends)."""
+    total_steps = int(cfg.get("schedule_steps") or 0) or total_steps
     warmup = int(cfg.warmup_steps)
     if cfg.get("schedule", "cosine") == "constant":
         return optax.join_schedules(

@@ -23,6 +23,29 @@ def test_two_level_maps_fine_centres_to_their_nearest_coarse_centre():
         two_level(x, 4, 5)
 
 
+def test_a_balanced_coarse_level_gives_every_coarse_centre_as_many_fine_centres():
+    """Twelve tight groups of 8 points, nine near one place and three near another: plain coarse k-means
+    splits the fine centres 9 / 3, the balanced coarse level (MoDE's) 6 / 6, at the least total squared
+    distance of any 6 / 6 split (brute force over the 924), so every coarse cluster holds 48 points."""
+    import itertools
+
+    rng = np.random.default_rng(1)
+    places = np.concatenate([rng.normal(0, 1, (9, 4)), 10 + rng.normal(0, 1, (3, 4))])
+    x = np.repeat(places, 8, axis=0) + rng.normal(0, 0.01, (96, 4))
+    plain = two_level(x.astype(np.float32), 12, 2, balanced=True, num_iters=5)
+    assert sorted(np.bincount(plain.fine_to_coarse, minlength=2)) == [3, 9]
+    result = two_level(x.astype(np.float32), 12, 2, balanced=True, num_iters=5, balanced_coarse=True)
+    np.testing.assert_array_equal(np.bincount(result.fine_to_coarse, minlength=2), [6, 6])
+    np.testing.assert_array_equal(np.bincount(result.fine_to_coarse[result.fine_assignments], minlength=2), [48, 48])
+    cost = ((result.fine_centers[:, None, :].astype(np.float64) - result.coarse_centers[None]) ** 2).sum(-1)
+    chosen = cost[np.arange(12), result.fine_to_coarse].sum()
+    best = min(cost[list(s), 0].sum() + cost[[i for i in range(12) if i not in s], 1].sum()
+               for s in itertools.combinations(range(12), 6))
+    np.testing.assert_allclose(chosen, best, rtol=1e-9)
+    with pytest.raises(ValueError, match="m=12 fine centres to divide into n=5 equal groups"):
+        two_level(x, 12, 5, balanced_coarse=True)
+
+
 def test_embedding_shards_skip_invalid_rows(tmp_path):
     rng = np.random.default_rng(1)
     emb = rng.normal(size=(50, 4)).astype(np.float32)

@@ -24,6 +24,11 @@ import train_helpers as helpers  # registered by tests/conftest.py
         ({"total_steps": -1}, r"config\.total_steps=-1"),
         ({"data.source": "s3"}, r"config\.data: data source must be one of"),
         ({"evals.run": "imagenet"}, r"config\.evals\.run='imagenet': no entry"),
+        ({"optim.schedule_steps": 5}, r"config\.optim\.schedule_steps=5 must be 0 \(= total_steps\) or at least "
+                                      r"config\.total_steps=10"),
+        ({"init_from.path": "run", "init_from.mode": "all"}, r"config\.init_from\.mode='all' must be one of"),
+        ({"init_from.path": "run", "init_from.mode": "resume", "init_from.exclude": "^text/"},
+         r"config\.init_from\.exclude='\^text/': mode 'resume' restores every parameter"),
     ],
 )
 def test_bad_values_name_the_key(overrides, pattern):

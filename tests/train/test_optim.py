@@ -29,6 +29,17 @@ def test_warmup_then_cosine():
     np.testing.assert_allclose(sched(20), 0.0, atol=1e-7)
 
 
+def test_a_run_may_stop_before_its_schedule_ends():
+    """optim.schedule_steps: the first 10 steps of a 20-step schedule, as MoDE's seed runs; 0 = total_steps."""
+    longer = learning_rate_schedule(optim_config(schedule_steps=20), total_steps=10)
+    full = learning_rate_schedule(optim_config(), total_steps=20)
+    steps = np.arange(11)
+    np.testing.assert_array_equal(jax.vmap(longer)(steps), jax.vmap(full)(steps))
+    assert float(longer(10)) > 0.05  # half-way down the cosine, not at its end
+    own = learning_rate_schedule(optim_config(schedule_steps=0), total_steps=10)
+    np.testing.assert_allclose(own(10), 0.0, atol=1e-7)
+
+
 def test_decay_mask_excludes_vectors_and_scalars():
     params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3), "logit_scale": jnp.ones(()), "ln": {"scale": jnp.ones(3)}}
     assert decay_mask(params) == {"w": True, "b": False, "logit_scale": False, "ln": {"scale": False}}
