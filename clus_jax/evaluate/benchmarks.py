@@ -109,10 +109,12 @@ class _Streamed(registry.Evaluator):
                                     int(ctx.config.model.image.image_size), **kw)
 
 
-def _labelled(got: stream.Streamed, data: eval_data.EvalData, num_classes: int | None, what: str) -> np.ndarray:
-    if (got.labels < 0).any():
-        raise ValueError(f"{what}: {int((got.labels < 0).sum())} records of {data.ref!r} have no label")
-    return got.labels if num_classes is None else metrics.check_labels(got.labels, num_classes, what)
+def _labelled(labels: np.ndarray, what: str, num_classes: int | None = None) -> np.ndarray:
+    """``labels``, refused (ValueError naming ``what``) when a record has none (-1) or, given ``num_classes``, one
+    lies outside ``[0, num_classes)``."""
+    if (labels < 0).any():
+        raise ValueError(f"{what}: {int((labels < 0).sum())} records have no label")
+    return labels if num_classes is None else metrics.check_labels(labels, num_classes, what)
 
 
 def build_classifier(classnames: Sequence[str], templates: Sequence[str], encode_texts) -> np.ndarray:
@@ -150,7 +152,7 @@ class ZeroShot(_Streamed):
         top1 = np.zeros(num, np.int64)
 
         def on_batch(emb: np.ndarray, labels: np.ndarray) -> None:
-            labels = _labelled_batch(labels, num, f"{where}: labels of {settings.data!r}")
+            labels = _labelled(labels, f"{where}: labels of {settings.data!r}", num)
             ranks = metrics.zeroshot_ranks(emb, labels, classifier, nonfinite="wrong")
             for k in ZEROSHOT_KS:
                 hits[k] += int((ranks < min(k, num)).sum())
@@ -168,12 +170,6 @@ class ZeroShot(_Streamed):
 
     def report_metrics(self, scores):
         return {"acc1": scores["top1"], "acc5": scores["top5"], "mean_per_class_recall": scores["mean_per_class_recall"]}
-
-
-def _labelled_batch(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
-    if (labels < 0).any():
-        raise ValueError(f"{what}: {int((labels < 0).sum())} records have no label")
-    return metrics.check_labels(labels, num_classes, what)
 
 
 @registry.register
@@ -229,8 +225,8 @@ class _WithTrain(_Streamed):
         train = open_data(settings, "train_data", "train_limit")
         train_got = self.stream(train, ctx, indices=train_indices)
         where = f"config.evals.{settings.entry}"
-        train_y = _labelled(train_got, train, None, f"{where}.train_data")
-        test_y = _labelled(test_got, test, None, f"{where}.data")
+        train_y = _labelled(train_got.labels, f"{where}.train_data ({train.ref!r})")
+        test_y = _labelled(test_got.labels, f"{where}.data ({test.ref!r})")
         num = int(max(train_y.max(initial=-1), test_y.max(initial=-1))) + 1
         return train_got.embeddings, train_y, test_got.embeddings, test_y, num, [test_got, train_got]
 
@@ -271,7 +267,7 @@ class FewShot(_WithTrain):
         test_got = self.stream(test, ctx)
         train_got = self.stream(train, ctx, indices=needed)
         where = f"config.evals.{settings.entry}"
-        test_y = _labelled(test_got, test, None, f"{where}.data")
+        test_y = _labelled(test_got.labels, f"{where}.data ({test.ref!r})")
         num = int(max(labels.max(initial=-1), test_y.max(initial=-1))) + 1
         row_of = {int(i): r for r, i in enumerate(train_got.indices)}
         scores = {}
@@ -323,7 +319,7 @@ class Clusters(_Streamed):
     def score(self, settings, ctx):
         data = open_data(settings)
         got = self.stream(data, ctx)
-        labels = _labelled(got, data, None, f"config.evals.{settings.entry}.data")
+        labels = _labelled(got.labels, f"config.evals.{settings.entry}.data ({data.ref!r})")
         num = int(labels.max(initial=-1)) + 1
         out = cluster_eval.cluster_metrics(settings.entry, got.embeddings, labels, num, ctx.heads, nonfinite="wrong")
         prefix = f"cluster/{settings.entry}/"

@@ -102,7 +102,12 @@ def get(name: str) -> Evaluator:
 
 def entries(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
     """The entries of ``config.evals``: its dict-valued keys, by name."""
-    return {k: v for k, v in config.evals.items() if isinstance(v, (dict, ml_collections.ConfigDict))}
+    return entries_in(config.evals)
+
+
+def entries_in(evals: Mapping[str, Any]) -> dict[str, ml_collections.ConfigDict]:
+    """The entries of an evals mapping (``config.evals`` or a suite): its dict-valued keys, by name."""
+    return {k: v for k, v in evals.items() if isinstance(v, (dict, ml_collections.ConfigDict))}
 
 
 def run_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -148,7 +153,7 @@ def run(config: ml_collections.ConfigDict, ctx: EvalContext, names: list[str] | 
                               "which an earlier entry gave")
         metrics.update({k: float(v) for k, v in out.metrics.items()})
         arrays.update(out.arrays)
-        reports.update({entry: r for r in out.reports.values()} if len(out.reports) == 1 else out.reports)
+        reports.update(out.reports)
     return Evaluation(metrics=metrics, arrays=arrays, reports=reports)
 
 

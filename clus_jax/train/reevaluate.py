@@ -60,14 +60,12 @@ def load_suite(spec: str) -> ml_collections.ConfigDict:
         suite = get_config(arg) if arg else get_config()
     except (KeyError, TypeError, ValueError) as e:  # a mistyped argument: get_config's message names it
         raise UsageError(f"--evals {spec}: {cli.exception_text(e)}") from None
-    if not isinstance(suite, (dict, ml_collections.ConfigDict)) or not _entries(suite):
+    from clus_jax.evaluate.registry import entries_in
+
+    if not isinstance(suite, (dict, ml_collections.ConfigDict)) or not entries_in(suite):
         raise UsageError(f"--evals {spec}: get_config() of {path} returned no entry (a ConfigDict of "
                          "{name: {'type': <evaluator>, ...}})")
     return ml_collections.ConfigDict(dict(suite))
-
-
-def _entries(suite) -> list[str]:
-    return [k for k, v in suite.items() if isinstance(v, (dict, ml_collections.ConfigDict))]
 
 
 def select_evals(config: ml_collections.ConfigDict, evals: str | None) -> None:
@@ -80,13 +78,15 @@ def select_evals(config: ml_collections.ConfigDict, evals: str | None) -> None:
             config.evals.run = evals
         check_evals(config)
         return
+    from clus_jax.evaluate.registry import entries_in
+
     suite = load_suite(evals)
     for key, value in suite.items():
         if key in config.evals:
             del config.evals[key]  # a whole entry replaced, not merged key by key
         config.evals[key] = value
     if "run" not in suite:
-        config.evals.run = ",".join(_entries(suite))
+        config.evals.run = ",".join(entries_in(suite))
     try:
         check_evals(config)
     except ConfigError as e:
