@@ -122,6 +122,31 @@ def test_distils_from_a_clus_run_with_larger_towers(teacher_run, recording):  # 
 
 
 @pytest.mark.slow
+def test_a_mesh_of_eight_devices_distils_as_one_device(teacher_run, recording):  # noqa: F811
+    """The frozen teacher loads into a data x fsdp mesh as on one device, and each step from the one-device
+    run's state gives the same losses and student gradients (summation orders aside)."""
+    workdir, _ = teacher_run
+    source = config_base.load_config(os.path.join(REPO, "configs", "clus.py") + f":teacher={workdir}")
+    config = student_config(**{f"swap.{k}": v for k, v in source.swap.items() if k.startswith("teacher")})
+    _, ref_states, ref_metrics, batches = distil(config)
+    config.mesh.update(dict(data=4, fsdp=2, tensor=1))
+    exp = build(config, jax.devices())
+    assert_same(jax.device_get(exp.init_state())["objective_states"]["swap"]["teacher"],
+                ref_states[0]["objective_states"]["swap"]["teacher"])
+    for t, local in enumerate(batches):
+        state, m = exp.step(jax.device_put(ref_states[t], exp.shardings), exp.global_batch(local))
+        for key in ("loss", "swap/loss", "clip/loss"):
+            ref = ref_metrics[t][key]
+            np.testing.assert_allclose(float(m[key]), ref, rtol=0, atol=helpers.loss_atol(ref), err_msg=f"step {t} {key}")
+        grads, ref_grads = jax.device_get(state)["opt_state"][0].grads, ref_states[t + 1]["opt_state"][0].grads
+        np.testing.assert_allclose(helpers.global_norm(grads), helpers.global_norm(ref_grads), rtol=0,
+                                   atol=helpers.grad_norm_atol(ref_grads), err_msg=f"step {t} gradient norm")
+        for name, ref in ref_grads[prototypes.PARAMS_KEY].items():  # the student's banks, learning the codes
+            np.testing.assert_allclose(grads[prototypes.PARAMS_KEY][name], ref, rtol=0, atol=helpers.grad_atol(ref),
+                                       err_msg=f"step {t} {name}")
+
+
+@pytest.mark.slow
 def test_distils_from_an_open_clip_checkpoint(recording):  # noqa: F811
     """open_clip's towers (QuickGELU, layer scale, 32 px, 16-wide) with banks of their own, initialised and frozen."""
     config = student_config()
