@@ -21,12 +21,19 @@ one CLIP run (the offline embed and cluster stages are extra, and in the wall ti
 - MLCD: the MLCD stage (the image tower from random init, on k-means labels) for 3/4 of the steps, the LiT
   stage (that tower frozen, a new text tower) for 1/4; figures from the LiT stage's evaluation. The labels
   come from a teacher that is not part of the budget (``TEACHERS``): the default CLIP run (``configs/clip.py``
-  at its own 600 steps of batch 64), trained once in ``DIR/mlcd_teacher``; every seed embeds with it
-  (``teacher=DIR/mlcd_teacher``) and clusters in its own folder, in its wall time. The teacher's figures and
-  wall time are a row of their own, ``mlcd_teacher``;
-- MoDE: a seed run of 3/8 of the steps and two data experts of 5/16 each from it; figures from the MoDE
-  (metadata) ensemble of ``clus_jax.ensemble`` (zero-shot and retrieval only: an ensemble has no
-  single image embedding for a probe, k-NN or k-means). The dense baseline is the ``clip`` row.
+  at its own 600 steps of batch 64), trained once in ``DIR/clip_teacher``; every seed embeds with it
+  (``teacher=DIR/clip_teacher``) and clusters in its own folder, in its wall time. The teacher's figures and
+  wall time are a row of their own, ``clip_teacher``;
+- MoDE: a seed run of 84% of the steps (the paper's epoch 27 of 32) and two data experts that each resume it
+  (``init_from.mode='resume'``: parameters, optimizer state, schedule position) for the schedule's last
+  5/37 (292 + 2 x 54 at 400 steps); figures from the MoDE (metadata) ensemble of ``clus_jax.ensemble``
+  (zero-shot and retrieval only: an ensemble has no single image embedding for a probe, k-NN or k-means).
+  The dense baseline is the ``clip`` row; ``DIR/mode_s<seed>/ensemble_2/ensemble.md`` has each expert,
+  the best one and the uniform average.
+
+Two rows measure Clus's parts: ``swap`` is its swap term alone (``clip=0``), and ``clus_teacher`` takes its
+codes from a frozen teacher (``teacher=DIR/clip_teacher``, the same shared teacher as MLCD's, with its own
+towers and frozen random banks of the student's K) instead of the EMA of the student.
 
 The seed of a recipe goes to each of its train stages and to its clustering, not to a shared teacher.
 """
@@ -53,6 +60,8 @@ METHODS: dict[str, str] = {
     "siglip": "configs/siglip.py",
     "clip_reg": "configs/clip_reg.py",
     "clus": "configs/clus.py",
+    "swap": "configs/clus.py,clip=0",  # Clus's swap term alone (CLIP's weight 0; its loss still logged)
+    "clus_teacher": "configs/clus.py",  # Clus with codes from a frozen, independently trained teacher (TEACHERS)
     "brivl": "configs/brivl.py",
 }
 
@@ -109,9 +118,11 @@ RECIPES: dict[str, tuple[str, Callable[[int, int, int], str], Callable[[str, int
     "mlcd": ("configs/mlcd.py", mlcd_args, lit_stage_metrics),
     "mode": ("configs/mode.py", mode_args, ensemble_metrics),
 }
-# recipe method -> (run name, config) of the teacher its seeds share: trained once in DIR/<name> before them,
-# passed to each as teacher=DIR/<name>, its cost outside the method's budget and row (a row of its own).
-TEACHERS: dict[str, tuple[str, str]] = {"mlcd": ("mlcd_teacher", "configs/clip.py")}
+# method -> (run name, config) of the teacher its seeds share: trained once in DIR/<name> before them (one run
+# per name, whichever methods share it), passed to each as teacher=DIR/<name>, its cost outside the method's
+# budget and row (a row of its own).
+TEACHERS: dict[str, tuple[str, str]] = {"mlcd": ("clip_teacher", "configs/clip.py"),
+                                        "clus_teacher": ("clip_teacher", "configs/clip.py")}
 # The table's leading columns, in this order, when present; other result keys follow sorted.
 KEY_METRICS = (
     "zeroshot/easyvqa/top1",
@@ -164,12 +175,13 @@ def plan(workdir: str, methods: Sequence[str], seeds: Sequence[int], steps: int,
                 continue
             run = sweep.Run(index=len(out), name=name, overrides={"seed": seed},
                             workdir=os.path.join(workdir, name), total_steps=steps)
-            out.append((method, config_spec(method, steps, batch), run, method_overrides(method, batch)))
+            teacher = f",teacher={teacher_run(method, workdir).workdir}" if method in TEACHERS else ""
+            out.append((method, config_spec(method, steps, batch) + teacher, run, method_overrides(method, batch)))
     return out
 
 
 def teacher_run(method: str, workdir: str) -> sweep.Run:
-    """The shared teacher of recipe method ``method`` in ``workdir``, at its config's own length."""
+    """The shared teacher of method ``method`` in ``workdir``, at its config's own length."""
     from clus_jax.config.base import load_config
 
     name, config = TEACHERS[method]
@@ -178,9 +190,13 @@ def teacher_run(method: str, workdir: str) -> sweep.Run:
 
 
 def _teachers(planned) -> list[tuple[str, str, sweep.Run]]:
-    """(method, config, run) of every shared teacher the planned runs embed with, once each."""
-    seen = {m: os.path.dirname(run.workdir) for m, _, run, _ in planned if m in TEACHERS}
-    return [(m, TEACHERS[m][1], teacher_run(m, root)) for m, root in seen.items()]
+    """(method, config, run) of every shared teacher the planned runs use, once per teacher run."""
+    seen = {}
+    for m, _, run, _ in planned:
+        if m in TEACHERS:
+            teacher = teacher_run(m, os.path.dirname(run.workdir))
+            seen.setdefault(teacher.workdir, (m, TEACHERS[m][1], teacher))
+    return list(seen.values())
 
 
 def recipe_command(spec: str, run: sweep.Run) -> list[str]:

@@ -62,7 +62,7 @@ def test_table_is_mean_and_sample_std_of_finished_runs(tmp_path):
 def test_recipe_methods_split_the_same_budget_over_their_train_stages(method, steps, monkeypatch, tmp_path):
     """MLCD's and MoDE's train stages add up to one CLIP run's steps at the same batch, and the seed reaches
     every train stage and the clustering. MLCD's teacher is outside the budget: the shared default CLIP run
-    in DIR/mlcd_teacher at its own length, which every seed embeds with."""
+    in DIR/clip_teacher at its own length, which every seed embeds with."""
     from clus_jax import recipe
     from clus_jax.config import base as config_base
     from clus_jax.config.run_config import save_run_config
@@ -73,7 +73,7 @@ def test_recipe_methods_split_the_same_budget_over_their_train_stages(method, st
     assert run.name == f"{method}_s2" and overrides == []
     if method in methods.TEACHERS:  # the recipe reads the teacher's config.json when it plans
         teacher = methods.teacher_run(method, str(tmp_path))
-        assert (teacher.workdir, teacher.total_steps) == (str(tmp_path / "mlcd_teacher"), 600)
+        assert (teacher.workdir, teacher.total_steps) == (str(tmp_path / "clip_teacher"), 600)
         save_run_config(teacher.workdir, config_base.load_config(methods.TEACHERS[method][1]))
         assert spec.endswith(f",teacher={teacher.workdir}")
     stages = recipe.resolve(recipe.recipe_stages(spec), run.workdir)
@@ -103,7 +103,7 @@ def test_recipe_methods_are_read_from_their_result_stage(tmp_path):
     _write_run(wd, "mlcd_s0/mlcd_s0", 6, {key: 0.9})  # another stage's figures are not MLCD's
     _write_run(wd, "mlcd_s0/lit_s0", 2, {key: 0.2})
     _write_run(wd, "mlcd_s1/lit_s1", 1, {key: 0.9})  # unfinished
-    _write_run(wd, "mlcd_teacher", 600, {key: 0.7}, wall=500.0)
+    _write_run(wd, "clip_teacher", 600, {key: 0.7}, wall=500.0)
     for seed, value in ((0, 0.2), (1, 0.4)):  # two seeds: a std over results without train/loss
         os.makedirs(os.path.join(wd, f"mode_s{seed}", "ensemble_2"))
         with open(os.path.join(wd, f"mode_s{seed}", "ensemble_2", "ensemble.json"), "w") as f:
@@ -111,8 +111,8 @@ def test_recipe_methods_are_read_from_their_result_stage(tmp_path):
     columns, table = methods.summarise(planned)
     assert columns == [key, "wall_seconds"]
     assert table["mlcd"][key] == (pytest.approx(0.2), 0.0, 1) and "wall_seconds" not in table["mlcd"]
-    assert table["mlcd_teacher"][key] == (pytest.approx(0.7), 0.0, 1)
-    assert table["mlcd_teacher"]["wall_seconds"] == (pytest.approx(500.0), 0.0, 1)
+    assert table["clip_teacher"][key] == (pytest.approx(0.7), 0.0, 1)
+    assert table["clip_teacher"]["wall_seconds"] == (pytest.approx(500.0), 0.0, 1)
     assert table["mode"][key] == (pytest.approx(0.3), pytest.approx(0.14142136, rel=1e-6), 2)
     assert "train/loss" not in table["mode"]
 
@@ -121,3 +121,17 @@ def test_config_overrides_are_refused_for_recipe_methods(capsys):
     with pytest.raises(SystemExit):
         methods.main(["--workdir", "/nonexistent", "--methods", "clip,mode", "--dry-run", "--config.optim.lr=1e-3"])
     assert "single-config methods only, not to mode" in capsys.readouterr().err
+
+
+def test_clus_rows_measure_its_parts_and_share_one_teacher_with_mlcd(tmp_path):
+    """``swap`` is Clus with CLIP's weight 0, ``clus_teacher`` Clus distilled from the shared frozen teacher, and
+    that teacher (the one MLCD labels with) is trained once for both, and is one row."""
+    wd = str(tmp_path)
+    planned = methods.plan(wd, ["swap", "clus_teacher", "mlcd"], [0], steps=8, batch=8)
+    specs = {m: spec for m, spec, _, _ in planned}
+    assert specs["swap"] == "configs/clus.py:steps=8,batch=8,clip=0"
+    teacher = str(tmp_path / "clip_teacher")
+    assert specs["clus_teacher"] == f"configs/clus.py:steps=8,batch=8,teacher={teacher}"
+    assert specs["mlcd"].endswith(f",teacher={teacher}")
+    teachers = methods._teachers(planned)
+    assert [(config, run.workdir) for _, config, run in teachers] == [("configs/clip.py", teacher)]
