@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     "ml-collections>=1.0,<2",
     "einops>=0.8,<0.9",
     "numpy>=2.0,<3",
+    # The balanced-assignment auction's bidding loop (clus_jax/clustering/balanced.py).
+    "numba>=0.60,<0.70",
     "pillow>=10.0,<14",
     "absl-py>=2.0,<3",
     "tensorboardX>=2.6,<3",

@@ -19,7 +19,7 @@ num_iters_run)``
     ever formed, and the update is a segment sum reduced over the data axes, in float32. Tuning keywords:
     ``block_k`` (centres scored at a time per device), ``chunk_rows`` (points per step),
     ``checkpoint_every_s`` (seconds between saves within a pass). ``balanced=True`` holds the points in
-    memory and assigns on the host (an [N, k] cost), checkpointing at iteration ends.
+    memory and assigns with ``balanced_assign_points`` on the same mesh, checkpointing at iteration ends.
 
 ``assign(features, centers, metric="euclidean", *, mesh=None) -> ids [N]``
 ``assign_topk(features, centers, l, metric="euclidean", *, mesh=None) -> (ids [N, l], sims [N, l])``
@@ -29,6 +29,10 @@ num_iters_run)``
 ``balanced_assign(cost [N, M]) -> ids [N]``
     Every column receives exactly N / M rows at minimal total cost (auction algorithm, ε-optimal with ε
     below the cost resolution).
+``balanced_assign_points(points [N, D], centers [M, D], *, metric="euclidean", mesh=None, candidates=16) -> ids``
+    The same for squared distances with no [N, M] array: each point's ``candidates`` best centres by
+    distance and price are searched on the mesh as ``assign`` does, and searched again when prices have
+    moved past them; the auction runs on the host (numba).
 
 ``two_level(points, m, n, *, balanced=False, metric="euclidean", num_iters=20, coarse_iters=None, init="random",
 seed=0, mesh=None, checkpoint_dir=None, progress=None) -> TwoLevelResult(fine_centers, coarse_centers,
@@ -51,7 +55,7 @@ output, written with its summary last), ``topk_labels`` (the top-l labels side f
 """
 from clus_jax.clustering import quality
 from clus_jax.clustering.assign import assign, assign_topk
-from clus_jax.clustering.balanced import balanced_assign
+from clus_jax.clustering.balanced import balanced_assign, balanced_assign_points
 from clus_jax.clustering.hierarchy import TwoLevelResult, two_level
 from clus_jax.clustering.kmeans import KMeansResult, kmeans
 from clus_jax.clustering.mode_ensemble import (coarse_assignment, ensemble_logits, expert_membership,
@@ -59,5 +63,6 @@ from clus_jax.clustering.mode_ensemble import (coarse_assignment, ensemble_logit
 from clus_jax.clustering.shards import EmbeddingShards
 
 __all__ = ["EmbeddingShards", "KMeansResult", "TwoLevelResult", "assign", "assign_topk", "balanced_assign",
+           "balanced_assign_points",
            "coarse_assignment", "ensemble_logits", "expert_membership", "fine_assignment", "kmeans",
            "mode_ensemble_weights", "quality", "retrieval_weights", "two_level"]

@@ -31,21 +31,29 @@ def _chunks_of(features: np.ndarray, rows: int):
 
 
 def assign_topk(features: np.ndarray, centers: np.ndarray, l: int, metric: str = "euclidean", *,
-                mesh: Mesh | None = None, block_k: int = DEFAULT_BLOCK_K,
-                chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+                mesh: Mesh | None = None, block_k: int = DEFAULT_BLOCK_K, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                offsets: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``l`` nearest centres of every row, nearest first: (ids [N, l] int32, similarities [N, l]).
 
     Similarities are ``x.c`` with unit centres for ``"cosine"`` and minus the squared distance for
-    ``"euclidean"``. Rows are processed ``chunk_rows`` at a time (split over the mesh's data axes),
-    centres ``block_k`` at a time per centre shard."""
+    ``"euclidean"``, less ``offsets[c]`` when given (``"euclidean"`` only) (a per-centre price: the ranking is then by similarity
+    minus price, as an auction bids). Rows are processed ``chunk_rows`` at a time (split over the mesh's data
+    axes), centres ``block_k`` at a time per centre shard."""
     check_metric(metric)
     features = np.asarray(features)
     centers = np.asarray(centers)
+    if offsets is not None and (metric != "euclidean" or np.shape(offsets) != (centers.shape[0],)):
+        raise ValueError(f"offsets must be [{centers.shape[0]}] with metric 'euclidean'; got {np.shape(offsets)}, "
+                         f"{metric!r}")
     if not 1 <= l <= centers.shape[0]:
         raise ValueError(f"l={l} must lie in [1, {centers.shape[0]}] (the number of centres)")
     layout = make_layout(mesh, centers.shape[0], block_k)
     c = pad_centers(centers, layout, metric)
     c_sq = jax.jit(center_sqnorms, out_shardings=layout.sharding(layout.centers_spec()))(c)
+    if offsets is not None:  # the blocked euclidean score is 2 x.c - |c|^2: the offset joins |c|^2
+        off = np.zeros(layout.padded_k, np.float32)
+        off[:centers.shape[0]] = offsets
+        c_sq = c_sq + jax.device_put(off, layout.sharding(layout.centers_spec()))
     fn = _topl_fn(layout, l, metric)
     rows = -(-min(chunk_rows, max(len(features), 1)) // layout.point_shards) * layout.point_shards
     ids = np.empty((len(features), l), np.int32)

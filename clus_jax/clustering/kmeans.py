@@ -195,13 +195,13 @@ def kmeans(points: np.ndarray | Iterable[np.ndarray], k: int, *, num_iters: int 
     if num_iters < 0:
         raise ValueError(f"num_iters={num_iters} must be >= 0")
     stream = PointStream(points)
-    if balanced:  # the points in memory, the assignment on the host (see balanced.py)
+    if balanced:  # the points in memory, the distances searched on the mesh, the auction on the host (balanced.py)
         checkpoints = state_lib.CenterCheckpoints(checkpoint_dir, dict(k=k, dim=stream.dim, rows=stream.num_rows,
                                                                        metric=metric, seed=seed, num_iters=num_iters,
                                                                        balanced=True))
         return balanced_lib.balanced_kmeans(stream.materialise(), k, num_iters=num_iters, metric=metric,
                                             init=initial_centers(stream, k, init, metric, seed), tol=tol,
-                                            progress=progress, checkpoints=checkpoints)
+                                            progress=progress, checkpoints=checkpoints, mesh=mesh)
     layout = blocked.make_layout(mesh, k, block_k)
     rows = _chunk_rows(chunk_rows, stream, layout)
     num_chunks = stream.num_chunks(rows)

@@ -1,11 +1,16 @@
-"""balanced_assign gives exact sizes at the optimum of the linear-assignment problem where each centre is
-N / M slots (scipy.optimize.linear_sum_assignment); balanced k-means on skewed data gives equal clusters."""
+"""balanced_assign (a dense cost) and balanced_assign_points (points and centres searched on the mesh, no [N, M]
+array) give exact sizes at the optimum of the linear-assignment problem where each centre is N / M slots
+(scipy.optimize.linear_sum_assignment); on 8 fake devices (points over 4, centres over 2) the points' assignment
+equals one device's; balanced k-means on skewed data gives equal clusters."""
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from clus_jax.clustering import balanced_assign, kmeans
+import jax
+
+from clus_jax.clustering import balanced_assign, balanced_assign_points, kmeans
 from clus_jax.clustering.balanced import squared_distances
+from clus_jax.parallel.mesh import create_mesh
 
 
 def lap_optimum(cost):
@@ -37,9 +42,53 @@ def test_skewed_points_prefer_one_centre():
     np.testing.assert_array_equal(np.bincount(ids, minlength=3), [10, 10, 10])
 
 
+def points_and_centres(n, m, d, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x, (x[rng.choice(n, m, replace=False)] + 0.1 * rng.normal(size=(m, d))).astype(np.float32)
+
+
+# candidates=2 makes most bids wait for a new list; host_search_rows=0 sends every search to the mesh.
+@pytest.mark.parametrize("n,m,d,candidates,host_rows,seed", [
+    (60, 4, 3, 2, 256, 0), (120, 12, 5, 3, 0, 1), (200, 20, 8, 2, 256, 2), (200, 20, 8, 2, 0, 3),
+    (96, 8, 4, 16, 256, 4), (90, 1, 3, 16, 0, 5), (40, 40, 2, 4, 0, 6)])
+def test_points_assignment_has_exact_sizes_at_the_lap_optimum(n, m, d, candidates, host_rows, seed):
+    x, c = points_and_centres(n, m, d, seed)
+    stats = {}
+    ids = balanced_assign_points(x, c, candidates=candidates, host_search_rows=host_rows, stats=stats)
+    np.testing.assert_array_equal(np.bincount(ids, minlength=m), np.full(m, n // m))
+    cost = squared_distances(x, c)
+    optimum = lap_optimum(cost)
+    # float32 distances on the device: within a few float32 ulps of the float64 optimum per point.
+    assert cost[np.arange(n), ids].sum() <= optimum + 1e-6 * optimum
+    if candidates < m:  # the lists were searched again, where the test asked
+        assert stats["searched_on_mesh" if host_rows == 0 else "searched_here"] > 0
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_points_assignment_on_8_devices_equals_one_device(metric):
+    """Points over data x fsdp (4), centres over tensor (2); lists of 3 of 24 centres, so many searches again on
+    the mesh (host_search_rows=0) and on the host. The same ids, and the LAP optimum."""
+    mesh = create_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+    x, c = points_and_centres(480, 24, 6, 7)
+    for host_rows in (0, 256):
+        one = balanced_assign_points(x, c, metric=metric, candidates=3, host_search_rows=host_rows, block_k=8)
+        stats = {}
+        eight = balanced_assign_points(x, c, metric=metric, candidates=3, host_search_rows=host_rows, block_k=8,
+                                       mesh=mesh, chunk_rows=100, stats=stats)
+        np.testing.assert_array_equal(eight, one)
+        assert stats["mesh_searches"] > 1
+    unit = c / np.linalg.norm(c, axis=1, keepdims=True) if metric == "cosine" else c
+    cost = squared_distances(x, unit)
+    optimum = lap_optimum(cost)
+    assert cost[np.arange(len(x)), one].sum() <= optimum + 1e-6 * optimum
+
+
 def test_rejects_indivisible_sizes():
     with pytest.raises(ValueError, match="N divisible by M; got N=10, M=3"):
         balanced_assign(np.zeros((10, 3)))
+    with pytest.raises(ValueError, match="N divisible by M; got N=10, M=3"):
+        balanced_assign_points(np.zeros((10, 2), np.float32), np.ones((3, 2), np.float32))
 
 
 @pytest.mark.slow
