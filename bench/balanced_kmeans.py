@@ -12,7 +12,7 @@ peak RSS (``ru_maxrss``), the host (processor model, measured float32 matmul rat
     python bench/balanced_kmeans.py --quick                  # 16,384 x 32 -> 64, 2 iterations
 
 N must divide by K: 1,000,448 = 977 x 1,024 is the million. The points alone are N x D x 4 bytes (1.5 GiB at the
-default); the auction holds [N, candidates] centre ids and float64 benefits (0.2 GiB at 16 candidates).
+default); the auction holds [N, candidates] centre ids and float64 benefits (0.6 GiB at 48 candidates).
 """
 from __future__ import annotations
 

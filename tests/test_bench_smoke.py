@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPEN_CLIP_PYTHON = os.environ.get("OPEN_CLIP_PYTHON", "/tmp/ocbench/bin/python")
 HAVE_OPEN_CLIP = os.path.exists(OPEN_CLIP_PYTHON)
 SCRIPTS = ["host.py", "step.py", "memory.py", "input.py", "sinkhorn.py", "profile_step.py", "kmeans.py", "gpu.sh",
-           "microbatch_memory.py", "supervised_ceiling.py", "eval_stream.py", "mlcd_ablation.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
+           "microbatch_memory.py", "supervised_ceiling.py", "eval_stream.py", "mlcd_ablation.py", "balanced_kmeans.py"] + (["vs_open_clip.py"] if HAVE_OPEN_CLIP else [])
 # Seconds one script may take on the reference host, run alone beside one other test worker.
 BASE_S = 300
 
@@ -174,3 +174,15 @@ def test_mlcd_ablation_quick(quick_runs):
     assert l1["distinct_positives"] < base["distinct_positives"]  # the nearest of the same clustering's 4 labels
     assert base["centres_scored"] == l1["centres_scored"] == 16  # r = 1.0: every centre
     assert sampled["centres_scored"] == 25 and 0 < sampled["negatives_kept"] < sampled["negatives_all"]
+
+
+@pytest.mark.slow
+def test_balanced_kmeans_quick(quick_runs):
+    """bench/balanced_kmeans.py --quick: two iterations with their seconds and the auction's searches, and a summary
+    with equal clusters, the peak RSS and the host."""
+    rows = records(quick_runs, "balanced_kmeans.py")
+    iterations = [r for r in rows if r["bench"] == "balanced_kmeans/iteration"]
+    assert [r["iteration"] for r in iterations] == [0, 1]
+    assert all(r["seconds"] > 0 and r["mesh_searches"] >= 1 for r in iterations)
+    (summary,) = [r for r in rows if r["bench"] == "balanced_kmeans"]
+    assert summary["cluster_size"] == 16384 // 64 and summary["peak_rss_mib"] > 0 and summary["xla_matmul_gflops"] > 0

@@ -29,7 +29,7 @@ num_iters_run)``
 ``balanced_assign(cost [N, M]) -> ids [N]``
     Every column receives exactly N / M rows at minimal total cost (auction algorithm, ε-optimal with ε
     below the cost resolution).
-``balanced_assign_points(points [N, D], centers [M, D], *, metric="euclidean", mesh=None, candidates=16) -> ids``
+``balanced_assign_points(points [N, D], centers [M, D], *, metric="euclidean", mesh=None, candidates=48) -> ids``
     The same for squared distances with no [N, M] array: each point's ``candidates`` best centres by
     distance and price are searched on the mesh as ``assign`` does, and searched again when prices have
     moved past them; the auction runs on the host (numba).

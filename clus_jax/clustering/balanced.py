@@ -44,7 +44,7 @@ EPS_FACTOR = 4.0  # ε-scaling: each phase divides ε by this
 
 
 #: Centres listed per point by ``balanced_assign_points`` (more: fewer searches again, more host work per round).
-DEFAULT_CANDIDATES = 16
+DEFAULT_CANDIDATES = 48
 #: Up to this many waiting points are searched again on the host, one by one in the compiled bidding loop ([M]
 #: values in float64), more together on the mesh: late rounds free a handful of points, not worth a round trip.
 HOST_SEARCH_ROWS = 256
@@ -94,9 +94,13 @@ def balanced_assign_points(points: np.ndarray, centers: np.ndarray, *, metric: s
     if metric == "cosine":
         c = _unit(c)
     bids = _ListedBids(x, c, min(max(candidates, 2), m), mesh, block_k, chunk_rows, host_search_rows)
-    # Benefits are minus squared distances: their range is at most (|x| + max |c|)^2 over the points.
+    # Benefits are minus squared distances: their range is at most (|x| + max |c|)^2 over the points. The costs
+    # are float32 (the device's), so ε stops at their resolution of that range: the total is then within N ε,
+    # as close to the optimum as the costs' own rounding. ε starts at the points' mean listed range (first
+    # listed minus last): a larger start makes prices outrun every list, and each phase search all points again.
     spread = float(np.max(np.linalg.norm(x, axis=1)) + np.max(np.linalg.norm(c, axis=1))) ** 2
-    ids = _auction(bids, n, m, spread, rel_eps)
+    listed = float(np.mean(bids.benefit[:, 0] - bids.benefit[:, -1])) if m > 1 else 0.0
+    ids = _auction(bids, n, m, spread, rel_eps, eps_final=rel_eps * spread, eps_start=max(listed, spread / n))
     if stats is not None:
         stats.update(searched_here=int(bids.searched_again[0]), searched_on_mesh=int(bids.searched_again[1]),
                      mesh_searches=bids.searches)
@@ -161,13 +165,15 @@ class _ListedBids:
         self.bound[rows] = -np.inf if self.complete else last + 1e-6 * np.abs(last)
 
 
-def _auction(lists, n: int, m: int, spread: float, rel_eps: float) -> np.ndarray:
-    """The ε-scaled auction (module docstring) over the points' centre ``lists``; ids [N] int32."""
+def _auction(lists, n: int, m: int, spread: float, rel_eps: float, *, eps_final: float | None = None,
+             eps_start: float | None = None) -> np.ndarray:
+    """The ε-scaled auction (module docstring) over the points' centre ``lists``, ε from ``eps_start`` (default a
+    quarter of the cost range) down to ``eps_final`` (default ``rel_eps`` x range / N); ids [N] int32."""
     cap = n // m
     if spread == 0.0:
         return np.repeat(np.arange(m, dtype=np.int32), cap)
-    eps_final = rel_eps * spread / n
-    eps = spread / EPS_FACTOR
+    eps_final = rel_eps * spread / n if eps_final is None else eps_final
+    eps = max(spread / EPS_FACTOR if eps_start is None else eps_start / EPS_FACTOR, eps_final)
     heap_price = np.zeros((m, cap))  # each centre's slot prices, a min-heap per row; kept across phases
     heap_owner = np.full((m, cap), -1, np.int64)
     centre_of = np.full(n, -1, np.int64)

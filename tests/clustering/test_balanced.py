@@ -77,7 +77,7 @@ def test_points_assignment_on_8_devices_equals_one_device(metric):
         eight = balanced_assign_points(x, c, metric=metric, candidates=3, host_search_rows=host_rows, block_k=8,
                                        mesh=mesh, chunk_rows=100, stats=stats)
         np.testing.assert_array_equal(eight, one)
-        assert stats["mesh_searches"] > 1
+        assert stats["mesh_searches"] > 1 if host_rows == 0 else stats["searched_here"] > 0
     unit = c / np.linalg.norm(c, axis=1, keepdims=True) if metric == "cosine" else c
     cost = squared_distances(x, unit)
     optimum = lap_optimum(cost)
