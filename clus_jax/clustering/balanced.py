@@ -4,8 +4,9 @@ The assignment is the transportation problem with equal capacities, solved by an
 auction on the problem where each centre is expanded into N / M identical slots) with ε-scaling: a free point
 bids for the cheapest slot of its best centre (best by benefit minus price), raising that slot's price by
 its margin over the runner-up plus ε and displacing the slot's holder. With ε the final step, the total
-cost is within N ε of the optimum; ε is set below the cost resolution (``rel_eps`` of the cost range / N), so
-the result is optimal up to float rounding. The slots of one centre are identical, so each centre keeps
+cost is within N ε of the optimum; ε ends at the cost resolution, so the result is optimal up to float rounding:
+``rel_eps`` of the cost range / N for a dense float64 cost, ``rel_eps`` of the range for points, whose distances
+are float32. The slots of one centre are identical, so each centre keeps
 its slot prices in a min-heap: a bid needs only the cheapest and the second cheapest. Bids are made one at
 a time (Gauss-Seidel) in compiled code (numba): the late rounds of an auction free one point at a time, and
 a chain of such bids costs microseconds there against a millisecond per vectorised round in NumPy.
