@@ -60,20 +60,24 @@ steps=, batch=, synthetic, image_size=) and schedule=T (stop at steps= of a T-st
   seed=S               seed of every train stage, the clustering and the out-of-cluster draw (default:
                        the configs' own seed and 0)
 
-Expected result: to re-measure with the current code (resumed experts, 84% seed, balanced coarse level).
-The figures measured before (params-only experts from a 150-step seed, 150 + 2 x 125 steps, plain coarse
-level, expert subsets of 3,162 and 4,354 records; with the current and with the earlier towers) describe
-that recipe, not this one. Re-measure with
+Expected result (2026-12-06, seed 0, the recipe at these defaults with the dense baseline the methods table's
+clip run of 400 steps; BENCHMARKS 'MoDE: data experts against a dense run'): expert subsets of 3,784 and 3,733
+records; easy-VQA / emoji category top-1, held-out t2i / i2t R@10:
+  seed (292 of 346 steps)          0.880  0.174  0.192  0.156
+  expert_0                         0.824  0.164  0.201  0.147
+  expert_1                         0.902  0.181  0.183  0.147
+  best expert                      0.902  0.181  0.201  0.147
+  uniform average                  0.884  0.172  0.197  0.152
+  MoDE ensemble (temperature 8)    0.895  0.172  0.197  0.152
+  MoDE ensemble (temperature 1)    0.902  0.168  0.197  0.147
+  dense CLIP, 400 steps            0.946  0.185  0.218  0.156
+The experts resume a seed that is already good and move little in 54 steps; the ensemble is above the uniform
+average and, at temperature 1, equal to the best expert on easy-VQA; dense CLIP is ahead at equal compute.
+Commands (the dense row and temperature 1 from the ensemble command with --baseline and --temperature 1):
   python -m clus_jax.recipe --config configs/mode.py --workdir /tmp/clus_jax/mode
   python -m clus_jax.ensemble --experts /tmp/clus_jax/mode/expert_0 /tmp/clus_jax/mode/expert_1 \\
       --clusters /tmp/clus_jax/mode/clusters --captions /tmp/clus_jax/mode/captions \\
       --baseline /tmp/clus_jax/mode/dense_400 --out /tmp/clus_jax/mode/ensemble_t1 --temperature 1
-(the seed row: the final evaluation in seed/metrics.jsonl; the rest: ensemble_2/ensemble.md and, for the
-temperature-1 row, ensemble_t1/ensemble.md). The table, every figure to re-measure: rows seed (292 of 346
-steps, all data), expert_0 and expert_1 (with their record counts), best expert (per metric), uniform
-average, MoDE ensemble (MetaCLIP's temperature 8), MoDE ensemble at temperature 1, dense CLIP of 400 steps
-(same compute); columns easy-VQA top-1, emoji category top-1, held-out t2i and i2t R@10, OpenMoji t2i and
-i2t R@10.
 """
 from __future__ import annotations
 
