@@ -60,3 +60,18 @@ def test_row_argmax_equals_numpy_with_ties_to_the_lower_index(width):
     # Exact: a max of small integers in float32 involves no rounding.
     np.testing.assert_array_equal(index, np.argmax(s, axis=1))
     np.testing.assert_array_equal(best, s.max(axis=1))
+
+
+def test_offsets_rank_by_distance_plus_price(data):
+    """offsets (the balanced auction's prices) rank centres by -|x - c|^2 - offset[c] and are subtracted from the
+    similarities: on 8 devices with the centres split over 4, against NumPy; refused with the cosine metric."""
+    x, c = data
+    offsets = np.random.default_rng(1).uniform(0, 20, len(c)).astype(np.float32)
+    mesh = create_mesh({"data": 2, "fsdp": 1, "tensor": 4}, jax.devices()[:8])
+    ids, sims = assign_topk(x, c, 4, "euclidean", mesh=mesh, block_k=3, chunk_rows=64, offsets=offsets)
+    values = -((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1) - offsets[None, :]
+    np.testing.assert_array_equal(ids, np.argsort(-values, axis=1, kind="stable")[:, :4])
+    np.testing.assert_allclose(sims, np.take_along_axis(values, ids, axis=1), rtol=1e-5, atol=1e-4)
+    assert not np.array_equal(ids[:, 0], assign(x, c))  # the prices moved some points
+    with pytest.raises(ValueError, match="offsets must be \\[37\\] with metric 'euclidean'"):
+        assign_topk(x, c, 4, "cosine", offsets=offsets)
