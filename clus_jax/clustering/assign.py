@@ -36,8 +36,8 @@ def assign_topk(features: np.ndarray, centers: np.ndarray, l: int, metric: str =
     """The ``l`` nearest centres of every row, nearest first: (ids [N, l] int32, similarities [N, l]).
 
     Similarities are ``x.c`` with unit centres for ``"cosine"`` and minus the squared distance for
-    ``"euclidean"``, less ``offsets[c]`` when given (``"euclidean"`` only) (a per-centre price: the ranking is then by similarity
-    minus price, as an auction bids). Rows are processed ``chunk_rows`` at a time (split over the mesh's data
+    ``"euclidean"``. ``offsets`` (``"euclidean"`` only), a per-centre price, is subtracted from every
+    similarity, so the ranking is by similarity minus price, as an auction bids. Rows are processed ``chunk_rows`` at a time (split over the mesh's data
     axes), centres ``block_k`` at a time per centre shard."""
     check_metric(metric)
     features = np.asarray(features)

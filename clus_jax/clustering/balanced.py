@@ -94,7 +94,7 @@ def balanced_assign_points(points: np.ndarray, centers: np.ndarray, *, metric: s
         return np.zeros(0, np.int32)
     if metric == "cosine":
         c = _unit(c)
-    bids = _ListedBids(x, c, min(max(candidates, 2), m), mesh, block_k, chunk_rows, host_search_rows)
+    bids = _MeshLists(x, c, min(max(candidates, 2), m), mesh, block_k, chunk_rows, host_search_rows)
     # Benefits are minus squared distances: their range is at most (|x| + max |c|)^2 over the points. The costs
     # are float32 (the device's), so ε stops at their resolution of that range: the total is then within N ε,
     # as close to the optimum as the costs' own rounding. ε starts at the points' mean listed range (first
@@ -125,7 +125,7 @@ class _DenseLists:
         raise AssertionError("complete lists never wait")
 
 
-class _ListedBids:
+class _MeshLists:
     """Each point's ``width`` best centres by benefit - price (benefit = minus squared distance), and the bound a
     centre not listed cannot beat; searched on the mesh (``assign_topk`` with the prices as offsets)."""
 
@@ -142,7 +142,7 @@ class _ListedBids:
         self.searched_again = np.zeros(2, np.int64)  # [on the host, on the mesh]
         self.searches = 0
         self.fresh = np.zeros(n, np.bool_)  # listed at the current prices (bids once without the bound's proof)
-        self._search(np.arange(n), np.zeros(centers.shape[0]))
+        self._search(None, np.zeros(centers.shape[0]))
 
     def search_again(self, rows: np.ndarray, prices: np.ndarray) -> None:
         self.searched_again[1] += rows.size
@@ -150,15 +150,17 @@ class _ListedBids:
         self.fresh[rows] = True
 
     def _search(self, rows: np.ndarray, prices: np.ndarray) -> None:
-        """Lists the ``width`` best centres by benefit - price of ``rows``, on the mesh."""
+        """Lists the ``width`` best centres by benefit - price of ``rows`` (None: every point), on the mesh."""
         self.searches += 1
-        # Padded to a power of two so the searches again compile once per size class.
-        size = rows.size if rows.size == self.x.shape[0] else max(64, 1 << (rows.size - 1).bit_length())
-        xs = np.zeros((size, self.x.shape[1]), np.float32)
-        xs[:rows.size] = self.x[rows]
+        if rows is None:  # every point, in order (the first search): no copy of the points
+            xs, count, rows = self.x, self.x.shape[0], slice(None)
+        else:  # padded to a power of two so the searches again compile once per size class
+            count = rows.size
+            xs = np.zeros((max(64, 1 << (count - 1).bit_length()), self.x.shape[1]), np.float32)
+            xs[:count] = self.x[rows]
         p32 = prices.astype(np.float32)
         ids, values = assign_topk(xs, self.centers, self.width, "euclidean", offsets=p32, **self.search_kw)
-        ids, values = ids[:rows.size], values[:rows.size].astype(np.float64)
+        ids, values = ids[:count], values[:count].astype(np.float64)
         self.ids[rows] = ids
         self.benefit[rows] = values + p32[ids]
         # A centre not listed had value <= the last listed one (float32-rounded: a little slack).
@@ -318,6 +320,7 @@ def balanced_kmeans(points: np.ndarray, k: int, *, num_iters: int, metric: str, 
     centers = np.asarray(init, np.float32)
     if metric == "cosine":
         centers = _unit(centers)
+
     def assign(centers):  # the centres are already unit for "cosine"
         stats = {}
         ids = balanced_assign_points(x, centers, metric="euclidean", mesh=mesh, candidates=candidates, stats=stats)
