@@ -164,18 +164,17 @@ def plan(workdir: str, methods: Sequence[str], seeds: Sequence[int], steps: int,
     for method in methods:
         if method not in METHODS and method not in RECIPES:
             raise KeyError(f"unknown method {method!r}; known: {sorted([*METHODS, *RECIPES])}")
+        teacher = f",teacher={teacher_run(method, workdir).workdir}" if method in TEACHERS else ""
         for seed in seeds:
             name = f"{method}_s{seed}"
             if method in RECIPES:
                 path, args, _ = RECIPES[method]
                 run = sweep.Run(index=len(out), name=name, overrides={}, workdir=os.path.join(workdir, name),
                                 total_steps=steps)
-                teacher = f",teacher={teacher_run(method, workdir).workdir}" if method in TEACHERS else ""
                 out.append((method, f"{path}:{args(steps, batch, seed)}{teacher}", run, []))
                 continue
             run = sweep.Run(index=len(out), name=name, overrides={"seed": seed},
                             workdir=os.path.join(workdir, name), total_steps=steps)
-            teacher = f",teacher={teacher_run(method, workdir).workdir}" if method in TEACHERS else ""
             out.append((method, config_spec(method, steps, batch) + teacher, run, method_overrides(method, batch)))
     return out
 
